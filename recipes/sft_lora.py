@@ -8,23 +8,34 @@
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/sft_lora.py \
         --config recipes/configs/sft/alpaca_qlora.yaml
 
-Data: Alpaca rows {instruction, input, output} (rendered with the Alpaca prompt), chat rows {messages} or
-ShareGPT {conversations} (rendered with the tokenizer's chat template), or {prompt, completion}.
+The prompt format follows the data, row by row: Alpaca rows {instruction, input, output} are rendered with the
+Alpaca prompt (stanford_alpaca's with-input / no-input variants); chat rows {messages} or ShareGPT {conversations}
+with the tokenizer's chat template (a fallback one for tokenizers without, e.g. gpt2); {prompt, completion} rows as
+they are. The format is printed at start and saved as prompt_format.json, which chat.py reads.
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from common.callbacks import train_with_resume
 from common.config import parse_config
-from common.data import prompt_of, read_rows, sft_rows, split_train_eval, tokenize_sft
+from common.data import prompt_format, prompt_of, read_rows, sft_rows, split_train_eval, tokenize_sft
 from common.generation import generate
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config
 from common.reporting import write_training_report
+from common.speed import enable_fast_training
+
+
+FORMAT_HELP = {
+    "alpaca": "Alpaca rows: the Alpaca prompt template, loss on the response and EOS",
+    "chat": "chat rows: the tokenizer's chat template, loss on every assistant turn and its end-of-turn token",
+    "plain": "prompt/completion rows as they are, loss on the completion and EOS",
+}
 
 
 @dataclass
@@ -42,7 +53,11 @@ class SFTRecipeConfig(SFTConfig):
 
 def main(config: SFTRecipeConfig, model_args: ModelArguments):
     # Data: rows -> SFT examples -> a held-out split -> input_ids/labels with prompts masked
-    examples, _ = sft_rows(read_rows(config.dataset_name, config.dataset_split), config.dataset_name)
+    rows = read_rows(config.dataset_name, config.dataset_split)
+    examples, _ = sft_rows(rows, config.dataset_name)
+    data_format = prompt_format(rows)
+    print(f"[data] {config.dataset_name}: {len(examples)} examples, prompt format '{data_format}' "
+          f"({FORMAT_HELP[data_format]})", flush=True)
     train_examples, eval_examples = split_train_eval(examples, config.eval_split_size, config.seed)
     if config.max_train_samples:
         train_examples = train_examples[: config.max_train_samples]
@@ -64,14 +79,14 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
         processing_class=tokenizer,
         peft_config=lora_config(model_args, model),
     )
-    checkpoint = config.resume_from_checkpoint or (
-        get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None)
-    if checkpoint:
-        print(f"Resuming from {checkpoint}", flush=True)
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    enable_fast_training(trainer)  # packed attention, fused loss (common/speed.py)
+    train_result = train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
 
     # Save: adapter or full model, tokenizer, metrics, model card
     trainer.save_model(config.output_dir)
+    if trainer.accelerator.is_main_process:
+        with open(os.path.join(config.output_dir, "prompt_format.json"), "w") as file:
+            json.dump({"prompt_format": data_format}, file)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     metrics = dict(train_result.metrics)
@@ -81,11 +96,11 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()
+    # Report: the same held-out prompt answered before and after tuning (on every rank: sharded weights under
+    # DeepSpeed ZeRO-3 are gathered collectively)
+    tuned_answer = generate(trainer.model, tokenizer, demo_prompt, config.sample_max_new_tokens)
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(model_name=os.path.basename(os.path.abspath(config.output_dir)))
-
-        # Report: the same held-out prompt answered before and after tuning
-        tuned_answer = generate(trainer.model, tokenizer, demo_prompt, config.sample_max_new_tokens)
         write_training_report(
             config.output_dir, "SFT", trainer.state.log_history, metrics,
             {"Held-out prompt": f"```\n{demo_prompt}\n```", "Base model answer": base_answer,

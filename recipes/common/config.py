@@ -4,6 +4,7 @@ A recipe run with no `--config` uses its default YAML, so `python recipes/X.py` 
 import sys
 from pathlib import Path
 
+from transformers import set_seed
 from trl import TrlParser
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent
@@ -36,6 +37,11 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
                           f"run with --help for the options")
     for instance in parsed:
         check_values(instance, config_path)
+    seed = next((instance.seed for instance in parsed if hasattr(instance, "seed")), None)
+    if seed is not None:
+        # The Trainer seeds only when built, after LoRA weights and reward heads are drawn: seed now, so that
+        # those start the same on every run and for every process count (1 process or N under accelerate launch)
+        set_seed(seed)
     return parsed
 
 

@@ -130,14 +130,38 @@ def normalize_messages(messages, where: str, field: str = "messages") -> list[di
     return turns
 
 
+def row_shape(row: dict) -> str:
+    """Which SFT shape a row has: "chat" (messages / ShareGPT conversations), "alpaca" (instruction, input,
+    output), "prompt_completion", or "unknown"."""
+    if "messages" in row or "conversations" in row:
+        return "chat"
+    if "instruction" in row or "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    return "unknown"
+
+
+def prompt_format(rows: list[dict]) -> str:
+    """How prompts must be written to a model tuned on these rows: "alpaca" (the Alpaca template), "chat" (the
+    tokenizer's chat template) or "plain" (prompt/completion rows: the prompt text as is). Mixed files: "chat"."""
+    shapes = {row_shape(row) for row in rows}
+    if shapes == {"alpaca"}:
+        return "alpaca"
+    if shapes == {"prompt_completion"}:
+        return "plain"
+    return "chat"
+
+
 def sft_rows(rows: list[dict], source: str) -> tuple[list[dict], SkipCounter]:
     """Instruction rows to SFT examples. Alpaca {instruction, input, output} becomes {prompt, completion} with the
     Alpaca template; chat {messages} or ShareGPT {conversations} becomes {messages}; {prompt, completion} passes.
-    Rows with an empty response are skipped and counted; malformed rows raise DataError."""
+    Rows with an empty response and exact duplicates are skipped and counted; malformed rows raise DataError."""
     examples, skipped = [], SkipCounter()
     for number, row in enumerate(rows, start=1):
         where = f"{source}: row {number}"
-        if "messages" in row or "conversations" in row:
+        shape = row_shape(row)
+        if shape == "chat":
             field = "messages" if "messages" in row else "conversations"
             turns = normalize_messages(row[field], where, field)
             answers = [t for t in turns if t["role"] == "assistant"]
@@ -148,7 +172,7 @@ def sft_rows(rows: list[dict], source: str) -> tuple[list[dict], SkipCounter]:
                 skipped["empty assistant turn"] += 1
                 continue
             examples.append({"messages": turns})
-        elif "instruction" in row or "output" in row:
+        elif shape == "alpaca":
             instruction = _text_field(row, "instruction", where)
             output = _text_field(row, "output", where)
             if not instruction.strip():
@@ -159,7 +183,7 @@ def sft_rows(rows: list[dict], source: str) -> tuple[list[dict], SkipCounter]:
                 continue
             examples.append({"prompt": alpaca_prompt(instruction, _text_field(row, "input", where, False)),
                              "completion": output})
-        elif "prompt" in row and "completion" in row:
+        elif shape == "prompt_completion":
             prompt, completion = _text_field(row, "prompt", where), _text_field(row, "completion", where)
             if not completion.strip():
                 skipped["empty completion"] += 1
@@ -170,6 +194,10 @@ def sft_rows(rows: list[dict], source: str) -> tuple[list[dict], SkipCounter]:
                 f"{where}: unknown row shape with fields {sorted(row)}; expected Alpaca (instruction, input, output), "
                 "chat (messages) or ShareGPT (conversations), or prompt/completion"
             )
+    unique = list({json.dumps(example, sort_keys=True): example for example in examples}.values())
+    if len(unique) < len(examples):  # duplicates would leak into the held-out split
+        skipped["exact duplicate of an earlier row"] += len(examples) - len(unique)
+        examples = unique
     skipped.report(source, len(rows))
     if not examples:
         raise DataError(f"{source}: no usable rows")
@@ -207,7 +235,7 @@ def tokenize_example(example: dict, tokenizer, where: str = "") -> dict:
         if not (text.startswith(start) and text.startswith(end)):
             raise DataError(f"{where}: the chat template does not render this conversation turn by turn "
                             "(it is not prefix-preserving); use another chat template")
-        spans.append((len(start), len(end)))
+        spans.append((len(start), len(end.rstrip())))  # up to its end-of-turn token, not the newline after it
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
         token if any(start <= char_start < end for start, end in spans) else -100
@@ -222,7 +250,7 @@ def tokenize_sft(examples: list[dict], tokenizer, max_length: int, overlong: str
     truncated answer would teach the model not to stop) or truncated, and counted either way."""
     if overlong not in ("drop", "truncate"):
         raise DataError(f"overlong must be 'drop' or 'truncate', not {overlong!r}")
-    tokenized, too_long = [], 0
+    tokenized, too_long, no_answer_left = [], 0, 0
     for number, example in enumerate(examples, start=1):
         item = tokenize_example(example, tokenizer, f"{source}: example {number}")
         if len(item["input_ids"]) > max_length:
@@ -231,11 +259,14 @@ def tokenize_sft(examples: list[dict], tokenizer, max_length: int, overlong: str
                 continue
             item = {key: value[:max_length] for key, value in item.items()}
             if all(label == -100 for label in item["labels"]):
+                no_answer_left += 1
                 continue
         tokenized.append(item)
     if too_long:
         print(f"[data] {source}: {too_long} of {len(examples)} examples are longer than max_length={max_length} "
               f"tokens and were {'dropped' if overlong == 'drop' else 'truncated'}", flush=True)
+    if no_answer_left:
+        print(f"[data] {source}: {no_answer_left} truncated examples kept no answer token and were dropped", flush=True)
     if not tokenized:
         raise DataError(f"{source}: every example is longer than max_length={max_length}")
     return Dataset.from_list(tokenized)

@@ -1,22 +1,76 @@
 """Text generation shared by the demo answers, chat, evaluation and the pipeline."""
 
+import contextlib
+
 import torch
+
+from common.templates import alpaca_prompt
+
+PROMPT_FORMATS = ("chat", "alpaca", "plain")
+
+
+def build_prompt(tokenizer, turns: list[dict], prompt_format: str = "chat") -> str:
+    """The prompt text for the next assistant answer after `turns` ([{role, content}], ending with a user turn),
+    written the way the model was tuned: "chat" uses the tokenizer's chat template, "alpaca" the Alpaca template
+    (earlier exchanges are prepended as answered Alpaca prompts; Alpaca data itself has one turn), "plain" the
+    last user text as is."""
+    if prompt_format == "chat":
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    if prompt_format == "alpaca":
+        system = "".join(t["content"] + "\n\n" for t in turns if t["role"] == "system")
+        pairs = [t for t in turns if t["role"] != "system"]
+        history = "".join(alpaca_prompt(user["content"]) + answer["content"] + "\n\n"
+                          for user, answer in zip(pairs[0:-1:2], pairs[1:-1:2]))
+        return system + history + alpaca_prompt(pairs[-1]["content"])
+    if prompt_format == "plain":
+        return turns[-1]["content"]
+    raise ValueError(f"unknown prompt format {prompt_format!r}; use one of {PROMPT_FORMATS}")
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS, the model's generation-config EOS ids, and the chat
+    template's end-of-turn token (Qwen base models: eos <|endoftext|>, but turns end with <|im_end|>)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    if tokenizer.chat_template:
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                             tokenize=False)
+        end = turn.rsplit("y", 1)[-1].strip()
+        end_id = tokenizer.convert_tokens_to_ids(end) if end in tokenizer.all_special_tokens else None
+        ids.add(end_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def zero3_gathered(model):
+    """Under DeepSpeed ZeRO-3 a model built before its engine holds only this rank's shard of each weight (empty
+    tensors): gather the full weights for the duration. A collective: every rank must make the same call."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled() or not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 1.0, streamer=None) -> str:
-    """The model's answer to an already-templated prompt, stopping at EOS."""
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        streamer=streamer,
-    )
+    """The model's answer to an already-templated prompt, stopping at EOS or the end-of-turn token."""
+    # A chat template that writes the BOS itself (Llama 3) must not get a second one from the tokenizer.
+    has_bos = tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos).to(model.device)
+    with zero3_gathered(model):
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop_token_ids(tokenizer, model),
+            streamer=streamer,
+        )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

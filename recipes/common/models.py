@@ -266,8 +266,21 @@ def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None 
     if model_args.load_in_4bit or model_args.load_in_8bit:
         from peft import prepare_model_for_kbit_training
 
+        keep_4bit_layers_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def keep_4bit_layers_trainable(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights into an inference-only layout at
+    its first eval-mode forward; that kernel has no backward, so after a generation before training (the demo
+    answer, a PPO rollout) gradients silently stop at every 4-bit layer and only the LoRA layers next to the
+    output learn. Turning the repacking off keeps QLoRA training correct."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_adapter(model, adapter_path: str, is_trainable: bool = False):
@@ -353,3 +366,30 @@ def load_for_inference(name_or_path: str, trust_remote_code: bool = False, dtype
     model.eval()
     return tokenizer, model
 
+
+
+def check_checkpoint_matches(checkpoint: str, model) -> None:
+    """Refuse to resume from a checkpoint written for another model or adapter shape (an output_dir reused
+    for a different run): without this, resuming fails deep inside optimizer-state loading."""
+    checkpoint = Path(checkpoint)
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    saved_adapter = checkpoint / "adapter_config.json"
+    if peft_config is not None and saved_adapter.is_file():
+        saved = json.loads(saved_adapter.read_text())
+        now = {"r": peft_config.r, "target_modules": sorted(peft_config.target_modules or []),
+               "base_model_name_or_path": peft_config.base_model_name_or_path}
+        then = {"r": saved.get("r"), "target_modules": sorted(saved.get("target_modules") or []),
+                "base_model_name_or_path": saved.get("base_model_name_or_path")}
+    elif peft_config is None and (checkpoint / "config.json").is_file():
+        keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+        saved = json.loads((checkpoint / "config.json").read_text())
+        config = model.config.to_dict()
+        now, then = {k: config.get(k) for k in keys}, {k: saved.get(k) for k in keys}
+    else:
+        now = "LoRA adapter" if peft_config is not None else "full model"
+        then = "full model" if peft_config is not None else "LoRA adapter (or unknown)"
+    if now != then:
+        raise ModelLoadError(
+            f"cannot resume from {checkpoint}: it was written by a different run ({then}) than this one ({now}). "
+            f"Use a new --output_dir, delete {checkpoint.parent}, or point --resume_from_checkpoint elsewhere."
+        )

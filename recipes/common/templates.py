@@ -22,13 +22,16 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 # Used only when a tokenizer ships no chat template (GPT-2, most base models). It needs no new tokens, so
 # LoRA works without training embeddings: each assistant turn ends with the tokenizer's EOS token, which the
-# model is trained to emit and generation stops on. `{% generation %}` marks what an assistant says.
+# model is trained to emit and generation stops on. `{% generation %}` marks what an assistant says (TRL's
+# assistant_only_loss reads it); the blank line after it is written as an expression because Jinja's trim_blocks
+# would swallow a newline right after the tag. Rendered:
+#   {system}\n\n### User:\n{user}\n\n### Assistant:\n{assistant}<eos>\n\n### User:\n ...
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'assistant' %}### Assistant:\n"
-    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n\n"
+    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}{{ '\\n\\n' }}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"

@@ -1,0 +1,416 @@
+"""SFT throughput: stock TRL SFTTrainer vs TRL's fast flags vs our recipe, in one run, on the same model, data,
+LoRA rank, max length, batch and number of real (non-padding) tokens.
+
+    export RECIPES_CACHE=/tmp/rcache
+    python benchmarks/sft_throughput.py                                  # every configuration, interleaved, 2 rounds
+    python benchmarks/sft_throughput.py --tokens 24000 --rounds 3        # longer and more repeats
+    python benchmarks/sft_throughput.py --configs recipe --tokens 4000 --rounds 1          # a quick look
+    python benchmarks/sft_throughput.py --configs recipe --rows 52002 --epoch --rounds 1   # GPU: one Alpaca-52K epoch
+
+Configurations (LoRA r=16, alpha 32, dropout 0.05 on every attention and MLP projection, batch 4, max length 512):
+  trl_defaults      SFTTrainer(model=<path>, args=SFTConfig(...), train_dataset=<prompt/completion>,
+                    peft_config=LoraConfig(...)) as TRL's docs show; only the shared settings above are set (and
+                    use_cpu on a CPU, without which TRL's default bf16=True refuses to start)
+  trl_packing_bf16  the same with packing=True (bfd, padding-free) and bf16=True
+  trl_packing_bf16_nogc  the same plus gradient_checkpointing=False (TRL defaults it to True)
+  recipe            recipes/sft_lora.py's own main() with its default YAML; only max_steps (from the token
+                    budget), output_dir, and no mid-run eval/save/report are overridden
+
+Each configuration runs in its own process (so peak RSS is its own), the configurations interleaved and repeated in
+rotated order, because the machine may be shared. Every process trains until it has seen about --tokens real tokens;
+its throughput is real tokens over wall time of all steps but the first two. The eval loss is the same for all: the
+mean NLL of the response tokens of the recipe's 40 held-out Alpaca examples, computed in fp32 after training.
+MFU is model FLOPs per second over the best bf16 matmul throughput measured in this run (see model_flops()).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "recipes"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODEL = "smollm2-135m-instruct"
+DATA = "data/alpaca_en_demo.json"
+EVAL_ROWS, SEED, BATCH, MAX_LENGTH = 40, 42, 4, 512
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+CONFIGS = ["trl_defaults", "trl_packing_bf16", "trl_packing_bf16_nogc", "recipe"]
+TIMING_WARMUP_STEPS = 2
+
+
+# ---------------------------------------------------------------------------------------------------- FLOPs
+
+def model_shape(model) -> dict:
+    """Parameter counts the FLOPs formula needs, read from the (PEFT) model itself."""
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    frozen_matmul = sum(p.numel() for p in model.parameters()
+                        if not p.requires_grad and p.dim() == 2 and p is not head and p is not embed)
+    config = model.config
+    return dict(frozen_matmul=frozen_matmul, lora=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                head=head.numel(), layers=config.num_hidden_layers,
+                attention_width=config.num_attention_heads * getattr(config, "head_dim", None)
+                or config.hidden_size)
+
+
+def model_flops(shape: dict, real_tokens: int, predicted_tokens: int, causal_pairs: int) -> int:
+    """Model FLOPs of one LoRA training step, counted honestly (what the math needs, not what a kernel does):
+      per real token:       2*N_frozen (forward) + 2*N_frozen (backward, activation gradients only: frozen)
+                            + 6*N_lora (forward, activation gradients, weight gradients)
+      per predicted token:  4*V*d for the LM head (forward + activation gradient; tied and frozen, and only tokens
+                            with a label need it)
+      attention:            12 * layers * heads*head_dim per causal (query, key) pair within each example
+                            (QK^T and AV: 4*h*dh forward, 8*h*dh backward); padding and cross-example pairs excluded
+    N_frozen: the frozen weight matrices of the decoder layers; embeddings are a lookup (0 FLOPs)."""
+    return (real_tokens * (4 * shape["frozen_matmul"] + 6 * shape["lora"]) + predicted_tokens * 4 * shape["head"]
+            + causal_pairs * 12 * shape["layers"] * shape["attention_width"])
+
+
+def batch_stats(batch: dict) -> tuple[int, int, int]:
+    """(real tokens, tokens with a label to predict, causal attention pairs within examples) of a collated batch."""
+    import torch
+
+    labels = batch["labels"]
+    predicted = int((labels[:, 1:] != -100).sum())
+    if "attention_mask" in batch:
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+    elif "position_ids" in batch:  # padding-free: one row, positions restart at each example
+        positions = batch["position_ids"].flatten()
+        starts = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1
+        bounds = [0, *starts.tolist(), positions.numel()]
+        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    else:
+        lengths = [labels.shape[1]] * labels.shape[0]
+    return int(sum(lengths)), predicted, int(sum(n * (n + 1) // 2 for n in lengths))
+
+
+# ---------------------------------------------------------------------------------------------------- one worker
+
+def make_bench_trainer(token_budget: int, epochs: bool):
+    """An SFTTrainer subclass that sets max_steps from the token budget, counts what each batch holds (by wrapping
+    the collator it was given) and times every optimizer step."""
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+    class BenchTrainer(SFTTrainer):
+        last = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            BenchTrainer.last = self
+            self.batches, self.collate_seconds = [], 0.0
+            collate = self.data_collator
+
+            def counting_collator(examples):
+                start = time.perf_counter()
+                batch = collate(examples)
+                self.collate_seconds += time.perf_counter() - start
+                self.batches.append(batch_stats(batch))
+                return batch
+
+            self.data_collator = counting_collator
+            lengths = [len(ids) for ids in self.train_dataset["input_ids"]]
+            per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+            if epochs:
+                self.args.max_steps = -1
+                self.args.num_train_epochs = 1
+            else:
+                self.args.max_steps = max(TIMING_WARMUP_STEPS + 2,
+                                          math.ceil(token_budget / (per_step * sum(lengths) / len(lengths))))
+            self.timer = StepTimer()
+            self.add_callback(self.timer)
+            torch.manual_seed(self.args.seed)
+
+    return BenchTrainer
+
+
+def eval_examples_and_train():
+    from common.data import read_rows, sft_rows, split_train_eval
+
+    examples, _ = sft_rows(read_rows(str(REPO / DATA), "train"), DATA)
+    return split_train_eval(examples, EVAL_ROWS, SEED)
+
+
+def heldout_loss(model, tokenizer, examples, batch_size: int = 4) -> float:
+    """Mean NLL of the response tokens (and EOS) of `examples`, fp32, no packing: the same yardstick for every run."""
+    import torch
+    import torch.nn.functional as F
+
+    from common.data import tokenize_example
+
+    model = model.float().eval()
+    items = [tokenize_example(example, tokenizer) for example in examples]
+    items = [{k: v[:MAX_LENGTH] for k, v in item.items()} for item in items]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            width = max(len(item["input_ids"]) for item in chunk)
+            ids = torch.tensor([i["input_ids"] + [tokenizer.pad_token_id] * (width - len(i["input_ids"])) for i in chunk])
+            mask = torch.tensor([[1] * len(i["input_ids"]) + [0] * (width - len(i["input_ids"])) for i in chunk])
+            labels = torch.tensor([i["labels"] + [-100] * (width - len(i["labels"])) for i in chunk])
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = labels[:, 1:]
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                                     reduction="sum").item()
+            count += int((target != -100).sum())
+    return total / count
+
+
+def run_trl(name: str, out_dir: str, token_budget: int, epochs: bool, rows: int | None):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from common.models import resolve_model_path
+
+    train, _ = eval_examples_and_train()
+    if rows:
+        train = [train[i % len(train)] for i in range(rows)]
+    flags = dict(output_dir=out_dir, per_device_train_batch_size=BATCH, max_length=MAX_LENGTH, seed=SEED,
+                 report_to="none", save_strategy="no", logging_steps=10**6, use_cpu=not torch.cuda.is_available())
+    if name != "trl_defaults":
+        flags.update(packing=True, bf16=True)
+    if name == "trl_packing_bf16_nogc":
+        flags.update(gradient_checkpointing=False)
+    trainer = make_bench_trainer(token_budget, epochs)(
+        model=resolve_model_path(MODEL), args=SFTConfig(**flags), train_dataset=Dataset.from_list(train),
+        peft_config=LoraConfig(**LORA))
+    trainer.train()
+    return trainer, trainer.processing_class
+
+
+def run_recipe(out_dir: str, token_budget: int, epochs: bool, rows: int | None):
+    import sft_lora
+    from common.config import parse_config
+    from common.models import ModelArguments, load_tokenizer
+
+    args = ["--model_name_or_path", MODEL, "--output_dir", out_dir, "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+            "--logging_steps", str(10**6), "--sample_max_new_tokens", "1"]
+    if rows:
+        rows_file = Path(out_dir) / "rows.json"
+        from common.data import read_rows
+
+        source = read_rows(str(REPO / DATA), "train")
+        rows_file.parent.mkdir(parents=True, exist_ok=True)
+        rows_file.write_text(json.dumps([source[i % len(source)] for i in range(rows + EVAL_ROWS)]))
+        args += ["--dataset_name", str(rows_file)]
+    bench_trainer = make_bench_trainer(token_budget, epochs)
+    sft_lora.SFTTrainer = bench_trainer  # the recipe's own code path, with a timed and counted trainer
+    config, model_args = parse_config((sft_lora.SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml", args)
+    sft_lora.main(config, model_args)
+    return bench_trainer.last, load_tokenizer(model_args.model_name_or_path)
+
+
+def worker(name: str, token_budget: int, epochs: bool, rows: int | None) -> dict:
+    import torch
+
+    os.chdir(REPO)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as out_dir:
+        if name == "recipe":
+            trainer, tokenizer = run_recipe(out_dir, token_budget, epochs, rows)
+        else:
+            trainer, tokenizer = run_trl(name, out_dir, token_budget, epochs, rows)
+    marks, batches = trainer.timer.marks, trainer.batches
+    steps = len(marks) - 1
+    timed = range(TIMING_WARMUP_STEPS, steps)  # step i runs between marks[i] and marks[i + 1]
+    wall = marks[-1][0] - marks[TIMING_WARMUP_STEPS][0]
+    cpu = marks[-1][1] - marks[TIMING_WARMUP_STEPS][1]
+    shape = model_shape(trainer.model)
+    real = sum(batches[i][0] for i in timed)
+    flops = sum(model_flops(shape, *batches[i]) for i in timed)
+    _, eval_examples = eval_examples_and_train()
+    result = dict(
+        config=name, steps=steps, real_tokens_total=sum(b[0] for b in batches[:steps]),
+        timed_real_tokens=real, timed_seconds=wall, tokens_per_s=real / wall, cpu_cores_used=cpu / wall,
+        model_flops_per_s=flops / wall, flops_per_real_token=flops / real,
+        step_seconds=[round(marks[i + 1][0] - marks[i][0], 3) for i in range(steps)],
+        collate_share=trainer.collate_seconds / (marks[-1][0] - marks[0][0]),
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        eval_loss=heldout_loss(trainer.model, tokenizer, eval_examples), model_shape=shape,
+    )
+    if torch.cuda.is_available():
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def matmul_peak(seconds: float = 6.0) -> dict:
+    """Best measured GEMM throughput (FLOP/s) per dtype, over a square GEMM and this model's own GEMM shapes."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(2048, 2048, 2048), (2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (4096, 4096, 4096)]
+    best = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        deadline, top = time.perf_counter() + seconds / 2, 0.0
+        while time.perf_counter() < deadline:
+            for m, k, n in shapes:
+                a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+                a @ b
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start, repeats = time.perf_counter(), 3
+                for _ in range(repeats):
+                    a @ b
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                top = max(top, 2 * m * k * n * repeats / (time.perf_counter() - start))
+        best[str(dtype).replace("torch.", "")] = top
+    return best
+
+
+def base_eval() -> dict:
+    from common.models import load_for_inference
+
+    _, eval_examples = eval_examples_and_train()
+    tokenizer, model = load_for_inference(MODEL)
+    return dict(config="base_model", eval_loss=heldout_loss(model, tokenizer, eval_examples))
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+def versions() -> dict:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (GPU)"
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return f"{model}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+
+
+def spawn(task: str, args, result_file: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", task, "--tokens", str(args.tokens), "--result", str(result_file),
+               "--model", args.model]
+    if args.epoch:
+        command.append("--epoch")
+    if args.rows:
+        command += ["--rows", str(args.rows)]
+    log = result_file.with_suffix(".log")
+    started = time.time()
+    with open(log, "w") as handle:
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code != 0:
+        raise SystemExit(f"{task} failed ({code}); its log: {log}\n" + log.read_text()[-3000:])
+    result = json.loads(result_file.read_text())
+    print(f"  {task}: done in {time.time() - started:.0f} s", flush=True)
+    return result
+
+
+def spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} [{min(values):.4g}-{max(values):.4g}]"
+
+
+def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
+    bf16_peak = max(p["bfloat16"] for p in peaks)
+    fp32_peak = max(p["float32"] for p in peaks)
+    lines = [f"matmul peak measured in this run: bf16 {bf16_peak / 1e9:.0f} GFLOP/s, fp32 {fp32_peak / 1e9:.0f} GFLOP/s "
+             f"(best of {len(peaks)} measurements)", ""]
+    if base:
+        lines += [f"held-out loss of the untrained model: {base['eval_loss']:.4f}", ""]
+    lines += ["mean [min-max] over rounds",
+              "| config | real tok/s | MFU (bf16 peak) | eval loss | real tokens | steps | peak RSS GB | cores used |",
+              "|---|---|---|---|---|---|---|---|"]
+    by_config = {}
+    for result in results:
+        by_config.setdefault(result["config"], []).append(result)
+    means = {}
+    for name, runs in by_config.items():
+        tps = [r["tokens_per_s"] for r in runs]
+        means[name] = sum(tps) / len(tps)
+        lines.append(
+            f"| {name} | {spread(tps)} | {spread([100 * r['model_flops_per_s'] / bf16_peak for r in runs])}% "
+            f"| {spread([r['eval_loss'] for r in runs])} | {spread([r['real_tokens_total'] for r in runs])} "
+            f"| {spread([r['steps'] for r in runs])} | {spread([r['peak_rss_gb'] for r in runs])} "
+            f"| {spread([r['cpu_cores_used'] for r in runs])} |")
+    lines.append("")
+    if "recipe" in means:
+        for name in means:
+            if name != "recipe":
+                lines.append(f"recipe / {name}: {means['recipe'] / means[name]:.2f}x real tokens/s")
+        if "trl_defaults" in means:
+            lines.append(f"speedup vs stock TRL defaults: {means['recipe'] / means['trl_defaults']:.2f}x")
+    return "\n".join(lines)
+
+
+def main():
+    global MODEL
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--model", default=MODEL, help="model name, directory or offline alias (all configs)")
+    parser.add_argument("--tokens", type=int, default=16000, help="real tokens each configuration trains on")
+    parser.add_argument("--rounds", type=int, default=2, help="repeats; each round runs every config, order rotated")
+    parser.add_argument("--rows", type=int, help="repeat the training rows to this many (52002: an Alpaca-52K set)")
+    parser.add_argument("--epoch", action="store_true", help="train one epoch instead of --tokens")
+    parser.add_argument("--no_base_eval", action="store_true", help="skip the untrained model's held-out loss")
+    parser.add_argument("--json", default="benchmarks/sft_throughput.json", help="where all raw results go")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        MODEL = args.model
+        result = {"matmul_peak": matmul_peak, "base_model": base_eval}.get(args.worker)
+        result = result() if result else worker(args.worker, args.tokens, args.epoch, args.rows)
+        Path(args.result).write_text(json.dumps(result))
+        return
+
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {machine()} | {versions()}")
+    print("command: python " + " ".join(sys.argv), flush=True)
+    results, peaks, base = [], [], None
+    with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
+        if not args.no_base_eval:
+            base = spawn("base_model", args, Path(tmp) / "base.json")
+        for round_index in range(args.rounds):
+            order = args.configs[round_index % len(args.configs):] + args.configs[:round_index % len(args.configs)]
+            print(f"round {round_index + 1}/{args.rounds}: {' -> '.join(order)}", flush=True)
+            peaks.append(spawn("matmul_peak", args, Path(tmp) / f"peak{round_index}.json"))
+            for name in order:
+                results.append(spawn(name, args, Path(tmp) / f"{name}{round_index}.json"))
+                print(f"    {results[-1]['tokens_per_s']:.1f} real tok/s, eval loss {results[-1]['eval_loss']:.4f}, "
+                      f"{results[-1]['real_tokens_total']} real tokens, peak RSS {results[-1]['peak_rss_gb']:.2f} GB",
+                      flush=True)
+        peaks.append(spawn("matmul_peak", args, Path(tmp) / "peak_end.json"))
+    Path(args.json).write_text(json.dumps(dict(machine=machine(), versions=versions(), command=sys.argv,
+                                               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), matmul_peaks=peaks,
+                                               base=base, runs=results), indent=1))
+    print("\n" + summarise(results, peaks, base))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Reward models: TRL's RewardTrainer with InstructGPT's K-wise pair weights and per-prompt batches, reward
+centering stored with the model, and loading a trained reward model (centred) for PPO and RLOO."""
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from trl import RewardTrainer
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from common.models import ModelLoadError
+
+REWARD_OFFSET_KEY = "reward_offset"  # in the reward model's config.json: subtracted from every score
+
+
+class PromptGroupedBatchSampler:
+    """Batches of whole prompts: every pair expanded from one prompt's ranking lands in the same step
+    (InstructGPT trains on all C(K,2) comparisons of a prompt as one batch element, because comparisons from one
+    ranking are correlated and shuffling them apart overfits). `prompts_per_batch` prompts per step."""
+
+    def __init__(self, groups: list[int], prompts_per_batch: int, seed: int):
+        self.rows_of = {}
+        for row, group in enumerate(groups):
+            self.rows_of.setdefault(group, []).append(row)
+        self.prompts_per_batch, self.seed, self.epoch = prompts_per_batch, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.rows_of) // self.prompts_per_batch)
+
+    def __iter__(self):
+        groups = sorted(self.rows_of)
+        random.Random(self.seed + self.epoch).shuffle(groups)
+        self.epoch += 1
+        for start in range(0, len(groups), self.prompts_per_batch):
+            yield [row for group in groups[start:start + self.prompts_per_batch] for row in self.rows_of[group]]
+
+
+class WeightedPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator plus each pair's weight."""
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        batch["weight"] = torch.tensor([example.get("weight", 1.0) for example in examples], dtype=torch.float)
+        return batch
+
+
+class KWiseRewardTrainer(RewardTrainer):
+    """RewardTrainer with two InstructGPT behaviours TRL lacks. It replaces (1) the plain mean of the pairwise loss
+    over a batch by the 1/C(K,2)-weighted mean, so each prompt counts once however many answers it ranks, and
+    (2) the shuffled per-pair sampler by one that keeps all pairs of a prompt in the same step."""
+
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["chosen_ids", "rejected_ids", "weight"]
+
+    def get_train_dataloader(self):
+        sampler = PromptGroupedBatchSampler(self.train_dataset["group"], self.args.per_device_train_batch_size,
+                                            self.args.seed)
+        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers)
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weight = inputs.pop("weight")
+        _, outputs = super().compute_loss(model, inputs, return_outputs=True)  # TRL's metrics: accuracy, margin
+        chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+        loss = (weight * -torch.nn.functional.logsigmoid(chosen - rejected)).sum() / weight.sum()
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+        return (loss, outputs) if return_outputs else loss
+
+
+@torch.no_grad()
+def mean_reward(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 8) -> float:
+    """The mean score of token sequences (each read at its last real token, as the model's head does)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        input_ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in chunk], device=device)
+        attention_mask = (torch.arange(width, device=device)[None] < torch.tensor([len(s) for s in chunk],
+                                                                               device=device)[:, None]).long()
+        total += model(input_ids=input_ids, attention_mask=attention_mask).logits.float().sum().item()
+    return total / len(sequences)
+
+
+def apply_reward_offset(model, offset: float):
+    """Fold the centering offset into the score head as a bias, so every caller (TRL's get_reward reads
+    `model.score` directly) sees centred rewards. The offset lives in config.json; from_pretrained would drop a
+    saved bias on heads built without one, hence applied at load time."""
+    head = model.score
+    centred = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype,
+                              device=head.weight.device)
+    with torch.no_grad():
+        centred.weight.copy_(head.weight)
+        centred.bias.fill_(-offset)
+    model.score = centred
+    return model
+
+
+def load_reward_model(path: str, dtype=torch.float32, trust_remote_code: bool = False):
+    """A reward model saved by recipes/reward_model.py, frozen, with its centering offset applied."""
+    from transformers import AutoModelForSequenceClassification
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"reward model not found: {path} holds no config.json (train one with "
+                             "recipes/reward_model.py; its output directory is the reward model)")
+    config = json.loads(config_file.read_text())
+    if config.get("num_labels", len(config.get("id2label", {}) or [0])) != 1:
+        raise ModelLoadError(f"{path} is not a reward model: it has no single-output score head")
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                               trust_remote_code=trust_remote_code)
+    if not hasattr(model, "score"):
+        raise ModelLoadError(f"{path}: TRL's PPO reads rewards from a `score` head, which this architecture lacks")
+    apply_reward_offset(model, config.get(REWARD_OFFSET_KEY, 0.0))
+    model.requires_grad_(False)
+    return model.eval()

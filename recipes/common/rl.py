@@ -1,0 +1,188 @@
+"""What the RLHF recipes share: prompt datasets rendered like SFT, the checks that the reward model and the
+policy read the same tokens, the guard on a weak reward model, and saving a trained model merged."""
+
+import json
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from common.config import ConfigError
+from common.data import DataError, SkipCounter, read_rows
+from common.models import ModelArguments, ModelLoadError, adapter_base, load_adapter, load_model, resolve_model_path
+from common.preferences import PromptFormatError, encode_prompt, prompt_of_row, read_stage_info, render_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def prompt_dataset(source: str, tokenizer, prompt_format: str, max_prompt_length: int, limit: int | None = None,
+                   split: str = "train", tokenized: bool = True) -> Dataset:
+    """PPO/RLOO prompts from any row shape common.preferences reads, rendered exactly as SFT renders them.
+    tokenized: {"input_ids"} (PPO); else {"prompt": text} (RLOO tokenises itself). Prompts the format cannot
+    render or longer than max_prompt_length tokens are skipped and counted."""
+    rows = read_rows(source, split)
+    examples, skipped = [], SkipCounter()
+    for number, row in enumerate(rows, start=1):
+        try:
+            text = render_prompt(prompt_of_row(row, f"{source}: row {number}"), tokenizer, prompt_format)
+        except PromptFormatError as error:
+            skipped[str(error)] += 1
+            continue
+        ids = encode_prompt(text, tokenizer, prompt_format)
+        if len(ids) > max_prompt_length:
+            skipped[f"prompt longer than max_prompt_length={max_prompt_length} tokens"] += 1
+            continue
+        examples.append({"input_ids": ids} if tokenized else {"prompt": text})
+        if limit and len(examples) >= limit:
+            break
+    skipped.report(source, len(rows))
+    if not examples:
+        raise DataError(f"{source}: no usable prompts (see the skip counts above)")
+    return Dataset.from_list(examples)
+
+
+def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: str, reward_path: str,
+                         prompt_format: str) -> None:
+    """PPO hands the policy's token ids to the reward model unchanged, so both must tokenise identically and
+    (for chat prompts) render the same chat template. We refuse rather than re-tokenise text for the reward model:
+    re-tokenising doubles the scoring work and scores a different token sequence than the one the RM was trained
+    on whenever tokenisations split differently."""
+    problems = []
+    if policy_tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        problems.append("their vocabularies differ")
+    for name in ("eos_token_id", "pad_token_id"):
+        if getattr(policy_tokenizer, name) != getattr(reward_tokenizer, name):
+            problems.append(f"{name} {getattr(policy_tokenizer, name)} != {getattr(reward_tokenizer, name)}")
+    if prompt_format == "chat" and policy_tokenizer.chat_template != reward_tokenizer.chat_template:
+        problems.append("their chat templates differ")
+    if problems:
+        raise ModelLoadError(
+            f"the reward model {reward_path} does not use the policy's tokenizer ({policy_path}): "
+            f"{'; '.join(problems)}. PPO/RLOO score the policy's token ids directly; train the reward model from the "
+            "same SFT model (recipes/reward_model.py --model_name_or_path <SFT dir>)")
+
+
+def check_reward_model_quality(reward_path: str, min_accuracy: float, on_weak: str) -> dict:
+    """Refuse (on_weak: error) or warn (on_weak: warn) when the reward model's saved eval accuracy is near chance:
+    PPO against a reward model that ranks at random optimises noise and only drifts from the reference."""
+    if on_weak not in ("error", "warn"):
+        raise ConfigError(f"on_weak_reward_model must be 'error' or 'warn', not {on_weak!r}")
+    info = read_stage_info(reward_path)
+    accuracy = info.get("eval_accuracy")
+    if accuracy is None:
+        message = f"{reward_path} records no eval accuracy (stage_info.json), so its quality is unknown"
+    elif accuracy < min_accuracy:
+        message = (f"the reward model {reward_path} ranks held-out pairs with accuracy {accuracy:.3f}, below "
+                   f"min_reward_model_accuracy={min_accuracy} (chance is 0.5): PPO would optimise noise")
+    else:
+        return info
+    if on_weak == "error":
+        raise ConfigError(message + ". Train it longer or on more data, or set on_weak_reward_model: warn")
+    logger.warning("%s", message)
+    print(f"WARNING: {message}", flush=True)
+    return info
+
+
+def check_policy_path(name: str) -> None:
+    """A policy given as a LoRA adapter needs its base: say so before any trainer starts."""
+    path = resolve_model_path(name)
+    base = adapter_base(path)
+    if base is not None:
+        try:
+            resolve_model_path(base)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{path} is a LoRA adapter whose base model '{base}' cannot be found ({error}); "
+                                 "set base_model_name_or_path in its adapter_config.json or merge it first") from error
+
+
+def merged_model(model, model_args: ModelArguments, tokenizer, num_labels: int | None = None):
+    """A trained model as one plain transformers model: a LoRA adapter merged into its base. A QLoRA adapter is
+    merged into the base reloaded at full precision (merging into 4-bit weights would round them)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return model.merge_and_unload()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        full = replace(model_args, load_in_4bit=False, load_in_8bit=False)
+        base = load_model(full, tokenizer, num_labels=num_labels)
+        return load_adapter(base, tmp).merge_and_unload()
+
+
+def save_json(path: str | Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[str], max_new_tokens: int,
+                    temperature: float, seed: int) -> dict:
+    """Mean centred reward of sampled answers to held-out prompts and the KL to the reference on them (the sum
+    over answer tokens of log pi - log pi_ref, the k1 estimator on the policy's own samples). `reference` None
+    means the policy is a PEFT model whose reference is the same model with its adapter disabled."""
+    from contextlib import nullcontext
+
+    device = next(policy.parameters()).device
+    torch.manual_seed(seed)
+    rewards, kls, lengths = [], [], []
+    policy.eval()
+    for prompt in prompts:
+        query = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        output = policy.generate(input_ids=query, attention_mask=torch.ones_like(query), do_sample=True,
+                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        answer = output[:, query.shape[1]:]
+        eos = (answer[0] == tokenizer.eos_token_id).nonzero()
+        answer = answer[:, : int(eos[0]) + 1] if len(eos) else answer
+        sequence = torch.cat([query, answer], dim=1)
+
+        def answer_logprobs(model):
+            logits = model(input_ids=sequence).logits[:, query.shape[1] - 1:-1].float() / (temperature + 1e-7)
+            return torch.log_softmax(logits, -1).gather(-1, answer[..., None]).squeeze(-1).sum()
+
+        with policy.disable_adapter() if reference is None else nullcontext():
+            reference_logprob = answer_logprobs(policy if reference is None else reference)
+        kls.append((answer_logprobs(policy) - reference_logprob).item())
+        rewards.append(reward_model(input_ids=sequence).logits[0, 0].item())
+        lengths.append(answer.shape[1])
+    policy.train()
+    count = len(prompts)
+    return {"reward": sum(rewards) / count, "kl": sum(kls) / count, "length": sum(lengths) / count}
+
+
+def warn_on_ppo_trouble(logs: dict, response_length: int, history: dict) -> None:
+    """The usual PPO failure signs, warned about loudly: a negative KL estimate (the policy's samples are more
+    likely under the reference than under itself: a sign of a broken reference or sampling mismatch) and answers
+    that blow up in length (reward hacking by verbosity, or no EOS any more)."""
+    messages = []
+    if logs.get("objective/kl", 0.0) < -0.1:  # beyond the noise of the k1 estimate on a small batch
+        messages.append(f"KL to the reference is negative ({logs['objective/kl']:.4f})")
+    length = logs.get("response_length")
+    if length is not None:
+        first = history.setdefault("first_length", length)
+        if length >= 0.95 * response_length and first < 0.95 * response_length:
+            messages.append(f"answers now hit response_length={response_length} (mean {length:.1f} tokens): "
+                            "most no longer end with EOS")
+        elif length > 2 * first and length > 8:
+            messages.append(f"mean answer length grew from {first:.1f} to {length:.1f} tokens")
+    for message in messages:
+        logger.warning("PPO: %s", message)
+        print(f"WARNING PPO: {message}", flush=True)
+
+
+def reward_model_function(reward_model, tokenizer, prompt_format: str, batch_size: int = 8):
+    """A TRL reward function that scores exactly the tokens PPO would: tokens(prompt) + the generated ids up to
+    and including EOS. (Given the model itself, RLOOTrainer decodes completions with special tokens skipped and
+    re-tokenises the text, so the EOS the reward model reads its score at would be missing.)"""
+    from common.reward import mean_reward
+
+    def reward_model_score(prompts, completions, completion_ids, **kwargs):
+        sequences = [encode_prompt(prompt, tokenizer, prompt_format) + list(ids)
+                     for prompt, ids in zip(prompts, completion_ids)]
+        return [mean_reward(reward_model, [s], tokenizer.pad_token_id) for s in sequences]
+
+    return reward_model_score

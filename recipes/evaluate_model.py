@@ -1,0 +1,201 @@
+"""Measure what each stage changed: perplexity, reward-model accuracy, RM-judged win-rate, diversity, samples.
+
+    # the embedded demo: SmolLM2-135M-Instruct on held-out Alpaca instructions (perplexity, diversity, samples)
+    accelerate launch recipes/evaluate_model.py
+    # base vs SFT vs PPO, judged by the reward model (what recipes/pipeline.py runs as its last stage)
+    accelerate launch recipes/evaluate_model.py --config recipes/configs/evaluate/smollm2_stages.yaml
+    accelerate launch recipes/evaluate_model.py --models base=smollm2-135m-instruct sft=outputs/sft \
+        ppo=outputs/ppo --reward_model outputs/reward-model --output_dir outputs/eval
+
+A model is `name=path` (a hub id, a directory, a LoRA adapter directory, a `.gguf`). For each model:
+  - perplexity on the responses of the held-out instructions: the same split and the same masked tokens as SFT
+    (common.data.split_train_eval with the same seed, common.data.tokenize_example), and optionally on plain
+    held-out text (`text_dataset`, blocks cut as pretraining cuts them);
+  - answers sampled for the first `num_prompts` held-out prompts: distinct-1/2 and the mean per-token entropy
+    of the distributions the tokens were drawn from (the seeds' claim: RLHF lowers diversity);
+With a reward model: its pairwise accuracy and margin on held-out preference pairs, its mean score of each
+model's answers, and the win-rate of every later model against every earlier one with a 95% Wilson interval.
+Writes eval_results.json (evaluate.save), samples.md/.jsonl (prompt and every model's answer side by side),
+report.md and PNGs to output_dir.
+"""
+
+import gc
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import evaluate
+import torch
+
+from common.config import ConfigError, parse_config
+from common.data import prompt_of, read_rows, sft_rows, split_train_eval, tokenize_example
+from common.generation import stop_token_ids
+from common.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores, sample_answers,
+                            win_rate)
+from common.models import load_for_inference, load_tokenizer
+from common.preferences import (encode_prompt, encode_response, read_rankings, read_stage_info,
+                                tokenize_rankings)
+from common.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
+from common.reward import load_reward_model
+from common.text_data import load_documents, token_blocks
+
+
+@dataclass
+class EvaluationConfig:
+    """What to evaluate, on which held-out data, and how answers are sampled."""
+
+    models: list[str] = field(default_factory=lambda: ["base=smollm2-135m-instruct"],
+                              metadata={"help": "name=path of each model, in stage order (base, sft, ppo, ...)."})
+    reward_model: str | None = field(default=None, metadata={"help": "Reward model directory: accuracy, win-rates."})
+    output_dir: str = field(default="outputs/eval-smollm2")
+    dataset_name: str = field(default="data/alpaca_en_demo.json",
+                              metadata={"help": "Instruction set: held-out responses (perplexity) and prompts."})
+    dataset_split: str = field(default="train")
+    eval_split_size: float = field(default=40, metadata={"help": "Held-out fraction or count; SFT's value."})
+    max_length: int = field(default=512, metadata={"help": "Longer examples are left out (counted)."})
+    text_dataset: str | None = field(default=None, metadata={"help": "Plain held-out text for perplexity."})
+    text_eval_documents: int = field(default=5, metadata={"help": "Its first N documents (pretraining's held-out)."})
+    preference_dataset: str | None = field(default="data/dpo_en_demo.json",
+                                           metadata={"help": "Preference pairs/rankings for RM accuracy."})
+    preference_eval_split_size: float = field(default=40, metadata={"help": "Held-out rankings; the RM's value."})
+    prompt_format: str = field(default="alpaca", metadata={"help": "How the RM renders preference prompts, "
+                                                           "unless its stage_info.json says: alpaca or chat."})
+    num_prompts: int = field(default=24, metadata={"help": "Held-out prompts answered by every model."})
+    max_new_tokens: int = field(default=64)
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 is greedy."})
+    batch_size: int = field(default=8)
+    seed: int = field(default=42, metadata={"help": "Split seed (SFT's) and sampling seed (+ model index)."})
+    dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 (3x faster on CPU)."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is present."})
+
+
+def parse_models(specs: list[str]) -> dict[str, str]:
+    models = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else (os.path.basename(spec.rstrip("/")), "", spec)
+        if not name or not path or name in models:
+            raise ConfigError(f"models: '{spec}' must be name=path with a unique name")
+        models[name] = path
+    if not models:
+        raise ConfigError("models: name at least one model (name=path)")
+    return models
+
+
+def evaluate_policy(name: str, path: str, index: int, config, eval_examples, prompts_of, device) -> dict:
+    """Perplexity, sampled answers and their diversity for one model."""
+    tokenizer, model = load_for_inference(path, dtype=getattr(torch, config.dtype))
+    model.to(device)
+    tokenized = [tokenize_example(e, tokenizer, f"{config.dataset_name}: held-out example {i}")
+                 for i, e in enumerate(eval_examples, start=1)]
+    kept = [t for t in tokenized if len(t["input_ids"]) <= config.max_length]
+    if len(kept) < len(tokenized):
+        print(f"[{name}] {len(tokenized) - len(kept)} held-out examples longer than {config.max_length} tokens "
+              "left out of perplexity", flush=True)
+    row = {"path": path, **dataset_perplexity(model, kept, config.batch_size, name)}
+    if config.text_dataset:
+        documents = load_documents(config.text_dataset).take(config.text_eval_documents)
+        blocks = [{"input_ids": b["input_ids"], "labels": b["input_ids"]}
+                  for b in token_blocks(documents, tokenizer, config.max_length, config.text_dataset)]
+        row["text_perplexity"] = dataset_perplexity(model, blocks, config.batch_size, name)["perplexity"]
+    sampled = sample_answers(model, tokenizer, prompts_of(tokenizer), stop_token_ids(tokenizer, model),
+                             config.max_new_tokens, config.temperature, config.seed + index, config.batch_size, name)
+    row.update(distinct_1=distinct_n(sampled["answers"], 1), distinct_2=distinct_n(sampled["answers"], 2),
+               token_entropy=sampled["token_entropy"],
+               answer_words=sum(len(a.split()) for a in sampled["answers"]) / len(sampled["answers"]))
+    print(f"[{name}] perplexity {row['perplexity']:.3f}, distinct-1 {row['distinct_1']:.3f}, distinct-2 "
+          f"{row['distinct_2']:.3f}, token entropy {row['token_entropy']:.3f}", flush=True)
+    del model
+    gc.collect()
+    return row, sampled["answers"]
+
+
+def main(config: EvaluationConfig):
+    models = parse_models(config.models)
+    device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
+
+    # Held-out instructions: the split SFT held out (same size, same seed)
+    examples, _ = sft_rows(read_rows(config.dataset_name, config.dataset_split), config.dataset_name)
+    _, eval_examples = split_train_eval(examples, config.eval_split_size, config.seed)
+    if not eval_examples:
+        raise ConfigError(f"eval_split_size={config.eval_split_size} holds out no examples of {config.dataset_name}")
+    prompt_examples = eval_examples[: config.num_prompts]
+    answered = [e["completion"] if "completion" in e else e["messages"][-1]["content"] for e in prompt_examples]
+
+    def prompts_of(tokenizer):
+        return [prompt_of(e, tokenizer) for e in prompt_examples]
+
+    # Each model: perplexity, samples, diversity (one model in memory at a time)
+    results, answers = {"models": {}, "win_rates": {}}, {}
+    for index, (name, path) in enumerate(models.items()):
+        results["models"][name], answers[name] = evaluate_policy(
+            name, path, index, config, eval_examples, prompts_of, device)
+
+    # Reward model: accuracy on held-out preferences, scores of every model's answers, win-rates
+    if config.reward_model:
+        rm_tokenizer = load_tokenizer(config.reward_model)
+        reward_model = load_reward_model(config.reward_model, getattr(torch, config.dtype)).to(device)  # centred
+        prompt_format = read_stage_info(config.reward_model).get("prompt_format", config.prompt_format)
+        if config.preference_dataset:
+            rankings = read_rankings(read_rows(config.preference_dataset), config.preference_dataset)
+            _, held_out = split_train_eval(rankings, config.preference_eval_split_size, config.seed)
+            pairs, _ = tokenize_rankings(held_out, rm_tokenizer, prompt_format, config.max_length,
+                                         config.preference_dataset + " (held-out)")
+            chosen = reward_scores(reward_model, [p["chosen_ids"] for p in pairs], rm_tokenizer.pad_token_id,
+                                   config.batch_size)
+            rejected = reward_scores(reward_model, [p["rejected_ids"] for p in pairs], rm_tokenizer.pad_token_id,
+                                     config.batch_size)
+            results["reward_model_accuracy"] = pairwise_accuracy(chosen, rejected)
+            print(f"[reward model] held-out accuracy {results['reward_model_accuracy']['accuracy']:.1%}", flush=True)
+        scores = {}
+        for name in models:
+            sequences = [encode_prompt(prompt, rm_tokenizer, "chat" if "messages" in example else "alpaca")
+                         + encode_response(answer, rm_tokenizer)
+                         for prompt, example, answer in zip(prompts_of(rm_tokenizer), prompt_examples, answers[name])]
+            scores[name] = reward_scores(reward_model, sequences, rm_tokenizer.pad_token_id, config.batch_size)
+            results["models"][name]["rm_score_mean"] = sum(scores[name]) / len(scores[name])
+        for earlier, later in combinations(models, 2):
+            results["win_rates"][f"{later} vs {earlier}"] = win_rate(scores[later], scores[earlier])
+        del reward_model
+
+    # Save: results (with evaluate's run metadata), side-by-side samples, report with plots
+    os.makedirs(config.output_dir, exist_ok=True)
+    evaluate.save(os.path.join(config.output_dir, "eval_results.json"), **results, config=vars(config))
+    with open(os.path.join(config.output_dir, "samples.jsonl"), "w") as f:
+        for i, (example, reference) in enumerate(zip(prompt_examples, answered)):
+            f.write(json.dumps({"prompt": shown_prompt(example), "reference": reference,
+                                **{name: answers[name][i] for name in models}}, ensure_ascii=False) + "\n")
+    write_samples_markdown(os.path.join(config.output_dir, "samples.md"), models, answers, prompt_examples,
+                           answered)
+    sections = {"Models, win-rates and reward model": evaluation_markdown(results)}
+    if plot_model_comparison(results["models"], os.path.join(config.output_dir, "model_comparison.png"),
+                             "Held-out perplexity, reward and diversity per model"):
+        sections["Comparison"] = "![model comparison](model_comparison.png)"
+    if plot_win_rates(results["win_rates"], os.path.join(config.output_dir, "win_rates.png"),
+                      "Reward-model-judged win-rate"):
+        sections["Win-rates"] = "![win-rates](win_rates.png)"
+    sections["Samples"] = "Side by side in [samples.md](samples.md) (and samples.jsonl)."
+    write_training_report(config.output_dir, "Evaluation", [], {}, sections)
+    print(f"\n{evaluation_markdown(results)}\n\nSaved to {config.output_dir}", flush=True)
+    return results
+
+
+def shown_prompt(example: dict) -> str:
+    """The prompt as a reader should see it: the Alpaca prompt, or the last user turn of a chat."""
+    return example["prompt"] if "prompt" in example else example["messages"][-2]["content"]
+
+
+def write_samples_markdown(path, models, answers, prompt_examples, answered):
+    lines = ["# Samples: the same held-out prompts answered by every model", ""]
+    for i, example in enumerate(prompt_examples):
+        lines += [f"## Prompt {i + 1}", "", "```", shown_prompt(example).strip(), "```", ""]
+        lines += [f"**{name}:** {answers[name][i] or '(empty answer)'}\n" for name in models]
+        lines += [f"*reference:* {answered[i]}", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(*parse_config((EvaluationConfig,), "evaluate/smollm2_base.yaml"))

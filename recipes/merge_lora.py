@@ -1,0 +1,51 @@
+"""Merge a LoRA (or QLoRA) adapter into its base model and save a plain model: safetensors weights and the
+tokenizer, loadable with `AutoModelForCausalLM.from_pretrained(output_dir)` with no PEFT installed.
+
+    python recipes/merge_lora.py --adapter_path outputs/sft-smollm2-alpaca-lora
+    python recipes/merge_lora.py --adapter_path outputs/sft-qwen-qlora --output_dir outputs/qwen-merged --dtype bfloat16
+
+The base named in the adapter's adapter_config.json is loaded at 16/32-bit, never 4-bit, also for a QLoRA adapter:
+merging into quantized weights would round the merged weights to 4 bits and change the model's outputs.
+"""
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+
+from common.models import ModelLoadError, adapter_base, load_for_inference
+
+
+@dataclass
+class MergeArguments:
+    adapter_path: str = field(default="outputs/sft-smollm2-alpaca-lora",
+                              metadata={"help": "Directory of the adapter (adapter_config.json names its base)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where to save; default <adapter_path>-merged."})
+    dtype: str = field(default="float32", metadata={"help": "Precision of the merged weights: float32 or bfloat16."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the base."})
+
+
+def main(args: MergeArguments) -> str:
+    if not Path(args.adapter_path).is_dir() or adapter_base(args.adapter_path) is None:
+        raise ModelLoadError(f"{args.adapter_path} is not a LoRA adapter directory (no adapter_config.json)")
+    output_dir = Path(args.output_dir or args.adapter_path.rstrip("/") + "-merged")
+    if output_dir.resolve() == Path(args.adapter_path).resolve():
+        raise ModelLoadError("--output_dir must differ from --adapter_path")
+
+    print(f"Loading {args.adapter_path} on its base ({adapter_base(args.adapter_path)}) in {args.dtype}", flush=True)
+    tokenizer, model = load_for_inference(args.adapter_path, args.trust_remote_code, getattr(torch, args.dtype))
+    merged = model.merge_and_unload()
+
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    saved_format = Path(args.adapter_path) / "prompt_format.json"
+    if saved_format.is_file():  # so that chat.py prompts the merged model the way it was tuned
+        shutil.copy(saved_format, output_dir / "prompt_format.json")
+    print(f"Merged model saved to {output_dir}", flush=True)
+    return str(output_dir)
+
+
+if __name__ == "__main__":
+    main(HfArgumentParser(MergeArguments).parse_args_into_dataclasses()[0])

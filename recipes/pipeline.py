@@ -1,0 +1,211 @@
+"""The whole InstructGPT path in one command: [pretrain ->] SFT -> reward model -> PPO -> evaluation.
+
+    # the embedded demo: SmolLM2-135M-Instruct on the bundled data, offline, 2-core CPU, under 30 minutes
+    python recipes/pipeline.py
+    # a real run: bigger model and data in the YAML, stages launched on 8 GPUs with DeepSpeed
+    python recipes/pipeline.py --config my_pipeline.yaml --accelerate_config accelerate_configs/deepspeed_zero2.yaml
+
+Each stage is its recipe run as a subprocess through `accelerate launch` with the recipe's own command line:
+the stage's options from the YAML (`sft: {max_steps: 20}` becomes `--max_steps 20`, `config: FILE` picks another
+recipe YAML) plus the paths that chain the stages, which the pipeline sets: every stage writes
+`<output_dir>/<stage>/`, SFT starts from `base_model` (or the pretrain output), the reward model from the SFT
+output, PPO/RLOO from the SFT output with that reward model, DPO from the SFT output, and the evaluation compares
+base, SFT and each RL policy, judged by the reward model.
+
+Resuming: a stage that exits cleanly gets a completion marker (STAGE_DONE.json: its command, a fingerprint of its
+options and of the stages before it, its duration). A rerun skips stages whose marker matches; an interrupted
+stage reruns and resumes from its own checkpoints; a stage whose options (or an earlier stage) changed is rerun
+from an empty directory, and so is everything after it. Output: report.md and plots in output_dir, one log per
+stage in output_dir/logs.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import RECIPES_DIR, ConfigError, parse_config
+from common.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
+
+DONE, STARTED = "STAGE_DONE.json", "STAGE_STARTED.json"
+SCRIPTS = {"pretrain": "pretrain.py", "sft": "sft_lora.py", "reward_model": "reward_model.py", "ppo": "ppo.py",
+           "rloo": "rloo.py", "dpo": "dpo.py", "evaluate": "evaluate_model.py"}
+POLICIES = ("ppo", "rloo", "dpo")  # stages whose output is an aligned policy
+
+
+@dataclass
+class PipelineConfig:
+    """Which stages run, on what, and each stage's own options (passed to its recipe's command line)."""
+
+    output_dir: str = field(default="outputs/pipeline-smollm2")
+    base_model: str = field(default="smollm2-135m-instruct", metadata={"help": "Model SFT starts from (and the "
+                            "evaluation's base), unless a pretrain stage trains one."})
+    stages: list[str] = field(default_factory=lambda: ["sft", "reward_model", "ppo", "evaluate"],
+                              metadata={"help": f"In order, from {list(SCRIPTS)}."})
+    accelerate_config: str | None = field(default=None, metadata={"help": "accelerate launch --config_file."})
+    pretrain: dict = field(default_factory=dict, metadata={"help": "Options of recipes/pretrain.py (YAML only)."})
+    sft: dict = field(default_factory=dict, metadata={"help": "Options of recipes/sft_lora.py (YAML only)."})
+    reward_model: dict = field(default_factory=dict, metadata={"help": "Options of recipes/reward_model.py."})
+    ppo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/ppo.py (YAML only)."})
+    rloo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/rloo.py (YAML only)."})
+    dpo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/dpo.py (YAML only)."})
+    evaluate: dict = field(default_factory=dict, metadata={"help": "Options of recipes/evaluate_model.py."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run every stage on the CPU."})
+
+
+def stage_paths(config: PipelineConfig) -> dict[str, dict]:
+    """The options the pipeline sets for each stage so that outputs feed the next stage by path."""
+    out = {stage: os.path.join(config.output_dir, stage) for stage in config.stages}
+    base = out.get("pretrain", config.base_model)
+    sft = out.get("sft", base)
+    wiring = {"pretrain": {}, "sft": {"model_name_or_path": base}, "reward_model": {"model_name_or_path": sft},
+              "ppo": {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")},
+              "rloo": {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")},
+              "dpo": {"model_name_or_path": sft}}
+    models = [f"base={base}"] + ([f"sft={sft}"] if "sft" in out else []) + [f"{s}={out[s]}" for s in POLICIES
+                                                                             if s in out]
+    wiring["evaluate"] = {"models": models, "reward_model": out.get("reward_model")}
+    return {stage: {**{k: v for k, v in wiring[stage].items() if v is not None}, "output_dir": out[stage]}
+            for stage in config.stages}
+
+
+def evaluation_defaults(config: PipelineConfig) -> dict:
+    """The held-out data of the evaluation follows the SFT and RM options (same files, split sizes, seed) unless
+    the evaluate options say otherwise; recipe defaults already agree."""
+    sft, rm = config.sft, config.reward_model
+    derived = {"dataset_name": sft.get("dataset_name"), "eval_split_size": sft.get("eval_split_size"),
+               "seed": sft.get("seed"), "max_length": sft.get("max_length"),
+               "preference_dataset": rm.get("dataset_name"), "preference_eval_split_size": rm.get("eval_split_size")}
+    return {key: value for key, value in derived.items() if value is not None}
+
+
+def command_line(options: dict) -> list[str]:
+    args = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        args.append(f"--{key}")
+        if isinstance(value, list):
+            args += [str(v) for v in value]
+        else:
+            args.append(str(value).lower() if isinstance(value, bool) else str(value))
+    return args
+
+
+def launch_command(config: PipelineConfig, script: str, args: list[str]) -> list[str]:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config.accelerate_config:
+        launcher += ["--config_file", config.accelerate_config]
+    elif config.use_cpu:  # accelerate's quiet CPU defaults
+        launcher += ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                     "--dynamo_backend", "no"]
+    return launcher + [str(RECIPES_DIR / script)] + args
+
+
+def run_stage(name: str, command: list[str], log_path: Path) -> None:
+    """Run one stage, its output shown and saved to its log; a failure names the stage and the log."""
+    print(f"\n[pipeline] === {name} ===\n[pipeline] {' '.join(command)}", flush=True)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        process.wait()
+    if process.returncode != 0:
+        raise SystemExit(f"[pipeline] stage '{name}' failed (exit code {process.returncode}); its output is in "
+                         f"{log_path}. Fix the cause and rerun: finished stages are skipped.")
+
+
+def read_marker(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(config: PipelineConfig):
+    unknown = [stage for stage in config.stages if stage not in SCRIPTS]
+    if unknown or len(set(config.stages)) != len(config.stages):
+        raise ConfigError(f"stages: {config.stages} must be distinct names from {list(SCRIPTS)}")
+    missing = [s for s in config.stages if not (RECIPES_DIR / SCRIPTS[s]).is_file()]
+    if missing:
+        raise ConfigError(f"stages {missing} have no recipe in this checkout ({[SCRIPTS[s] for s in missing]}); "
+                          "remove them from `stages`")
+    wiring = stage_paths(config)
+    os.makedirs(os.path.join(config.output_dir, "logs"), exist_ok=True)
+
+    fingerprint, upstream_changed, summary = "", False, []
+    for stage in config.stages:
+        options = dict(getattr(config, stage))
+        if stage == "evaluate":
+            options = {**evaluation_defaults(config), **options}
+        clash = sorted(set(options) & set(wiring[stage]))
+        if clash:
+            raise ConfigError(f"{stage}: {clash} are set by the pipeline to chain the stages; set output_dir or "
+                              "base_model of the pipeline instead")
+        args = command_line({**options, **wiring[stage]})
+        command = launch_command(config, SCRIPTS[stage], args)
+        fingerprint = hashlib.sha256(json.dumps([fingerprint, stage, args]).encode()).hexdigest()[:16]
+        stage_dir = Path(wiring[stage]["output_dir"])
+        done = read_marker(stage_dir / DONE)
+        if done.get("fingerprint") == fingerprint and not upstream_changed:
+            print(f"[pipeline] {stage}: finished earlier ({done['seconds']:.0f} s), skipped", flush=True)
+            summary.append({**done, "status": "skipped (finished earlier)"})
+            continue
+        started_as = read_marker(stage_dir / STARTED).get("fingerprint")
+        if stage_dir.exists() and not done and not started_as and any(stage_dir.iterdir()):
+            raise ConfigError(f"{stage_dir} exists but was not written by this pipeline; move it away or set "
+                              "another output_dir")
+        if stage_dir.exists() and (done or started_as != fingerprint):
+            print(f"[pipeline] {stage}: options or an earlier stage changed since {stage_dir} was written: "
+                  "starting it from scratch", flush=True)
+            shutil.rmtree(stage_dir)
+        upstream_changed = True  # every later stage consumes this one's new output
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / STARTED).write_text(json.dumps({"fingerprint": fingerprint}))
+        started = time.time()
+        run_stage(stage, command, Path(config.output_dir) / "logs" / f"{stage}.log")
+        marker = {"stage": stage, "fingerprint": fingerprint, "command": command, "seconds": time.time() - started,
+                  "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (stage_dir / DONE).write_text(json.dumps(marker, indent=1))
+        summary.append({**marker, "status": "ran"})
+        write_pipeline_report(config, summary)
+    path = write_pipeline_report(config, summary)
+    print(f"\n[pipeline] all {len(config.stages)} stages finished; report: {path}", flush=True)
+
+
+def write_pipeline_report(config: PipelineConfig, summary: list[dict]) -> str:
+    """report.md: each stage's status, time and report; the across-stages evaluation with its plots."""
+    out = Path(config.output_dir)
+    lines = ["# Pipeline: " + " → ".join(config.stages), "", "| stage | status | minutes | output |",
+             "|---|---|---|---|"]
+    for row in summary:
+        report = Path(row["stage"]) / "report.md"
+        link = f"[{row['stage']}/]({report})" if (out / report).is_file() else f"{row['stage']}/"
+        lines.append(f"| {row['stage']} | {row['status']} | {row['seconds'] / 60:.1f} | {link} |")
+    for stage in [s for s in config.stages if s != "evaluate"]:
+        curves = next((name for name in ("rl_curves.png", "training_curves.png") if (out / stage / name).is_file()), None)
+        if curves:
+            lines += ["", f"## {stage}: training curves", "", f"![{stage}]({stage}/{curves})"]
+    results_file = out / "evaluate" / "eval_results.json"
+    if results_file.is_file():
+        results = json.loads(results_file.read_text())
+        lines += ["", "## What each stage changed (held-out prompts)", "", evaluation_markdown(results)]
+        if plot_model_comparison(results["models"], str(out / "stage_comparison.png"),
+                                 "Per stage: held-out perplexity, reward-model score, diversity"):
+            lines += ["", "![stage comparison](stage_comparison.png)"]
+        if plot_win_rates(results.get("win_rates", {}), str(out / "win_rates.png"), "Win-rate judged by the reward model"):
+            lines += ["", "![win-rates](win_rates.png)"]
+        lines += ["", "Samples side by side: [evaluate/samples.md](evaluate/samples.md)."]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(*parse_config((PipelineConfig,), "pipeline/smollm2_demo.yaml"))

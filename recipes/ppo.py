@@ -1,0 +1,141 @@
+"""PPO against a learned reward model (InstructGPT step 3) with TRL's PPOTrainer (trl.experimental.ppo), plus
+PPO-ptx, per-update logs, guards and resumable checkpoints (common/ppo_trainer.py).
+
+    # after recipes/reward_model.py (its default output is this recipe's default reward model), CPU, offline
+    accelerate launch recipes/ppo.py
+    # the three-stage path: policy = SFT output, reward model = RM output, both by path
+    accelerate launch recipes/ppo.py --model_name_or_path outputs/sft-smollm2-alpaca-lora \
+        --reward_model_path outputs/rm-smollm2-sft --output_dir outputs/ppo-smollm2-sft
+    # PPO-ptx: mix an SFT language-model loss on a second dataset into every policy update
+    accelerate launch recipes/ppo.py --ptx_coef 0.5 --ptx_dataset_name data/alpaca_en_demo.json
+
+Policy: the SFT model (an SFT LoRA adapter is merged into its base), trained with a fresh LoRA adapter; the frozen
+reference is the same weights with that adapter disabled (no second copy). With use_peft: false the policy is
+fully trained and TRL keeps a frozen copy as the reference. Value model: initialised from the reward model.
+Rewards: the reward model's score at the answer's EOS, centred by the offset stored with it. Prompts are rendered
+like SFT (prompt_format) and the reward model must use the policy's tokenizer. Rerunning the same command
+resumes from the newest complete checkpoint (policy, value model, optimizer, scheduler, RNG, update count).
+"""
+
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForSequenceClassification
+from trl.experimental.ppo import PPOConfig
+
+from common.config import parse_config
+from common.data import read_rows, sft_rows, tokenize_sft
+from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from common.ppo_trainer import RecipePPOTrainer, last_complete_checkpoint
+from common.preferences import check_prompt_format, save_stage_info
+from common.reporting import write_training_report
+from common.reward import load_reward_model
+from common.rl import (check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
+                       merged_model, prompt_dataset, save_json, warn_on_ppo_trouble)
+
+
+@dataclass
+class PPORecipeConfig(PPOConfig):
+    """TRL's PPOConfig (reward_model_path, response_length, temperature, kl_coef, missing_eos_penalty,
+    num_ppo_epochs, num_mini_batches, ...) plus prompts, PPO-ptx and guards."""
+
+    dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "Prompt rows (any shape)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca or chat: must match SFT and the RM."})
+    max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are skipped and counted."})
+    max_train_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts for reward/KL before and after."})
+    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx coefficient (InstructGPT's gamma); 0: off."})
+    ptx_dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "SFT data for PPO-ptx."})
+    ptx_batch_size: int = field(default=2, metadata={"help": "PPO-ptx examples per policy micro-batch."})
+    ptx_max_length: int = field(default=256, metadata={"help": "Longer PPO-ptx examples are dropped (counted)."})
+    min_reward_model_accuracy: float = field(default=0.55, metadata={"help": "RM eval accuracy below this is weak."})
+    on_weak_reward_model: str = field(default="error", metadata={"help": "error or warn on a weak reward model."})
+    sample_every: int = field(default=5, metadata={"help": "Print sample answers every N updates (0: never)."})
+
+
+def main(config: PPORecipeConfig, model_args: ModelArguments):
+    # Checks before any model loads: paths, same prompt rendering and tokenizer, a reward model worth optimising
+    check_policy_path(model_args.model_name_or_path)
+    policy_path, reward_path = resolve_model_path(model_args.model_name_or_path), config.reward_model_path
+    check_prompt_format(policy_path, config.prompt_format, "the policy")
+    check_prompt_format(reward_path, config.prompt_format, "the reward model")
+    rm_info = check_reward_model_quality(reward_path, config.min_reward_model_accuracy, config.on_weak_reward_model)
+    tokenizer = load_tokenizer(policy_path)
+    check_same_tokenizer(tokenizer, load_tokenizer(reward_path), policy_path, reward_path,
+                         config.prompt_format)
+    tokenizer.padding_side = "left"  # PPO generates from left-padded queries
+
+    # Data: prompts rendered as SFT renders them; a few held out for before/after and samples
+    limit = config.max_train_prompts and config.max_train_prompts + config.eval_prompts
+    prompts = prompt_dataset(config.dataset_name, tokenizer, config.prompt_format, config.max_prompt_length, limit,
+                             config.dataset_split)
+    eval_dataset = prompts.select(range(config.eval_prompts))
+    train_dataset = prompts.select(range(config.eval_prompts, len(prompts)))
+    eval_texts = [tokenizer.decode(row["input_ids"]) for row in eval_dataset]
+    ptx_examples = None
+    if config.ptx_coef > 0:
+        examples, _ = sft_rows(read_rows(config.ptx_dataset_name), config.ptx_dataset_name)
+        ptx_examples = tokenize_sft(examples, tokenizer, config.ptx_max_length, "drop", config.ptx_dataset_name)
+        ptx_examples = ptx_examples.to_list()
+
+    # Models: policy (SFT), reward model (frozen, centred), value model (initialised from the reward model)
+    policy = load_model(model_args, tokenizer)
+    reward_model = load_reward_model(reward_path)
+    value_model = AutoModelForSequenceClassification.from_pretrained(reward_path, dtype=torch.float32,
+                                                                     use_safetensors=True)
+    probe = eval_dataset[0]["input_ids"]
+    probe_logits = policy(input_ids=torch.tensor([probe])).logits[0, -1].detach().clone()
+
+    trainer = RecipePPOTrainer(
+        args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward_model,
+        value_model=value_model, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        peft_config=lora_config(model_args, policy),
+        ptx_examples=ptx_examples, ptx_coef=config.ptx_coef, ptx_batch_size=config.ptx_batch_size,
+        sample_prompts=eval_texts[:2], sample_every=config.sample_every,
+        on_log=lambda trainer, logs, history={}: warn_on_ppo_trouble(logs, config.response_length, history),
+    )
+    policy, reference = trainer.policy, trainer.ref_model  # reference None: the policy with its adapter disabled
+    eval_args = (tokenizer, eval_texts, config.response_length, config.temperature, config.seed)
+    before = evaluate_policy(policy, reference, reward_model, *eval_args)
+    checkpoint = last_complete_checkpoint(config.output_dir)
+    if checkpoint:
+        print(f"Resuming from {checkpoint}", flush=True)
+        trainer.resume_from(checkpoint)
+    trainer.train()
+    after = evaluate_policy(policy, reference, reward_model, *eval_args)
+
+    # The reference must still be the SFT policy: same logits on a probe prompt as before training
+    with torch.no_grad(), (policy.disable_adapter() if reference is None else nullcontext()):
+        reference_logits = (policy if reference is None else reference)(input_ids=torch.tensor([probe])).logits[0, -1]
+    metrics = {f"{key}_before": value for key, value in before.items()}
+    metrics.update({f"{key}_after": value for key, value in after.items()})
+    metrics["reference_max_logit_change"] = (reference_logits - probe_logits).abs().max().item()
+    metrics["updates"] = trainer.state.global_step
+    metrics["reward_model_eval_accuracy"] = rm_info.get("eval_accuracy")
+
+    # Save: the policy merged into one plain model, tokenizer, metrics, samples, report
+    if trainer.accelerator.is_main_process:
+        tokenizer.padding_side = "right"
+        merged_model(policy, model_args, tokenizer).save_pretrained(config.output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(config.output_dir)
+        save_stage_info(config.output_dir, "ppo", config.prompt_format, reward_model=reward_path,
+                        policy=model_args.model_name_or_path)
+        save_json(os.path.join(config.output_dir, "ppo_results.json"), metrics)
+        save_json(os.path.join(config.output_dir, "samples.json"), {"samples": trainer.samples})
+        write_training_report(config.output_dir, "PPO", trainer.state.log_history, metrics,
+                              plot_keys=["objective/scores", "objective/kl", "objective/entropy", "loss/value_avg",
+                                         "policy/clipfrac_avg", "response_length", "ptx/loss"])
+        print(f"\n=== PPO ({metrics['updates']} updates) on {len(eval_texts)} held-out prompts ===\n"
+              f"reward (centred): {before['reward']:+.3f} -> {after['reward']:+.3f}\n"
+              f"KL to reference:  {before['kl']:+.3f} -> {after['kl']:+.3f}\n"
+              f"answer length:    {before['length']:.1f} -> {after['length']:.1f} tokens\n"
+              f"Saved to {config.output_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(*parse_config((PPORecipeConfig, ModelArguments), "ppo/smollm2_alpaca_lora.yaml"))

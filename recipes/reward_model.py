@@ -1,0 +1,118 @@
+"""Reward model from human preferences (InstructGPT step 2): a scalar-head model trained on pairwise comparisons
+or K-wise rankings with TRL's RewardTrainer; full, LoRA or 4-bit QLoRA.
+
+    # the embedded demo: LoRA RM from SmolLM2-135M-Instruct on the bundled preference pairs, CPU, offline
+    accelerate launch recipes/reward_model.py
+    # from the SFT model, so the RM reads prompts exactly as the policy writes them (the three-stage path)
+    accelerate launch recipes/reward_model.py --model_name_or_path outputs/sft-smollm2-alpaca-lora
+    # HH-RLHF transcripts, chat prompts, a DeepSpeed launcher
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/reward_model.py \
+        --dataset_name Anthropic/hh-rlhf --prompt_format chat
+
+Data: pairs ({prompt, chosen, rejected} as text or chat turns, ShareGPT {conversations, chosen, rejected},
+HH-RLHF transcripts) or K-wise rankings {prompt, responses: [best, ..., worst]} (see common/preferences.py).
+Each ranking gives its C(K,2) pairs weighted 1/C(K,2), all in the same step. The score is read at the EOS that
+ends each answer. After training, the mean reward on training answers is stored as `reward_offset` in
+config.json, so the PPO/RLOO loaders see centred rewards. Output: a plain sequence-classification model (LoRA
+merged) with tokenizer, eval_results.json (pairwise accuracy, mean margin) and stage_info.json.
+Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
+"""
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from trl import RewardConfig
+
+from common.callbacks import train_with_resume
+from common.config import parse_config
+from common.data import read_rows, split_train_eval
+from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from common.preferences import check_prompt_format, read_rankings, save_stage_info, tokenize_rankings
+from common.reporting import write_training_report
+from common.reward import REWARD_OFFSET_KEY, KWiseRewardTrainer, WeightedPreferenceCollator, mean_reward
+from common.rl import merged_model
+
+
+@dataclass
+class RewardRecipeConfig(RewardConfig):
+    """TRL's RewardConfig plus where the data comes from and how prompts are rendered."""
+
+    dataset_name: str = field(default="data/dpo_en_demo.json",
+                              metadata={"help": "Local json/jsonl/csv/parquet file or hub dataset id."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    eval_split_size: float = field(default=0.1, metadata={"help": "Held-out fraction (<1) or prompt count."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training prompts."})
+    prompt_format: str = field(default="alpaca", metadata={
+        "help": "alpaca: the Alpaca template (as SFT renders Alpaca rows); chat: the tokenizer's chat template."})
+    overlong: str = field(default="drop", metadata={
+        "help": "Answers past max_length: drop the ranking, or truncate them (still ending with EOS)."})
+    centering_samples: int = field(default=256, metadata={
+        "help": "Training answers scored to estimate the centering offset (their mean reward becomes 0)."})
+
+
+def main(config: RewardRecipeConfig, model_args: ModelArguments):
+    # Data: rows -> rankings -> held-out prompts -> weighted pairs of token ids (prompt rendered as in SFT)
+    rankings = read_rankings(read_rows(config.dataset_name, config.dataset_split), config.dataset_name)
+    train_rankings, eval_rankings = split_train_eval(rankings, config.eval_split_size, config.seed)
+    if config.max_train_samples:
+        train_rankings = train_rankings[: config.max_train_samples]
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    check_prompt_format(model_path, config.prompt_format, "the model")
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    train_rows, _ = tokenize_rankings(train_rankings, tokenizer, config.prompt_format, config.max_length,
+                                      config.dataset_name, config.overlong)
+    eval_rows = (tokenize_rankings(eval_rankings, tokenizer, config.prompt_format, config.max_length,
+                                   config.dataset_name + " (eval)", config.overlong)[0] if eval_rankings else None)
+    print(f"[data] {len(train_rows)} training pairs from {len(train_rankings)} prompts, "
+          f"{len(eval_rows or [])} eval pairs", flush=True)
+
+    # Model: a one-output scalar head on the (SFT) model; full, LoRA or QLoRA
+    model = load_model(model_args, tokenizer, num_labels=1, trust_remote_code=config.trust_remote_code)
+    trainer = KWiseRewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        data_collator=WeightedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
+        peft_config=lora_config(model_args, model, task_type="SEQ_CLS"),
+    )
+    train_result = train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
+    metrics = dict(train_result.metrics)
+    if eval_rows:
+        eval_metrics = trainer.evaluate()  # TRL adds eval_accuracy and eval_margin (mean chosen - rejected score)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_state()
+
+    # Centering: the mean reward of training answers becomes the offset every later loader subtracts
+    reward_model = merged_model(trainer.accelerator.unwrap_model(trainer.model), model_args, tokenizer, num_labels=1)
+    answers = list({tuple(ids) for row in train_rows for ids in (row["chosen_ids"], row["rejected_ids"])})
+    random.Random(config.seed).shuffle(answers)
+    answers = [list(ids) for ids in answers[: config.centering_samples]]
+    offset = mean_reward(reward_model, answers, tokenizer.pad_token_id, config.per_device_eval_batch_size)
+    reward_model.config.pad_token_id = tokenizer.pad_token_id
+    setattr(reward_model.config, REWARD_OFFSET_KEY, offset)
+    metrics["reward_offset"] = offset
+
+    # Save: the merged reward model, tokenizer, how prompts were rendered, the eval metrics PPO checks
+    if trainer.accelerator.is_main_process:
+        reward_model.save_pretrained(config.output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(config.output_dir)
+        save_stage_info(config.output_dir, "reward_model", config.prompt_format,
+                        eval_accuracy=metrics.get("eval_accuracy"), eval_margin=metrics.get("eval_margin"),
+                        reward_offset=offset, base_model=model_args.model_name_or_path)
+        write_training_report(config.output_dir, "Reward model", trainer.state.log_history, metrics,
+                              plot_keys=["loss", "accuracy", "eval_accuracy", "eval_margin"])
+        print(f"\n=== Reward model ===\neval pairwise accuracy: {metrics.get('eval_accuracy', float('nan')):.3f} "
+              f"(chance 0.5)\neval mean margin (chosen - rejected): {metrics.get('eval_margin', float('nan')):.3f}\n"
+              f"centering offset: {offset:.3f} (the mean reward of {len(answers)} training answers; loaders "
+              f"subtract it)\n"
+              f"Saved to {config.output_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(*parse_config((RewardRecipeConfig, ModelArguments), "reward/smollm2_dpo_demo_lora.yaml"))

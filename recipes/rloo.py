@@ -1,0 +1,98 @@
+"""RLOO (REINFORCE Leave-One-Out) against the learned reward model with TRL's RLOOTrainer: the maintained TRL path
+for RL from a reward model (TRL >= 1.13 has no PPO). Same prompts, rendering, reward model and checks as ppo.py;
+no value model: each prompt's other samples are its baseline.
+
+    # after recipes/reward_model.py (its default output is this recipe's default reward model), CPU, offline
+    accelerate launch recipes/rloo.py
+    # the three-stage path
+    accelerate launch recipes/rloo.py --model_name_or_path outputs/sft-smollm2-alpaca-lora \
+        --reward_model_path outputs/rm-smollm2-sft --output_dir outputs/rloo-smollm2-sft
+
+With LoRA the KL reference is the policy with its adapter disabled. Rerunning the same command resumes.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from trl import RLOOConfig, RLOOTrainer
+
+from common.callbacks import train_with_resume
+from common.config import parse_config
+from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from common.preferences import check_prompt_format, save_stage_info
+from common.reporting import write_training_report
+from common.reward import load_reward_model
+from common.rl import (check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
+                       merged_model, prompt_dataset, reward_model_function, save_json)
+
+
+@dataclass
+class RLOORecipeConfig(RLOOConfig):
+    """TRL's RLOOConfig (num_generations, max_completion_length, beta, temperature, ...) plus prompts and guards."""
+
+    reward_model_path: str = field(default="outputs/rm-smollm2-dpo-demo",
+                                   metadata={"help": "Output dir of recipes/reward_model.py."})
+    dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "Prompt rows (any shape)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca or chat: must match SFT and the RM."})
+    max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are skipped and counted."})
+    max_train_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts for reward/KL before and after."})
+    min_reward_model_accuracy: float = field(default=0.55, metadata={"help": "RM eval accuracy below this is weak."})
+    on_weak_reward_model: str = field(default="error", metadata={"help": "error or warn on a weak reward model."})
+
+
+def main(config: RLOORecipeConfig, model_args: ModelArguments):
+    # Checks: paths, same prompt rendering and tokenizer, a reward model worth optimising
+    check_policy_path(model_args.model_name_or_path)
+    policy_path, reward_path = resolve_model_path(model_args.model_name_or_path), config.reward_model_path
+    check_prompt_format(policy_path, config.prompt_format, "the policy")
+    check_prompt_format(reward_path, config.prompt_format, "the reward model")
+    rm_info = check_reward_model_quality(reward_path, config.min_reward_model_accuracy, config.on_weak_reward_model)
+    tokenizer = load_tokenizer(policy_path, config.trust_remote_code)
+    check_same_tokenizer(tokenizer, load_tokenizer(reward_path), policy_path, reward_path, config.prompt_format)
+
+    # Data: prompt texts rendered as SFT renders them; a few held out for before/after
+    limit = config.max_train_prompts and config.max_train_prompts + config.eval_prompts
+    prompts = prompt_dataset(config.dataset_name, tokenizer, config.prompt_format, config.max_prompt_length, limit,
+                             config.dataset_split, tokenized=False)
+    eval_texts = prompts["prompt"][: config.eval_prompts]
+    train_dataset = prompts.select(range(config.eval_prompts, len(prompts)))
+
+    # Models: policy (SFT) and the frozen, centred reward model, scored on the policy's own token ids
+    policy = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
+    reward_model = load_reward_model(reward_path)
+    trainer = RLOOTrainer(model=policy, reward_funcs=reward_model_function(reward_model, tokenizer,
+                                                                           config.prompt_format),
+                          args=config, train_dataset=train_dataset, processing_class=tokenizer,
+                          peft_config=lora_config(model_args, policy))
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    eval_args = (tokenizer, eval_texts, config.max_completion_length, config.temperature, config.seed)
+    reference = None if model_args.use_peft else load_model(model_args, tokenizer).eval()
+    before = evaluate_policy(policy, reference, reward_model, *eval_args)
+    train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
+    after = evaluate_policy(policy, reference, reward_model, *eval_args)
+    metrics = {f"{key}_before": value for key, value in before.items()}
+    metrics.update({f"{key}_after": value for key, value in after.items()})
+    metrics["steps"], metrics["reward_model_eval_accuracy"] = trainer.state.global_step, rm_info.get("eval_accuracy")
+
+    # Save: the policy merged into one plain model, tokenizer, metrics, report
+    if trainer.accelerator.is_main_process:
+        merged_model(policy, model_args, tokenizer).save_pretrained(config.output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(config.output_dir)
+        save_stage_info(config.output_dir, "rloo", config.prompt_format, reward_model=reward_path,
+                        policy=model_args.model_name_or_path)
+        save_json(os.path.join(config.output_dir, "rloo_results.json"), metrics)
+        write_training_report(config.output_dir, "RLOO", trainer.state.log_history, metrics,
+                              plot_keys=["reward", "kl", "entropy", "completions/mean_length"])
+        print(f"\n=== RLOO ({metrics['steps']} steps) on {len(eval_texts)} held-out prompts ===\n"
+              f"reward (centred): {before['reward']:+.3f} -> {after['reward']:+.3f}\n"
+              f"KL to reference:  {before['kl']:+.3f} -> {after['kl']:+.3f}\n"
+              f"answer length:    {before['length']:.1f} -> {after['length']:.1f} tokens\n"
+              f"Saved to {config.output_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(*parse_config((RLOORecipeConfig, ModelArguments), "rloo/smollm2_alpaca_lora.yaml"))

@@ -1,0 +1,239 @@
+"""One table of bad inputs across the recipes. Each row gets either a clear error of ours (DataError,
+ModelLoadError, ConfigError) whose message names the file, row and field, or a counted and logged skip; never a bare
+library traceback, never a silent drop. The same table is in the README's troubleshooting section.
+
+Most rows call the shared function a recipe calls (fast); a few go through the recipe command line, the way a
+user meets them, and check that the process ends on our error with its message, not on a library's.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+from common.config import ConfigError, parse_config
+from common.data import DataError, read_rows, sft_rows, tokenize_sft
+from common.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_target_modules
+
+ALPACA_ROW = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+PAIR_ROW = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A colour."}
+
+
+def write(tmp_path: Path, name: str, content) -> str:
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        path.write_text(json.dumps(content))
+    return str(path)
+
+
+def sft_file(tmp_path, rows, name="data.json"):
+    path = write(tmp_path, name, rows)
+    return sft_rows(read_rows(path), path)
+
+
+def preference_file(tmp_path, rows, name="prefs.json"):
+    from common.preferences import read_rankings
+
+    path = write(tmp_path, name, rows)
+    return read_rankings(read_rows(path), path)
+
+
+def adapter_dir(tmp_path, base):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "target_modules": ["c_attn"], **({"base_model_name_or_path": base}
+                                                                       if base is not None else {})}))
+    return str(adapter)
+
+
+def config_file(tmp_path, text):
+    return write(tmp_path, "recipe.yaml", "output_dir: " + str(tmp_path / "out") + "\n" + text)
+
+
+def sft_config(args):
+    from sft_lora import SFTRecipeConfig
+
+    return parse_config((SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml", args)
+
+
+def long_sft(tmp_path, models):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models["llama"])
+    examples, _ = sft_file(tmp_path, [ALPACA_ROW, {**ALPACA_ROW, "output": "very long " * 200}])
+    return tokenize_sft(examples, tokenizer, 64, "drop", "data.json")
+
+
+def long_pairs(tmp_path, models):
+    from transformers import AutoTokenizer
+
+    from common.preferences import tokenize_rankings
+
+    tokenizer = AutoTokenizer.from_pretrained(models["llama"])
+    rankings = preference_file(tmp_path, [PAIR_ROW, {**PAIR_ROW, "chosen": "long " * 300}])
+    return tokenize_rankings(rankings, tokenizer, "alpaca", 64, "prefs.json")
+
+
+def lora_targets_missing(tmp_path, models):
+    from transformers import AutoModelForCausalLM
+
+    return lora_target_modules(AutoModelForCausalLM.from_pretrained(models["gpt2"]), ["q_proj", "v_proj"])
+
+
+def rm_tokenizer_differs(tmp_path, models):
+    from common.rl import check_same_tokenizer
+
+    return check_same_tokenizer(load_tokenizer(models["llama"]), load_tokenizer(models["gpt2"]),
+                                models["llama"], models["gpt2"], "chat")
+
+
+def block_size_too_big(tmp_path, models):
+    from transformers import AutoConfig
+
+    import pretrain
+
+    config = parse_config((pretrain.PretrainConfig, ModelArguments), "pretrain/tiny_gpt_wiki.yaml",
+                          ["--block_size", "4096", "--output_dir", str(tmp_path / "out")])[0]
+    return pretrain.check_block_size(config, AutoConfig.from_pretrained(models["gpt2"]), models["gpt2"])
+
+
+# (id, what to call, expected error class or "skip", strings the message or the printed skip count must hold)
+CASES = [
+    # --- data files (every recipe reads them with common.data.read_rows) ---
+    ("malformed-json", lambda t, m: sft_file(t, '[{"instruction": "a", "output": "b"},\n {"instruction": '),
+     DataError, ["data.json", "not valid JSON at line 2"]),
+    ("malformed-jsonl-line", lambda t, m: sft_file(t, json.dumps(ALPACA_ROW) + "\n{oops\n", "data.jsonl"),
+     DataError, ["data.jsonl", "line 2", "not valid JSON"]),
+    ("latin1-encoding", lambda t, m: sft_file(t, '[{"instruction": "caf\xe9", "output": "x"}]'.encode("latin-1")),
+     DataError, ["data.json", "not UTF-8", "byte"]),
+    ("utf16-encoding", lambda t, m: sft_file(t, json.dumps([ALPACA_ROW]).encode("utf-16")),
+     DataError, ["data.json", "not UTF-8"]),
+    ("json-object-not-list", lambda t, m: sft_file(t, {"a": 1, "b": 2}),
+     DataError, ["data.json", "expected a JSON list"]),
+    ("row-not-an-object", lambda t, m: sft_file(t, [ALPACA_ROW, "just text"]),
+     DataError, ["data.json", "row 2", "expected an object"]),
+    ("empty-file", lambda t, m: sft_file(t, "[]"), DataError, ["data.json", "no rows"]),
+    ("unknown-file-type", lambda t, m: read_rows(write(t, "data.txt", "hello")),
+     DataError, ["data.txt", "unknown data file type"]),
+    ("data-file-missing", lambda t, m: read_rows(str(t / "nope.json")), DataError, ["nope.json", "not found"]),
+    # --- SFT rows ---
+    ("sft-misnamed-fields", lambda t, m: sft_file(t, [ALPACA_ROW, {"instuction": "a", "response": "b"}]),
+     DataError, ["data.json: row 2", "instuction", "expected Alpaca"]),
+    ("sft-missing-output", lambda t, m: sft_file(t, [ALPACA_ROW, {"instruction": "a", "input": ""}]),
+     DataError, ["data.json: row 2", "missing field 'output'"]),
+    ("sft-output-not-text", lambda t, m: sft_file(t, [ALPACA_ROW, {"instruction": "a", "output": 5}]),
+     DataError, ["data.json: row 2", "'output'", "must be text"]),
+    ("sft-empty-response", lambda t, m: sft_file(t, [ALPACA_ROW, {"instruction": "a", "output": "  "}]),
+     "skip", ["data.json", "skipped 1 of 2 rows: empty output"]),
+    ("sft-empty-prompt", lambda t, m: sft_file(t, [ALPACA_ROW, {"instruction": "", "output": "b"}]),
+     "skip", ["data.json", "skipped 1 of 2 rows: empty instruction"]),
+    ("chat-roles-out-of-order", lambda t, m: sft_file(t, [{"messages": [
+        {"role": "assistant", "content": "hi"}, {"role": "user", "content": "hello"}]}]),
+     DataError, ["data.json: row 1", "messages[0]", "roles must alternate"]),
+    ("chat-unknown-role", lambda t, m: sft_file(t, [{"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "robot", "value": "hello"}]}]),
+     DataError, ["data.json: row 1", "conversations[1]", "unknown role 'robot'"]),
+    ("chat-no-assistant-turn", lambda t, m: sft_file(t, [ALPACA_ROW, {"messages": [
+        {"role": "user", "content": "hi"}]}]),
+     "skip", ["data.json", "skipped 1 of 2 rows: chat without an assistant turn"]),
+    ("sft-over-long-sample", long_sft, "skip", ["data.json", "1 of 2 examples are longer than max_length=64",
+                                                "dropped"]),
+    # --- preference pairs and rankings (reward model, DPO) ---
+    ("pair-chosen-equals-rejected", lambda t, m: preference_file(t, [PAIR_ROW, {**PAIR_ROW, "rejected": "Blue."}]),
+     DataError, ["prefs.json: row 2", "'chosen' and 'rejected' are the same text"]),
+    ("pair-empty-chosen", lambda t, m: preference_file(t, [{**PAIR_ROW, "chosen": ""}]),
+     DataError, ["prefs.json: row 1", "field 'chosen' is an empty response"]),
+    ("pair-missing-prompt", lambda t, m: preference_file(t, [{"chosen": "a", "rejected": "b"}]),
+     DataError, ["prefs.json: row 1", "missing field 'prompt'"]),
+    ("pair-misnamed-field", lambda t, m: preference_file(t, [{"prompt": "p", "chosen": "a", "rejectd": "b"}]),
+     DataError, ["prefs.json: row 1", "unknown preference row", "rejectd"]),
+    ("ranking-of-one", lambda t, m: preference_file(t, [{"prompt": "p", "responses": ["only one"]}]),
+     DataError, ["prefs.json: row 1", "'responses' must rank at least 2"]),
+    ("ranking-with-ties", lambda t, m: preference_file(t, [{"prompt": "p", "responses": ["a", "b"], "ranks": [1, 1]}]),
+     DataError, ["prefs.json: row 1", "'ranks' has ties"]),
+    ("pair-over-long", long_pairs, "skip", ["prefs.json", "skipped 1 of 2 rows: longer than max_length=64"]),
+    # --- models ---
+    ("unknown-model-id", lambda t, m: load_tokenizer("no-such-org/no-such-model-xyz"),
+     ModelLoadError, ["no-such-org/no-such-model-xyz", "not a local path"]),
+    ("model-path-missing", lambda t, m: load_tokenizer(str(t / "missing-model")),
+     ModelLoadError, ["missing-model", "not found"]),
+    ("adapter-without-its-base", lambda t, m: load_model(
+        ModelArguments(model_name_or_path=adapter_dir(t, str(t / "deleted-base"))), load_tokenizer(m["gpt2"])),
+     ModelLoadError, ["deleted-base", "not found"]),
+    ("adapter-names-no-base", lambda t, m: load_model(
+        ModelArguments(model_name_or_path=adapter_dir(t, None)), load_tokenizer(m["gpt2"])),
+     ModelLoadError, ["adapter_config.json", "base_model_name_or_path"]),
+    ("lora-targets-not-in-model", lora_targets_missing, ModelLoadError, ["['q_proj', 'v_proj']", "do not exist",
+                                                                         "c_attn"]),
+    ("rm-tokenizer-differs", rm_tokenizer_differs, ModelLoadError, ["does not use the policy's tokenizer",
+                                                                    "vocabularies differ"]),
+    ("block-size-beyond-context", block_size_too_big, ConfigError, ["block_size=4096", "1024 positions"]),
+    # --- recipe configs ---
+    ("yaml-unknown-key", lambda t, m: sft_config(["--config", config_file(t, "lerning_rate: 0.1\n")]),
+     ConfigError, ["recipe.yaml", "lerning_rate"]),
+    ("negative-learning-rate", lambda t, m: sft_config(["--config", config_file(t, "learning_rate: -0.001\n")]),
+     ConfigError, ["recipe.yaml", "learning_rate must be positive", "-0.001"]),
+    ("cli-unknown-flag", lambda t, m: sft_config(["--config", config_file(t, ""), "--max_stepz", "3"]),
+     ConfigError, ["max_stepz"]),
+    ("config-file-missing", lambda t, m: sft_config(["--config", str(t / "nope.yaml")]),
+     ConfigError, ["nope.yaml", "not found"]),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_gpt2_dir, tiny_llama_dir):
+    return {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir}
+
+
+@pytest.mark.parametrize("case_id,call,expected,phrases", CASES, ids=[case[0] for case in CASES])
+def test_bad_input(case_id, call, expected, phrases, tiny_models, tmp_path, capsys):
+    if expected == "skip":
+        call(tmp_path, tiny_models)  # goes on with the good rows
+        printed = capsys.readouterr().out
+        for phrase in phrases:
+            assert phrase in printed, f"{case_id}: {phrase!r} not in the skip report:\n{printed}"
+        return
+    with pytest.raises(expected) as error:
+        call(tmp_path, tiny_models)
+    for phrase in phrases:
+        assert phrase in str(error.value), f"{case_id}: {phrase!r} not in: {error.value}"
+
+
+def test_table_covers_the_issue():
+    assert len(CASES) >= 25
+    assert len({case[0] for case in CASES}) == len(CASES)
+
+
+def _recipe_cli(script, *args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "recipes" / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _final_error_line(result) -> str:
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_cli_malformed_jsonl_ends_on_our_error(tmp_path):
+    bad = write(tmp_path, "train.jsonl", json.dumps(ALPACA_ROW) + "\n" + json.dumps(ALPACA_ROW)[:-5] + "\n")
+    result = _recipe_cli("sft_lora.py", "--dataset_name", bad, "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert _final_error_line(result).startswith(f"common.data.DataError: {bad}: line 2: not valid JSON (")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (REPO / "recipes" / "reward_model.py").exists(), reason="reward_model.py not written yet")
+def test_cli_reward_model_chosen_equals_rejected_ends_on_our_error(tmp_path):
+    bad = write(tmp_path, "prefs.json", [PAIR_ROW, {**PAIR_ROW, "rejected": PAIR_ROW["chosen"]}])
+    result = _recipe_cli("reward_model.py", "--dataset_name", bad, "--output_dir", str(tmp_path / "out"),
+                         cwd=tmp_path)
+    last = _final_error_line(result)
+    assert last.startswith("common.data.DataError: ") and f"{bad}: row 2" in last and "same text" in last

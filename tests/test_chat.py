@@ -1,0 +1,76 @@
+"""recipes/chat.py: `--prompt` answers, the interactive chat keeps the conversation, and prompts are written the
+way the model was tuned (the format sft_lora.py saved)."""
+
+import io
+import os
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from chat import ChatArguments, main, saved_prompt_format
+from common.generation import build_prompt, generate, stop_token_ids
+from common.models import ModelArguments, load_for_inference, load_model, load_tokenizer, lora_config
+from common.templates import alpaca_prompt
+from conftest import REPO
+from test_merge_lora import make_adapter, one_thread  # noqa: F401 (one_thread is an autouse fixture)
+
+
+def test_prompt_mode_answers_with_base_plus_adapter(smollm2_dir, tmp_path):
+    """The real SmolLM2-135M-Instruct under a fresh (identity) LoRA adapter: chat template, one answer, exit."""
+    tokenizer = load_tokenizer(smollm2_dir)
+    model = load_model(ModelArguments(model_name_or_path=smollm2_dir, dtype="bfloat16"), tokenizer)
+    get_peft_model(model, lora_config(ModelArguments(use_peft=True, lora_r=4), model)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "chat.py"), "--model_name_or_path", str(tmp_path),
+         "--prompt", "What is the capital of France?", "--max_new_tokens", "12", "--dtype", "bfloat16"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Paris" in result.stdout
+
+
+def test_interactive_chat_keeps_the_conversation(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
+    adapter = make_adapter(tiny_gpt2_dir, tmp_path / "adapter", prompt_format="alpaca")
+    tokenizer, model = load_for_inference(str(adapter))
+    first = generate(model, tokenizer, alpaca_prompt("Name a color."), 6)
+    history = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "Another one."}]
+    second = generate(model, tokenizer, build_prompt(tokenizer, history, "alpaca"), 6)
+    without_history = generate(model, tokenizer, alpaca_prompt("Another one."), 6)
+    assert first.strip() and second != without_history  # so the check below can tell history from none
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a color.\nAnother one.\n/reset\nAnother one.\n/exit\n"))
+    main(ChatArguments(model_name_or_path=str(adapter), max_new_tokens=6))
+    out = capsys.readouterr().out
+    assert "prompt format: alpaca" in out
+    answers = [part.split("\n")[0].strip() for part in out.split("assistant> ")[1:]]
+    assert answers == [first, second, without_history]  # after /reset the history is gone
+
+
+def test_prompt_formats(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    chat_tokenizer, fallback_tokenizer = load_tokenizer(tiny_llama_dir), load_tokenizer(tiny_gpt2_dir)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Name a color."}]
+    assert build_prompt(chat_tokenizer, turns, "chat").endswith("<|im_start|>user\nName a color.<|im_end|>\n"
+                                                                "<|im_start|>assistant\n")
+    assert build_prompt(fallback_tokenizer, turns, "chat").endswith("### User:\nName a color.\n\n### Assistant:\n")
+    assert build_prompt(chat_tokenizer, turns, "alpaca") == (alpaca_prompt("Hi") + "Hello\n\n"
+                                                             + alpaca_prompt("Name a color."))
+    assert build_prompt(chat_tokenizer, turns, "plain") == "Name a color."
+    with pytest.raises(ValueError, match="unknown prompt format"):
+        build_prompt(chat_tokenizer, turns, "llama2")
+
+    assert chat_tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(chat_tokenizer)
+    assert stop_token_ids(fallback_tokenizer) == [fallback_tokenizer.eos_token_id]
+
+    run = tmp_path / "run"
+    (run / "checkpoint-4").mkdir(parents=True)
+    assert saved_prompt_format(str(run)) == "chat"  # nothing saved: the chat template
+    (run / "prompt_format.json").write_text(json.dumps({"prompt_format": "alpaca"}))
+    assert saved_prompt_format(str(run)) == "alpaca"
+    assert saved_prompt_format(str(run / "checkpoint-4")) == "alpaca"  # a checkpoint of that run

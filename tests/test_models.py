@@ -1,0 +1,114 @@
+"""common/models.py: LoRA targets per architecture, clear errors for unknown models, wrong targets and a resume
+from another run's checkpoint, and the distinct pad token."""
+
+import pytest
+import torch
+import transformers
+from peft import get_peft_model
+
+from common.models import (
+    ModelArguments,
+    ModelLoadError,
+    check_checkpoint_matches,
+    load_model,
+    load_tokenizer,
+    lora_config,
+)
+
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, pad_token_id=0)
+# config class, model class, extra config fields, the projections LoRA must wrap
+ARCHITECTURES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=32, n_layer=1, n_head=4),
+             {"c_attn", "c_proj", "c_fc"}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", TINY,
+              {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", TINY,
+              {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**TINY, "head_dim": 8},
+                {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {**TINY, "head_dim": 8},
+             {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}),
+    "glm": ("GlmConfig", "GlmForCausalLM", {**TINY, "head_dim": 8},
+            {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"}),
+}
+
+
+def tiny_model(architecture: str):
+    config_class, model_class, fields, _ = ARCHITECTURES[architecture]
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**fields))
+
+
+def wrapped_modules(peft_model) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_lora_targets_resolve_per_architecture(architecture):
+    model = tiny_model(architecture)
+    assert model.config.model_type == architecture
+    config = lora_config(ModelArguments(use_peft=True, lora_r=4), model)
+    assert wrapped_modules(get_peft_model(model, config)) == ARCHITECTURES[architecture][3]
+
+
+def test_all_linear_and_user_targets():
+    config = lora_config(ModelArguments(use_peft=True, lora_target_modules=["all-linear"]), tiny_model("llama"))
+    assert config.target_modules == "all-linear"
+    config = lora_config(ModelArguments(use_peft=True, lora_target_modules=["q_proj", "v_proj"]), tiny_model("qwen2"))
+    assert set(config.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_absent_lora_targets_name_the_real_layers():
+    # LLaMA names on GPT-2, the most common mix-up
+    with pytest.raises(ModelLoadError, match=r"\['q_proj', 'v_proj'\] do not exist in this gpt2 model.*c_attn"):
+        lora_config(ModelArguments(use_peft=True, lora_target_modules=["q_proj", "v_proj"]), tiny_model("gpt2"))
+
+
+def test_full_fine_tuning_has_no_lora_and_quantized_full_tuning_is_refused():
+    assert lora_config(ModelArguments(use_peft=False), tiny_model("llama")) is None
+    with pytest.raises(ModelLoadError, match="cannot be fully fine-tuned"):
+        lora_config(ModelArguments(use_peft=False, load_in_4bit=True), tiny_model("llama"))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("/no/such/model/dir", "model path not found: /no/such/model/dir"),
+    ("./missing-model.gguf", "model file not found"),
+    ("no-such-org/no-such-model-xyz", "could not load tokenizer 'no-such-org/no-such-model-xyz'"),
+])
+def test_unknown_model_names_give_clear_errors(name, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_tokenizer(name)
+
+
+def test_directory_without_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="holds no model"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_pad_token_is_distinct_from_eos(tiny_gpt2_dir, tiny_llama_dir):
+    for path in (tiny_gpt2_dir, tiny_llama_dir):
+        tokenizer = load_tokenizer(path)
+        assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+        model = load_model(ModelArguments(model_name_or_path=path), tokenizer)
+        assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+        assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_resuming_from_another_runs_checkpoint_is_refused(tmp_path):
+    llama_run = get_peft_model(tiny_model("llama"), lora_config(ModelArguments(use_peft=True, lora_r=4),
+                                                                tiny_model("llama")))
+    llama_run.save_pretrained(tmp_path / "lora" / "checkpoint-2")
+    check_checkpoint_matches(tmp_path / "lora" / "checkpoint-2", llama_run)  # the same run resumes
+
+    gpt2 = tiny_model("gpt2")
+    gpt2_run = get_peft_model(gpt2, lora_config(ModelArguments(use_peft=True, lora_r=4), gpt2))
+    with pytest.raises(ModelLoadError, match="cannot resume from .*checkpoint-2: it was written by a different run"):
+        check_checkpoint_matches(tmp_path / "lora" / "checkpoint-2", gpt2_run)
+    with pytest.raises(ModelLoadError, match="different run"):
+        check_checkpoint_matches(tmp_path / "lora" / "checkpoint-2", tiny_model("llama"))  # full run, LoRA ckpt
+
+    tiny_model("llama").save_pretrained(tmp_path / "full" / "checkpoint-2")
+    check_checkpoint_matches(tmp_path / "full" / "checkpoint-2", tiny_model("llama"))
+    with pytest.raises(ModelLoadError, match="different run.*gpt2"):
+        check_checkpoint_matches(tmp_path / "full" / "checkpoint-2", tiny_model("gpt2"))

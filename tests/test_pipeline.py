@@ -1,0 +1,86 @@
+"""recipes/pipeline.py on tiny models, the way a user runs it: every stage through `accelerate launch`, each
+output feeding the next, the report with its plots, a reward model that learns a preference whose answer is
+known, and a rerun that skips the finished stages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+MARKER = "Certainly"
+
+
+def marker_preferences(path: Path, rows: int = 48) -> None:
+    """Pairs whose chosen answer opens with a marker word and whose rejected answer does not: an RM can learn it."""
+    topics = ["rivers", "bread", "stars", "trains", "music", "tea", "snow", "bees", "maps", "clocks", "glass", "salt"]
+    data = [{"prompt": f"Tell me one fact about {topics[i % len(topics)]} number {i}.",
+             "chosen": f"{MARKER}! Here is a fact about {topics[i % len(topics)]}.",
+             "rejected": f"No. I will not talk about {topics[i % len(topics)]}."} for i in range(rows)]
+    path.write_text(json.dumps(data))
+
+
+def pipeline_config(tmp_path: Path, base_model: str, stages: list[str]) -> Path:
+    marker_preferences(tmp_path / "prefs.json")
+    quick = {"report_to": "none", "bf16": False, "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no"}
+    config = {
+        "output_dir": str(tmp_path / "run"),
+        "base_model": base_model,
+        "stages": stages,
+        "sft": {**quick, "use_peft": False, "learning_rate": 1.0e-3, "max_steps": 2, "max_train_samples": 16, "eval_split_size": 4, "max_length": 256,
+                "per_device_train_batch_size": 4, "sample_max_new_tokens": 4},
+        "reward_model": {**quick, "dataset_name": str(tmp_path / "prefs.json"), "eval_split_size": 8,
+                         "use_peft": False, "learning_rate": 3.0e-3, "max_steps": 12, "per_device_train_batch_size": 8,
+                         "centering_samples": 8, "warmup_steps": 0},
+        "ppo": {**quick, "total_episodes": 8, "per_device_train_batch_size": 4, "local_rollout_forward_batch_size": 4,
+                "response_length": 6, "num_ppo_epochs": 1, "eval_prompts": 2, "max_train_prompts": 8,
+                "sample_every": 0, "max_prompt_length": 128},
+        "evaluate": {"num_prompts": 4, "max_new_tokens": 6, "batch_size": 4},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_pipeline(config: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "recipes" / "pipeline.py"), "--config", str(config)],
+                            cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, f"pipeline failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, tiny_llama_dir):
+    stages = ["sft", "reward_model", "ppo", "evaluate"]
+    config = pipeline_config(tmp_path, tiny_llama_dir, stages)
+    first = run_pipeline(config)
+    out = tmp_path / "run"
+    for stage in stages:
+        marker = json.loads((out / stage / "STAGE_DONE.json").read_text())
+        assert marker["stage"] == stage and (out / "logs" / f"{stage}.log").is_file()
+        assert f"=== {stage} ===" in first.stdout
+    # outputs fed forward by path: the RM started from the SFT output, the evaluation compared base and SFT
+    results = json.loads((out / "evaluate" / "eval_results.json").read_text())
+    assert results["models"]["base"]["path"] == tiny_llama_dir
+    assert results["models"]["sft"]["path"] == str(out / "sft")
+    assert results["models"]["ppo"]["path"] == str(out / "ppo")
+    assert set(results["win_rates"]) == {"sft vs base", "ppo vs base", "ppo vs sft"}
+    # the reward model learnt the marker preference: its held-out accuracy is the known answer, 100%
+    assert results["reward_model_accuracy"]["accuracy"] == pytest.approx(1.0)
+    assert results["reward_model_accuracy"]["pairs"] == 8
+    report = (out / "report.md").read_text()
+    for picture in ("stage_comparison.png", "win_rates.png"):
+        assert (out / picture).stat().st_size > 10_000 and f"({picture})" in report
+    assert "ppo vs sft" in report and (out / "evaluate" / "samples.md").is_file()
+    assert "(ppo/rl_curves.png)" in report or "(ppo/training_curves.png)" in report
+
+    second = run_pipeline(config)
+    for stage in stages:
+        assert f"{stage}: finished earlier" in second.stdout
+        assert f"=== {stage} ===" not in second.stdout
+    assert "skipped (finished earlier)" in (out / "report.md").read_text()

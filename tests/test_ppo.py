@@ -1,0 +1,114 @@
+"""recipes/ppo.py: a few PPO updates (with PPO-ptx) through `accelerate launch`, resume by rerunning the same
+command, and the inputs PPO must refuse before any training."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.config import ConfigError, parse_config
+from common.models import ModelArguments, ModelLoadError
+from common.preferences import save_stage_info
+from conftest import run_recipe
+
+
+def make_reward_model(policy_dir: str, out: Path) -> str:
+    """An untrained scalar-head model on the policy's tokenizer: enough to exercise PPO's mechanics."""
+    from transformers import AutoModelForSequenceClassification
+
+    from common.models import ensure_pad_token, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(policy_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    ensure_pad_token(tokenizer, model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory, tiny_llama_dir):
+    return make_reward_model(tiny_llama_dir, tmp_path_factory.mktemp("ppo") / "rm")
+
+
+def ppo_args(policy, reward, out, episodes):
+    return ["--model_name_or_path", policy, "--reward_model_path", reward, "--output_dir", out,
+            "--max_train_prompts", "12", "--eval_prompts", "2", "--total_episodes", str(episodes),
+            "--response_length", "6", "--num_ppo_epochs", "1", "--learning_rate", "1e-3", "--ptx_coef", "0.5",
+            "--on_weak_reward_model", "warn", "--save_steps", "1", "--sample_every", "2", "--bf16", "false",
+            "--report_to", "none"]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory, tiny_llama_dir, reward_dir):
+    out = tmp_path_factory.mktemp("ppo") / "out"
+    first = run_recipe("ppo.py", *ppo_args(tiny_llama_dir, reward_dir, out, 8))
+    first_history = json.loads((out / "log_history.json").read_text())
+    resumed = run_recipe("ppo.py", *ppo_args(tiny_llama_dir, reward_dir, out, 12))  # same command, more episodes
+    return {"out": out, "first": first.stdout, "first_history": first_history, "resumed": resumed.stdout}
+
+
+def test_ppo_updates_policy_not_reference_and_logs(ppo_run, tiny_llama_dir):
+    out = ppo_run["out"]
+    assert "records no eval accuracy" in ppo_run["first"]  # the weak/unknown-RM guard, in warn mode
+    updates = [entry for entry in ppo_run["first_history"] if "objective/kl" in entry]
+    assert len(updates) == 2
+    for key in ("objective/scores", "objective/kl", "objective/entropy", "loss/value_avg", "policy/clipfrac_avg",
+                "response_length", "time/generation_s", "time/training_s", "ptx/loss"):
+        assert all(key in entry for entry in updates), key
+    assert all(entry["objective/entropy"] > 0 and entry["ptx/loss"] > 0 for entry in updates)
+    results = json.loads((out / "ppo_results.json").read_text())
+    assert results["reference_max_logit_change"] == 0.0  # the adapter-disabled reference is the SFT policy
+    initial = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
+    final = load_file(str(out / "model.safetensors"))
+    changed = [name for name, value in initial.items() if not torch.equal(value, final[name])]
+    assert any("proj" in name for name in changed)  # LoRA updates merged into the policy's projections
+    assert "[sample @ update 2]" in ppo_run["first"]
+    assert json.loads((out / "stage_info.json").read_text())["prompt_format"] == "alpaca"
+
+
+def test_rerunning_the_same_command_resumes(ppo_run):
+    out = ppo_run["out"]
+    assert "Resuming from" in ppo_run["resumed"] and "checkpoint-2" in ppo_run["resumed"]
+    history = [entry for entry in json.loads((out / "log_history.json").read_text()) if "objective/kl" in entry]
+    assert [entry["step"] for entry in history] == [1, 2, 3]  # updates 1-2 kept, only update 3 run again
+    assert history[:2] == [e for e in ppo_run["first_history"] if "objective/kl" in e]
+    assert json.loads((out / "ppo_results.json").read_text())["updates"] == 3
+    assert (out / "checkpoint-3" / "value_model.safetensors").is_file()
+
+
+def run_ppo_main(*args):
+    import ppo
+
+    ppo.main(*parse_config((ppo.PPORecipeConfig, ModelArguments), "ppo/smollm2_alpaca_lora.yaml", list(args)))
+
+
+def test_refuses_reward_model_with_another_tokenizer(tmp_path, tiny_llama_dir, tiny_gpt2_dir):
+    reward = make_reward_model(tiny_gpt2_dir, tmp_path / "gpt2-rm")
+    with pytest.raises(ModelLoadError, match="does not use the policy's tokenizer.*vocabularies differ"):
+        run_ppo_main("--model_name_or_path", tiny_llama_dir, "--reward_model_path", reward,
+                     "--on_weak_reward_model", "warn", "--output_dir", str(tmp_path / "out"))
+
+
+def test_refuses_near_chance_reward_model_and_other_prompt_format(tmp_path, tiny_llama_dir):
+    reward = make_reward_model(tiny_llama_dir, tmp_path / "rm")
+    save_stage_info(reward, "reward_model", "alpaca", eval_accuracy=0.51)
+    with pytest.raises(ConfigError, match="accuracy 0.510, below min_reward_model_accuracy=0.55"):
+        run_ppo_main("--model_name_or_path", tiny_llama_dir, "--reward_model_path", reward,
+                     "--output_dir", str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="trained on prompts in the 'alpaca' format.*prompt_format: alpaca"):
+        run_ppo_main("--model_name_or_path", tiny_llama_dir, "--reward_model_path", reward,
+                     "--prompt_format", "chat", "--output_dir", str(tmp_path / "out"))
+
+
+def test_refuses_adapter_without_its_base(tmp_path, reward_dir):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/nowhere/base-model",
+                                                             "peft_type": "LORA"}))
+    with pytest.raises(ModelLoadError, match="is a LoRA adapter whose base model '/nowhere/base-model' cannot be"):
+        run_ppo_main("--model_name_or_path", str(adapter), "--reward_model_path", reward_dir,
+                     "--on_weak_reward_model", "warn", "--output_dir", str(tmp_path / "out"))
