@@ -2,9 +2,11 @@
 LoRA rank, max length, batch and number of real (non-padding) tokens.
 
     export RECIPES_CACHE=/tmp/rcache
-    python benchmarks/sft_throughput.py                                  # every configuration, interleaved, 2 rounds
-    python benchmarks/sft_throughput.py --tokens 24000 --rounds 3        # longer and more repeats
-    python benchmarks/sft_throughput.py --configs recipe --tokens 4000 --rounds 1          # a quick look
+    python benchmarks/sft_throughput.py                      # stock TRL, TRL packing+bf16, recipe; interleaved, 2 rounds
+    python benchmarks/sft_throughput.py --configs trl_defaults trl_packing_bf16 trl_packing_bf16_nogc recipe \
+        --tokens 16384 --rounds 3                            # all four, longer, more repeats
+    python benchmarks/sft_throughput.py --configs recipe --rounds 1 --no_base_eval --profile_step 2   # op profile
+    python benchmarks/sft_throughput.py --summarise benchmarks/sft_throughput.json   # table of a saved run
     python benchmarks/sft_throughput.py --configs recipe --rows 52002 --epoch --rounds 1   # GPU: one Alpaca-52K epoch
 
 Configurations (LoRA r=16, alpha 32, dropout 0.05 on every attention and MLP projection, batch 4, max length 512):
@@ -12,20 +14,19 @@ Configurations (LoRA r=16, alpha 32, dropout 0.05 on every attention and MLP pro
                     peft_config=LoraConfig(...)) as TRL's docs show; only the shared settings above are set (and
                     use_cpu on a CPU, without which TRL's default bf16=True refuses to start)
   trl_packing_bf16  the same with packing=True (bfd, padding-free) and bf16=True
-  trl_packing_bf16_nogc  the same plus gradient_checkpointing=False (TRL defaults it to True)
+  trl_packing_bf16_nogc  the same plus gradient_checkpointing=False (TRL defaults it to True); not in the default set
   recipe            recipes/sft_lora.py's own main() with its default YAML; only max_steps (from the token
                     budget), output_dir, and no mid-run eval/save/report are overridden
 
 Each configuration runs in its own process (so peak RSS is its own), the configurations interleaved and repeated in
 rotated order, because the machine may be shared. Every process trains until it has seen about --tokens real tokens;
-its throughput is real tokens over wall time of all steps but the first two. The eval loss is the same for all: the
-mean NLL of the response tokens of the recipe's 40 held-out Alpaca examples, computed in fp32 after training.
+its throughput is real tokens over the wall time of all steps but the first. The eval loss is the same for all: the
+mean NLL of the response tokens of the recipe's 40 held-out Alpaca examples after training (heldout_loss()).
 MFU is model FLOPs per second over the best bf16 matmul throughput measured in this run (see model_flops()).
 """
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -46,7 +47,9 @@ DATA = "data/alpaca_en_demo.json"
 EVAL_ROWS, SEED, BATCH, MAX_LENGTH = 40, 42, 4, 512
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
 CONFIGS = ["trl_defaults", "trl_packing_bf16", "trl_packing_bf16_nogc", "recipe"]
-TIMING_WARMUP_STEPS = 2
+DEFAULT_CONFIGS = ["trl_defaults", "trl_packing_bf16", "recipe"]
+PROFILE_STEP = None  # --profile_step: the step whose ops are profiled (recorded in the results)
+TIMING_WARMUP_STEPS = 1  # the first step builds oneDNN kernels, caches and the dataloader
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
@@ -106,9 +109,18 @@ def make_bench_trainer(token_budget: int, epochs: bool):
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.marks = []
+            self.marks, self.profiler, self.profile = [], None, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if PROFILE_STEP is not None and state.global_step == PROFILE_STEP:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                self.profile = op_time_shares(self.profiler)
+                self.profiler = None
             self.marks.append((time.perf_counter(), time.process_time()))
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -138,12 +150,24 @@ def make_bench_trainer(token_budget: int, epochs: bool):
                 self.args.num_train_epochs = 1
             else:
                 self.args.max_steps = max(TIMING_WARMUP_STEPS + 2,
-                                          math.ceil(token_budget / (per_step * sum(lengths) / len(lengths))))
+                                          round(token_budget / (per_step * sum(lengths) / len(lengths))))
             self.timer = StepTimer()
             self.add_callback(self.timer)
             torch.manual_seed(self.args.seed)
 
     return BenchTrainer
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention")
+
+
+def op_time_shares(profiler) -> dict:
+    """Self CPU time of one profiled step: total, the share in matmul kernels (GEMMs and SDPA), the top ops."""
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMUL_OPS))
+    return dict(self_cpu_seconds=total / 1e6, matmul_share=matmul / total,
+                top_ops=[(e.key, round(e.self_cpu_time_total / total, 4), e.count) for e in events[:15]])
 
 
 def eval_examples_and_train():
@@ -154,7 +178,8 @@ def eval_examples_and_train():
 
 
 def heldout_loss(model, tokenizer, examples, batch_size: int = 4) -> float:
-    """Mean NLL of the response tokens (and EOS) of `examples`, fp32, no packing: the same yardstick for every run."""
+    """Mean NLL of the response tokens (and EOS) of `examples`, no packing, fp32 weights under bf16 autocast (fp32
+    logits for the loss): the same yardstick for every run, at a third of the cost of fp32 on a shared CPU."""
     import torch
     import torch.nn.functional as F
 
@@ -164,7 +189,7 @@ def heldout_loss(model, tokenizer, examples, batch_size: int = 4) -> float:
     items = [tokenize_example(example, tokenizer) for example in examples]
     items = [{k: v[:MAX_LENGTH] for k, v in item.items()} for item in items]
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16):
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             width = max(len(item["input_ids"]) for item in chunk)
@@ -254,6 +279,8 @@ def worker(name: str, token_budget: int, epochs: bool, rows: int | None) -> dict
     )
     if torch.cuda.is_available():
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if trainer.timer.profile:
+        result["profile"] = trainer.timer.profile
     return result
 
 
@@ -320,6 +347,8 @@ def spawn(task: str, args, result_file: Path) -> dict:
         command.append("--epoch")
     if args.rows:
         command += ["--rows", str(args.rows)]
+    if args.profile_step is not None:
+        command += ["--profile_step", str(args.profile_step)]
     log = result_file.with_suffix(".log")
     started = time.time()
     with open(log, "w") as handle:
@@ -331,9 +360,9 @@ def spawn(task: str, args, result_file: Path) -> dict:
     return result
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], form: str = ".4g") -> str:
     mean = sum(values) / len(values)
-    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} [{min(values):.4g}-{max(values):.4g}]"
+    return f"{mean:{form}}" if len(values) == 1 else f"{mean:{form}} [{min(values):{form}}-{max(values):{form}}]"
 
 
 def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
@@ -354,11 +383,17 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
         tps = [r["tokens_per_s"] for r in runs]
         means[name] = sum(tps) / len(tps)
         lines.append(
-            f"| {name} | {spread(tps)} | {spread([100 * r['model_flops_per_s'] / bf16_peak for r in runs])}% "
-            f"| {spread([r['eval_loss'] for r in runs])} | {spread([r['real_tokens_total'] for r in runs])} "
-            f"| {spread([r['steps'] for r in runs])} | {spread([r['peak_rss_gb'] for r in runs])} "
-            f"| {spread([r['cpu_cores_used'] for r in runs])} |")
+            f"| {name} | {spread(tps, '.1f')} | {spread([100 * r['model_flops_per_s'] / bf16_peak for r in runs], '.2f')}% "
+            f"| {spread([r['eval_loss'] for r in runs], '.4f')} | {spread([r['real_tokens_total'] for r in runs])} "
+            f"| {spread([r['steps'] for r in runs])} | {spread([r['peak_rss_gb'] for r in runs], '.2f')} "
+            f"| {spread([r['cpu_cores_used'] for r in runs], '.2f')} |")
     lines.append("")
+    for result in results:
+        if "profile" in result:
+            profile = result["profile"]
+            lines.append(f"{result['config']}: one profiled step, {profile['self_cpu_seconds']:.1f} CPU-s, "
+                         f"{100 * profile['matmul_share']:.0f}% in matmul kernels (GEMM, SDPA); top ops: "
+                         + ", ".join(f"{name} {100 * share:.0f}%" for name, share, _ in profile["top_ops"][:8]))
     if "recipe" in means:
         for name in means:
             if name != "recipe":
@@ -369,30 +404,43 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
 
 
 def main():
-    global MODEL
+    global MODEL, PROFILE_STEP
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=CONFIGS)
     parser.add_argument("--model", default=MODEL, help="model name, directory or offline alias (all configs)")
-    parser.add_argument("--tokens", type=int, default=16000, help="real tokens each configuration trains on")
+    parser.add_argument("--tokens", type=int, default=6144, help="real tokens each configuration trains on")
     parser.add_argument("--rounds", type=int, default=2, help="repeats; each round runs every config, order rotated")
     parser.add_argument("--rows", type=int, help="repeat the training rows to this many (52002: an Alpaca-52K set)")
     parser.add_argument("--epoch", action="store_true", help="train one epoch instead of --tokens")
     parser.add_argument("--no_base_eval", action="store_true", help="skip the untrained model's held-out loss")
     parser.add_argument("--json", default="benchmarks/sft_throughput.json", help="where all raw results go")
+    parser.add_argument("--profile_step", type=int, help="profile this step's ops (0-based) and print the shares")
+    parser.add_argument("--summarise", metavar="JSON", help="print the table of a saved (or interrupted) run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        MODEL = args.model
+        MODEL, PROFILE_STEP = args.model, args.profile_step
         result = {"matmul_peak": matmul_peak, "base_model": base_eval}.get(args.worker)
         result = result() if result else worker(args.worker, args.tokens, args.epoch, args.rows)
         Path(args.result).write_text(json.dumps(result))
         return
 
+    if args.summarise:
+        saved = json.loads(Path(args.summarise).read_text())
+        print(f"{saved['date']} | {saved['machine']} | {saved['versions']}\ncommand: python {' '.join(saved['command'])}")
+        print(summarise(saved["runs"], saved["matmul_peaks"], saved["base"]))
+        return
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {machine()} | {versions()}")
     print("command: python " + " ".join(sys.argv), flush=True)
     results, peaks, base = [], [], None
+
+    def save():  # after every run, so that an interrupted benchmark keeps what it measured
+        Path(args.json).write_text(json.dumps(dict(machine=machine(), versions=versions(), command=sys.argv,
+                                                   date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), matmul_peaks=peaks,
+                                                   base=base, runs=results), indent=1))
+
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
         if not args.no_base_eval:
             base = spawn("base_model", args, Path(tmp) / "base.json")
@@ -405,10 +453,9 @@ def main():
                 print(f"    {results[-1]['tokens_per_s']:.1f} real tok/s, eval loss {results[-1]['eval_loss']:.4f}, "
                       f"{results[-1]['real_tokens_total']} real tokens, peak RSS {results[-1]['peak_rss_gb']:.2f} GB",
                       flush=True)
+                save()
         peaks.append(spawn("matmul_peak", args, Path(tmp) / "peak_end.json"))
-    Path(args.json).write_text(json.dumps(dict(machine=machine(), versions=versions(), command=sys.argv,
-                                               date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), matmul_peaks=peaks,
-                                               base=base, runs=results), indent=1))
+    save()
     print("\n" + summarise(results, peaks, base))
 
 

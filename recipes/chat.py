@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TextStreamer
+from transformers import TextStreamer
 
+from common.config import run
 from common.generation import PROMPT_FORMATS, build_prompt, generate
 from common.models import load_adapter, load_for_inference
 
@@ -89,4 +90,4 @@ def main(args: ChatArguments):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(ChatArguments).parse_args_into_dataclasses()[0])
+    run(main, (ChatArguments,))

@@ -12,14 +12,13 @@ disabled. Output: the policy merged into one model, tokenizer, eval_results.json
 implicit reward prefers the chosen answer on held-out pairs). Rerunning the same command resumes.
 """
 
-import logging
 from dataclasses import dataclass, field
 
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from common.callbacks import train_with_resume
-from common.config import parse_config
+from common.config import run
 from common.data import read_rows, split_train_eval
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
 from common.preferences import check_prompt_format, dpo_rows, read_rankings, save_stage_info
@@ -35,7 +34,7 @@ class DPORecipeConfig(DPOConfig):
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     eval_split_size: float = field(default=0.1, metadata={"help": "Held-out fraction (<1) or prompt count."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training prompts."})
-    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca or chat: as the SFT model was trained."})
+    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca, chat or plain, as in SFT."})
 
 
 def main(config: DPORecipeConfig, model_args: ModelArguments):
@@ -80,5 +79,4 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse_config((DPORecipeConfig, ModelArguments), "dpo/smollm2_dpo_demo_lora.yaml"))
+    run(main, (DPORecipeConfig, ModelArguments), "dpo/smollm2_dpo_demo_lora.yaml")

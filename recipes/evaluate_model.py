@@ -21,7 +21,6 @@ report.md and PNGs to output_dir.
 
 import gc
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -29,7 +28,7 @@ from itertools import combinations
 import evaluate
 import torch
 
-from common.config import ConfigError, parse_config
+from common.config import ConfigError, run
 from common.data import prompt_of, read_rows, sft_rows, split_train_eval, tokenize_example
 from common.generation import stop_token_ids
 from common.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores, sample_answers,
@@ -83,7 +82,8 @@ def parse_models(specs: list[str]) -> dict[str, str]:
     return models
 
 
-def evaluate_policy(name: str, path: str, index: int, config, eval_examples, prompts_of, device) -> dict:
+def evaluate_policy(name: str, path: str, index: int, config, eval_examples, prompts_of,
+                    device) -> tuple[dict, list]:
     """Perplexity, sampled answers and their diversity for one model."""
     tokenizer, model = load_for_inference(path, dtype=getattr(torch, config.dtype))
     model.to(device)
@@ -140,7 +140,7 @@ def main(config: EvaluationConfig):
         if config.preference_dataset:
             rankings = read_rankings(read_rows(config.preference_dataset), config.preference_dataset)
             _, held_out = split_train_eval(rankings, config.preference_eval_split_size, config.seed)
-            pairs, _ = tokenize_rankings(held_out, rm_tokenizer, prompt_format, config.max_length,
+            pairs, _ = tokenize_rankings(held_out, rm_tokenizer, prompt_format, None,  # no length cut: any pair
                                          config.preference_dataset + " (held-out)")
             chosen = reward_scores(reward_model, [p["chosen_ids"] for p in pairs], rm_tokenizer.pad_token_id,
                                    config.batch_size)
@@ -197,5 +197,4 @@ def write_samples_markdown(path, models, answers, prompt_examples, answered):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse_config((EvaluationConfig,), "evaluate/smollm2_base.yaml"))
+    run(main, (EvaluationConfig,), "evaluate/smollm2_base.yaml")

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
 
+from common.config import run
 from common.models import ModelLoadError, adapter_base, load_for_inference
 
 
@@ -48,4 +48,4 @@ def main(args: MergeArguments) -> str:
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(MergeArguments).parse_args_into_dataclasses()[0])
+    run(main, (MergeArguments,))

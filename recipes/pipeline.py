@@ -21,7 +21,6 @@ stage in output_dir/logs.
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import RECIPES_DIR, ConfigError, parse_config
+from common.config import RECIPES_DIR, ConfigError, run
 from common.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
 
 DONE, STARTED = "STAGE_DONE.json", "STAGE_STARTED.json"
@@ -168,7 +167,12 @@ def main(config: PipelineConfig):
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / STARTED).write_text(json.dumps({"fingerprint": fingerprint}))
         started = time.time()
-        run_stage(stage, command, Path(config.output_dir) / "logs" / f"{stage}.log")
+        try:
+            run_stage(stage, command, Path(config.output_dir) / "logs" / f"{stage}.log")
+        except SystemExit:
+            write_pipeline_report(config, summary + [{"stage": stage, "status": "failed, see logs/",
+                                                      "seconds": time.time() - started}])
+            raise
         marker = {"stage": stage, "fingerprint": fingerprint, "command": command, "seconds": time.time() - started,
                   "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         (stage_dir / DONE).write_text(json.dumps(marker, indent=1))
@@ -188,7 +192,8 @@ def write_pipeline_report(config: PipelineConfig, summary: list[dict]) -> str:
         link = f"[{row['stage']}/]({report})" if (out / report).is_file() else f"{row['stage']}/"
         lines.append(f"| {row['stage']} | {row['status']} | {row['seconds'] / 60:.1f} | {link} |")
     for stage in [s for s in config.stages if s != "evaluate"]:
-        curves = next((name for name in ("rl_curves.png", "training_curves.png") if (out / stage / name).is_file()), None)
+        curves = next((name for name in ("rl_curves.png", "training_curves.png") if (out / stage / name).is_file()),
+                      None)
         if curves:
             lines += ["", f"## {stage}: training curves", "", f"![{stage}]({stage}/{curves})"]
     results_file = out / "evaluate" / "eval_results.json"
@@ -198,7 +203,8 @@ def write_pipeline_report(config: PipelineConfig, summary: list[dict]) -> str:
         if plot_model_comparison(results["models"], str(out / "stage_comparison.png"),
                                  "Per stage: held-out perplexity, reward-model score, diversity"):
             lines += ["", "![stage comparison](stage_comparison.png)"]
-        if plot_win_rates(results.get("win_rates", {}), str(out / "win_rates.png"), "Win-rate judged by the reward model"):
+        if plot_win_rates(results.get("win_rates", {}), str(out / "win_rates.png"),
+                          "Win-rate judged by the reward model"):
             lines += ["", "![win-rates](win_rates.png)"]
         lines += ["", "Samples side by side: [evaluate/samples.md](evaluate/samples.md)."]
     path = out / "report.md"
@@ -207,5 +213,4 @@ def write_pipeline_report(config: PipelineConfig, summary: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse_config((PipelineConfig,), "pipeline/smollm2_demo.yaml"))
+    run(main, (PipelineConfig,), "pipeline/smollm2_demo.yaml")

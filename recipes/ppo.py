@@ -17,7 +17,6 @@ like SFT (prompt_format) and the reward model must use the policy's tokenizer. R
 resumes from the newest complete checkpoint (policy, value model, optimizer, scheduler, RNG, update count).
 """
 
-import logging
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,10 +25,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 from trl.experimental.ppo import PPOConfig
 
-from common.config import parse_config
+from common.callbacks import explain_save_errors, guard_trainer, last_complete_checkpoint
+from common.config import run
 from common.data import read_rows, sft_rows, tokenize_sft
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from common.ppo_trainer import RecipePPOTrainer, last_complete_checkpoint
+from common.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer
 from common.preferences import check_prompt_format, save_stage_info
 from common.reporting import write_training_report
 from common.reward import load_reward_model
@@ -44,7 +44,7 @@ class PPORecipeConfig(PPOConfig):
 
     dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "Prompt rows (any shape)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca or chat: must match SFT and the RM."})
+    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca, chat or plain: as SFT and the RM."})
     max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are skipped and counted."})
     max_train_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts for reward/KL before and after."})
@@ -101,11 +101,13 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     policy, reference = trainer.policy, trainer.ref_model  # reference None: the policy with its adapter disabled
     eval_args = (tokenizer, eval_texts, config.response_length, config.temperature, config.seed)
     before = evaluate_policy(policy, reference, reward_model, *eval_args)
-    checkpoint = last_complete_checkpoint(config.output_dir)
+    checkpoint = last_complete_checkpoint(config.output_dir, extra_files=(VALUE_WEIGHTS, "ppo_state.json"))
     if checkpoint:
         print(f"Resuming from {checkpoint}", flush=True)
         trainer.resume_from(checkpoint)
-    trainer.train()
+    guard_trainer(trainer)  # NaN/inf and disk guards
+    with explain_save_errors(config.output_dir):
+        trainer.train()
     after = evaluate_policy(policy, reference, reward_model, *eval_args)
 
     # The reference must still be the SFT policy: same logits on a probe prompt as before training
@@ -137,5 +139,4 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse_config((PPORecipeConfig, ModelArguments), "ppo/smollm2_alpaca_lora.yaml"))
+    run(main, (PPORecipeConfig, ModelArguments), "ppo/smollm2_alpaca_lora.yaml")

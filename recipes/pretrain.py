@@ -17,7 +17,6 @@ eval_documents documents are held out; eval perplexity is logged during training
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
 
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -29,16 +28,17 @@ from transformers import (AutoConfig, AutoModelForCausalLM, DataCollatorForLangu
                           TrainingArguments)
 
 from common.callbacks import train_with_resume
-from common.config import ConfigError, parse_config
+from common.config import ConfigError, run
 from common.generation import generate
-from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from common.models import (ModelArguments, check_context_length, load_model, load_tokenizer, lora_config,
+                           resolve_model_path)
 from common.reporting import write_training_report
 from common.text_data import block_dataset, load_documents, split_documents
 from common.tokenizer_training import check_vocab_size, train_bpe_tokenizer
 
 # GPT-2 architecture sizes for a fresh model; the vocabulary comes from the tokenizer.
 MODEL_PRESETS = {
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),  # ~1.4M parameters: CPU demos and tests
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, n_positions=512),  # ~1.4M parameters: CPU demos and tests
     "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),  # GPT-2 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),  # GPT-2 355M
 }
@@ -58,7 +58,7 @@ class PretrainConfig(TrainingArguments):
     streaming: bool = field(default=False, metadata={
         "help": "Stream the corpus (memory does not grow with it); needs max_steps."})
     eval_documents: int = field(default=2, metadata={"help": "Hold out the first N documents for perplexity."})
-    block_size: int = field(default=256, metadata={"help": "Tokens per training block."})
+    block_size: int = field(default=512, metadata={"help": "Tokens per training block."})
     tokenizer_name: str | None = field(default=None, metadata={
         "help": "Reuse this tokenizer (name or path) for a fresh model; unset: train a byte-level BPE."})
     vocab_size: int = field(default=4096, metadata={"help": "Vocabulary size of the trained BPE."})
@@ -81,10 +81,6 @@ class PerplexityTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def context_length(model_config) -> int | None:
-    return getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-
-
 def fresh_model_config(config: PretrainConfig, tokenizer):
     """The architecture of a model trained from scratch: a preset or an AutoConfig, with overrides applied."""
     if config.model_config in MODEL_PRESETS:
@@ -103,10 +99,8 @@ def fresh_model_config(config: PretrainConfig, tokenizer):
 
 
 def check_block_size(config: PretrainConfig, model_config, model_name: str) -> None:
-    context = context_length(model_config)
-    if context is not None and config.block_size > context:
-        raise ConfigError(f"block_size={config.block_size} is larger than the context of {model_name} ({context} "
-                          "positions): lower block_size (or raise n_positions for a fresh model)")
+    check_context_length(model_config, config.block_size, "block_size", model_name,
+                         " (or raise n_positions for a fresh model)")
 
 
 def main(config: PretrainConfig, model_args: ModelArguments):
@@ -115,6 +109,8 @@ def main(config: PretrainConfig, model_args: ModelArguments):
         raise ConfigError("tokenizer_name is for a fresh model: a model trained further keeps its own tokenizer")
     if not continued:
         check_vocab_size(config.vocab_size)
+    if config.txt_sample_by not in ("line", "paragraph", "document"):
+        raise ConfigError(f"txt_sample_by must be line, paragraph or document, not {config.txt_sample_by!r}")
     if config.streaming and config.max_steps <= 0:
         raise ConfigError("streaming: the corpus length is unknown, so set max_steps (num_train_epochs cannot end it)")
     if config.eval_documents <= 0 and (config.eval_strategy != "no" or config.eval_on_start):
@@ -218,5 +214,4 @@ def main(config: PretrainConfig, model_args: ModelArguments):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse_config((PretrainConfig, ModelArguments), "pretrain/tiny_gpt_wiki.yaml"))
+    run(main, (PretrainConfig, ModelArguments), "pretrain/tiny_gpt_wiki.yaml")

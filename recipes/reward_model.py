@@ -18,7 +18,6 @@ merged) with tokenizer, eval_results.json (pairwise accuracy, mean margin) and s
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
 
-import logging
 import random
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ from datasets import Dataset
 from trl import RewardConfig
 
 from common.callbacks import train_with_resume
-from common.config import parse_config
+from common.config import run
 from common.data import read_rows, split_train_eval
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
 from common.preferences import check_prompt_format, read_rankings, save_stage_info, tokenize_rankings
@@ -45,7 +44,7 @@ class RewardRecipeConfig(RewardConfig):
     eval_split_size: float = field(default=0.1, metadata={"help": "Held-out fraction (<1) or prompt count."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training prompts."})
     prompt_format: str = field(default="alpaca", metadata={
-        "help": "alpaca: the Alpaca template (as SFT renders Alpaca rows); chat: the tokenizer's chat template."})
+        "help": "alpaca (the Alpaca template), chat (the tokenizer's chat template) or plain: as SFT rendered them."})
     overlong: str = field(default="drop", metadata={
         "help": "Answers past max_length: drop the ranking, or truncate them (still ending with EOS)."})
     centering_samples: int = field(default=256, metadata={
@@ -114,5 +113,4 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse_config((RewardRecipeConfig, ModelArguments), "reward/smollm2_dpo_demo_lora.yaml"))
+    run(main, (RewardRecipeConfig, ModelArguments), "reward/smollm2_dpo_demo_lora.yaml")

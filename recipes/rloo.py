@@ -11,14 +11,13 @@ no value model: each prompt's other samples are its baseline.
 With LoRA the KL reference is the policy with its adapter disabled. Rerunning the same command resumes.
 """
 
-import logging
 import os
 from dataclasses import dataclass, field
 
 from trl import RLOOConfig, RLOOTrainer
 
 from common.callbacks import train_with_resume
-from common.config import parse_config
+from common.config import run
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
 from common.preferences import check_prompt_format, save_stage_info
 from common.reporting import write_training_report
@@ -35,7 +34,7 @@ class RLOORecipeConfig(RLOOConfig):
                                    metadata={"help": "Output dir of recipes/reward_model.py."})
     dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "Prompt rows (any shape)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca or chat: must match SFT and the RM."})
+    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca, chat or plain: as SFT and the RM."})
     max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are skipped and counted."})
     max_train_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts for reward/KL before and after."})
@@ -94,5 +93,4 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse_config((RLOORecipeConfig, ModelArguments), "rloo/smollm2_alpaca_lora.yaml"))
+    run(main, (RLOORecipeConfig, ModelArguments), "rloo/smollm2_alpaca_lora.yaml")

@@ -16,17 +16,16 @@ Rerunning the same command after an interruption resumes from the newest checkpo
 """
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer
 
 from common.callbacks import train_with_resume
-from common.config import parse_config
+from common.config import run
 from common.data import prompt_format, prompt_of, read_rows, sft_rows, split_train_eval, tokenize_sft
 from common.generation import generate
-from common.models import ModelArguments, load_model, load_tokenizer, lora_config
+from common.models import ModelArguments, check_context_length, load_model, load_tokenizer, lora_config
 from common.reporting import write_training_report
 from common.speed import enable_fast_training
 
@@ -68,6 +67,7 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
 
     # Model: full, LoRA or QLoRA by the model arguments
     model = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
+    check_context_length(model.config, config.max_length, "max_length", model_args.model_name_or_path)
     demo_prompt = prompt_of(eval_examples[0] if eval_examples else train_examples[0], tokenizer)
     base_answer = generate(model, tokenizer, demo_prompt, config.sample_max_new_tokens)
 
@@ -110,5 +110,4 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(*parse_config((SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml"))
+    run(main, (SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml")

@@ -23,12 +23,15 @@ if [[ $# -lt 1 ]]; then
     exit 2
 fi
 cd "${SLURM_SUBMIT_DIR:-.}"
+[[ -f scripts/slurm_multinode.sh ]] || { echo "$0: submit from the repository root" >&2; exit 2; }
 CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/multi_node_zero3.yaml}
 [[ -f "$CONFIG" ]] || { echo "$0: launcher config $CONFIG not found (submit from the repository root)" >&2; exit 2; }
 
-# The batch script runs once, on the first node: start one copy of this script per node through srun.
-if [[ -z "${SLURM_STEP_ID:-}" && -z "${DRY_RUN:-}" ]]; then
-    exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash "$0" "$@"
+# The batch script runs once, on the first node: start one copy of this script per node through srun. By its
+# repository path ($0 is Slurm's private copy, which exists on the first node only; the repo is on a shared disk).
+if [[ -z "${CHATGPT_RECIPES_NODE_TASK:-}" && -z "${DRY_RUN:-}" ]]; then
+    export CHATGPT_RECIPES_NODE_TASK=1  # srun passes the environment on: the per-node copies skip this branch
+    exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash scripts/slurm_multinode.sh "$@"
 fi
 
 NUM_NODES=${SLURM_NNODES:?not inside a Slurm job (SLURM_NNODES unset)}

@@ -68,12 +68,17 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
 
 def run_recipe(script: str, *args: str, num_processes: int = 1, timeout: int = 600, check: bool = True,
                cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run recipes/<script> through `accelerate launch` on the CPU; output captured, shown on failure."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "recipes" / script), *map(str, args)]
+    """Run recipes/<script> through `accelerate launch` on the CPU; output captured, shown on failure.
+    One thread per process unless OMP_NUM_THREADS is set: the tiny test models run faster that way."""
+    if num_processes > 1:  # `--cpu --num_processes 2` starts one process; cpu.yaml starts N over gloo
+        launcher = ["--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "--num_processes", str(num_processes)]
+    else:
+        launcher = ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(REPO / "recipes" / script),
+               *map(str, args)]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"})
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-5000:]}\n{result.stderr[-8000:]}")
     return result

@@ -106,6 +106,27 @@ def block_size_too_big(tmp_path, models):
     return pretrain.check_block_size(config, AutoConfig.from_pretrained(models["gpt2"]), models["gpt2"])
 
 
+def rl_long_prompts(tmp_path, models):
+    from common.rl import prompt_dataset
+
+    path = write(tmp_path, "prompts.json", [ALPACA_ROW, {**ALPACA_ROW, "instruction": "long " * 100}])
+    return prompt_dataset(path, load_tokenizer(models["llama"]), "alpaca", 64)
+
+
+def rl_weak_reward_model(tmp_path, models):
+    from common.preferences import save_stage_info
+    from common.rl import check_reward_model_quality
+
+    save_stage_info(str(tmp_path / "rm"), "reward_model", "alpaca", eval_accuracy=0.5)
+    return check_reward_model_quality(str(tmp_path / "rm"), 0.55, "error")
+
+
+def rl_policy_adapter_without_base(tmp_path, models):
+    from common.rl import check_policy_path
+
+    return check_policy_path(adapter_dir(tmp_path, str(tmp_path / "deleted-sft-base")))
+
+
 # (id, what to call, expected error class or "skip", strings the message or the printed skip count must hold)
 CASES = [
     # --- data files (every recipe reads them with common.data.read_rows) ---
@@ -161,6 +182,12 @@ CASES = [
     ("ranking-with-ties", lambda t, m: preference_file(t, [{"prompt": "p", "responses": ["a", "b"], "ranks": [1, 1]}]),
      DataError, ["prefs.json: row 1", "'ranks' has ties"]),
     ("pair-over-long", long_pairs, "skip", ["prefs.json", "skipped 1 of 2 rows: longer than max_length=64"]),
+    # --- PPO / RLOO prompts and reward model ---
+    ("rl-prompt-over-long", rl_long_prompts, "skip", ["prompts.json", "skipped 1 of 2 rows: prompt longer than "
+                                                                      "max_prompt_length=64"]),
+    ("rl-weak-reward-model", rl_weak_reward_model, ConfigError, ["rm", "accuracy 0.500", "on_weak_reward_model"]),
+    ("rl-policy-adapter-without-base", rl_policy_adapter_without_base, ModelLoadError,
+     ["LoRA adapter whose base model", "deleted-sft-base"]),
     # --- models ---
     ("unknown-model-id", lambda t, m: load_tokenizer("no-such-org/no-such-model-xyz"),
      ModelLoadError, ["no-such-org/no-such-model-xyz", "not a local path"]),
@@ -168,7 +195,7 @@ CASES = [
      ModelLoadError, ["missing-model", "not found"]),
     ("adapter-without-its-base", lambda t, m: load_model(
         ModelArguments(model_name_or_path=adapter_dir(t, str(t / "deleted-base"))), load_tokenizer(m["gpt2"])),
-     ModelLoadError, ["deleted-base", "not found"]),
+     ModelLoadError, ["adapter is a LoRA adapter whose base model", "deleted-base", "cannot be found"]),
     ("adapter-names-no-base", lambda t, m: load_model(
         ModelArguments(model_name_or_path=adapter_dir(t, None)), load_tokenizer(m["gpt2"])),
      ModelLoadError, ["adapter_config.json", "base_model_name_or_path"]),
@@ -219,14 +246,16 @@ def _recipe_cli(script, *args, cwd):
 
 
 def _final_error_line(result) -> str:
-    assert result.returncode != 0, result.stdout[-2000:]
+    """A RecipeError ends the run with exit status 2 and its message alone: no traceback."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1]
 
 
 def test_cli_malformed_jsonl_ends_on_our_error(tmp_path):
     bad = write(tmp_path, "train.jsonl", json.dumps(ALPACA_ROW) + "\n" + json.dumps(ALPACA_ROW)[:-5] + "\n")
     result = _recipe_cli("sft_lora.py", "--dataset_name", bad, "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
-    assert _final_error_line(result).startswith(f"common.data.DataError: {bad}: line 2: not valid JSON (")
+    assert _final_error_line(result).startswith(f"error: {bad}: line 2: not valid JSON (")
     assert not (tmp_path / "out").exists()
 
 
@@ -236,4 +265,4 @@ def test_cli_reward_model_chosen_equals_rejected_ends_on_our_error(tmp_path):
     result = _recipe_cli("reward_model.py", "--dataset_name", bad, "--output_dir", str(tmp_path / "out"),
                          cwd=tmp_path)
     last = _final_error_line(result)
-    assert last.startswith("common.data.DataError: ") and f"{bad}: row 2" in last and "same text" in last
+    assert last.startswith("error: ") and f"{bad}: row 2" in last and "same text" in last

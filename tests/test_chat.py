@@ -74,3 +74,16 @@ def test_prompt_formats(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     (run / "prompt_format.json").write_text(json.dumps({"prompt_format": "alpaca"}))
     assert saved_prompt_format(str(run)) == "alpaca"
     assert saved_prompt_format(str(run / "checkpoint-4")) == "alpaca"  # a checkpoint of that run
+
+
+def test_chat_prompts_match_what_sft_trained_on(tiny_llama_dir, tiny_gpt2_dir):
+    from common.data import prompt_of, sft_rows
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name a color."}]
+    (chat_example, alpaca_example), _ = sft_rows(
+        [{"messages": turns + [{"role": "assistant", "content": "Blue."}]},
+         {"instruction": "Name a color.", "input": "", "output": "Blue."}], "rows.json")
+    for tokenizer in (load_tokenizer(tiny_llama_dir), load_tokenizer(tiny_gpt2_dir)):
+        assert build_prompt(tokenizer, turns, "chat") == prompt_of(chat_example, tokenizer)
+        assert build_prompt(tokenizer, turns[-1:], "alpaca") == prompt_of(alpaca_example, tokenizer)

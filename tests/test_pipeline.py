@@ -32,7 +32,8 @@ def pipeline_config(tmp_path: Path, base_model: str, stages: list[str]) -> Path:
         "output_dir": str(tmp_path / "run"),
         "base_model": base_model,
         "stages": stages,
-        "sft": {**quick, "use_peft": False, "learning_rate": 1.0e-3, "max_steps": 2, "max_train_samples": 16, "eval_split_size": 4, "max_length": 256,
+        "sft": {**quick, "learning_rate": 1.0e-3, "max_steps": 2, "max_train_samples": 16, "eval_split_size": 4,
+                "max_length": 256,
                 "per_device_train_batch_size": 4, "sample_max_new_tokens": 4},
         "reward_model": {**quick, "dataset_name": str(tmp_path / "prefs.json"), "eval_split_size": 8,
                          "use_peft": False, "learning_rate": 3.0e-3, "max_steps": 12, "per_device_train_batch_size": 8,
@@ -84,3 +85,22 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, tiny_
         assert f"{stage}: finished earlier" in second.stdout
         assert f"=== {stage} ===" not in second.stdout
     assert "skipped (finished earlier)" in (out / "report.md").read_text()
+
+
+def test_pipeline_refuses_bad_stage_lists_and_wiring_overrides(tmp_path):
+    from common.config import ConfigError
+    from pipeline import PipelineConfig, main, stage_paths
+
+    with pytest.raises(ConfigError, match="distinct names"):
+        main(PipelineConfig(output_dir=str(tmp_path), stages=["sft", "train_everything"]))
+    with pytest.raises(ConfigError, match="set by the pipeline"):
+        main(PipelineConfig(output_dir=str(tmp_path), stages=["sft"], sft={"model_name_or_path": "gpt2"}))
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "adapter_model.safetensors").write_text("someone else's run")
+    with pytest.raises(ConfigError, match="not written by this pipeline"):
+        main(PipelineConfig(output_dir=str(tmp_path), stages=["sft"]))
+    wiring = stage_paths(PipelineConfig(output_dir="out", stages=["pretrain", "sft", "dpo", "evaluate"]))
+    assert wiring["sft"]["model_name_or_path"] == os.path.join("out", "pretrain")
+    assert wiring["dpo"]["model_name_or_path"] == os.path.join("out", "sft")
+    assert wiring["evaluate"]["models"] == ["base=out/pretrain", "sft=out/sft", "dpo=out/dpo"]
+    assert "reward_model" not in wiring["evaluate"]

@@ -93,6 +93,7 @@ def test_rendering_matches_sft(tokenizer):
     chat_ids = encode_prompt(chat, tokenizer, "chat")
     assert sft_chat["input_ids"][: len(chat_ids)] == chat_ids
     assert render_prompt(alpaca, tokenizer, "chat") == chat
+    assert render_prompt(alpaca, tokenizer, "plain") == "Name a color."
     with pytest.raises(PromptFormatError, match="multi-turn"):
         render_prompt(turns + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}],
                       tokenizer, "alpaca")

@@ -115,7 +115,7 @@ def test_each_bad_input_yields_its_message(tmp_path, small_corpus, tiny_gpt2_dir
     short = tmp_path / "short.txt"
     short.write_text("one short document\nanother one\na third\n")
     with pytest.raises(DataError, match=r"short.txt: the corpus holds \d+ tokens, fewer than one block of "
-                                        "block_size=256"):
+                                        "block_size=512"):
         run_pretrain("--dataset_name", str(short), "--eval_documents", "1", "--vocab_size", "300")
     with pytest.raises(DataError, match=r"short.txt: the corpus holds \d+ tokens, fewer than one block"):
         run_pretrain("--dataset_name", str(short), "--eval_documents", "1", "--vocab_size", "300",
@@ -126,8 +126,8 @@ def test_each_bad_input_yields_its_message(tmp_path, small_corpus, tiny_gpt2_dir
         run_pretrain("--dataset_name", str(rows))
     with pytest.raises(ConfigError, match="vocab_size=200 is smaller than the 256-byte alphabet plus 2 special"):
         run_pretrain("--vocab_size", "200")
-    with pytest.raises(ConfigError, match=r"block_size=512 is larger than the context of tiny \(256 positions\)"):
-        run_pretrain("--dataset_name", str(small_corpus), "--block_size", "512", "--vocab_size", "300")
+    with pytest.raises(ConfigError, match=r"block_size=1024 is larger than the context of tiny \(512 positions\)"):
+        run_pretrain("--dataset_name", str(small_corpus), "--block_size", "1024", "--vocab_size", "300")
     with pytest.raises(ConfigError, match=r"block_size=2048 is larger than the context of .*tiny-gpt2.* \(1024"):
         run_pretrain("--model_name_or_path", tiny_gpt2_dir, "--dataset_name", str(small_corpus),
                      "--block_size", "2048")
@@ -137,7 +137,8 @@ def test_tiny_pretraining_lowers_perplexity_and_feeds_sft(tmp_path, small_corpus
     out = tmp_path / "pretrained"
     run_pretrain("--dataset_name", str(small_corpus), "--output_dir", str(out), "--vocab_size", "512",
                  "--model_config_overrides", "n_layer=2,n_embd=64,n_positions=64", "--block_size", "64",
-                 "--per_device_train_batch_size", "8", "--max_steps", "20", "--eval_strategy", "no",
+                 "--per_device_train_batch_size", "8", "--max_steps", "12", "--warmup_steps", "2",
+                 "--learning_rate", "1e-2", "--eval_strategy", "no",
                  "--sample_max_new_tokens", "8")
     history = json.loads((out / "log_history.json").read_text())
     perplexities = [entry["eval_perplexity"] for entry in history if "eval_perplexity" in entry]

@@ -43,7 +43,8 @@ def test_reward_model_log_and_the_legacy_plot_keys_list(tmp_path):
 def test_evaluation_tables_and_plots(tmp_path):
     results = {
         "models": {"base": {"path": "b", "perplexity": 9.5, "distinct_1": 0.6, "distinct_2": 0.9, "token_entropy": 2.1},
-                   "sft": {"path": "s", "perplexity": 5.25, "distinct_1": 0.5, "distinct_2": 0.8, "token_entropy": 1.7}},
+                   "sft": {"path": "s", "perplexity": 5.25, "distinct_1": 0.5, "distinct_2": 0.8,
+                           "token_entropy": 1.7}},
         "win_rates": {"sft vs base": {"win_rate": 0.75, "ci_low": 0.53, "ci_high": 0.89, "wins": 15, "ties": 0,
                                       "losses": 5, "n": 20}},
         "reward_model_accuracy": {"accuracy": 0.7, "margin_mean": 0.4, "margin_std": 0.2, "pairs": 40},

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from common.config import ConfigError
+from common.config import ConfigError, RecipeError
 from common.models import check_checkpoint_matches
 
 logger = logging.getLogger(__name__)
@@ -30,11 +30,11 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(RecipeError, RuntimeError):
     """The loss or the weights became NaN/inf; the message names the step and the last good checkpoint."""
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(RecipeError, OSError):
     """A checkpoint could not be written (disk full); the message names the checkpoint that is still usable."""
 
 

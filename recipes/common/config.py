@@ -1,6 +1,7 @@
 """Config parsing the TRL / alignment-handbook way: a YAML recipe plus command-line overrides (TrlParser).
 A recipe run with no `--config` uses its default YAML, so `python recipes/X.py` runs the embedded demo."""
 
+import logging
 import sys
 from pathlib import Path
 
@@ -11,8 +12,29 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = RECIPES_DIR.parent
 
 
-class ConfigError(ValueError):
+class RecipeError(Exception):
+    """An error the user can fix (bad data, config, model path, a diverged run): `run` prints its message
+    alone, without a traceback, and exits with status 2."""
+
+
+class ConfigError(RecipeError, ValueError):
     """A bad recipe config: unknown key, bad value. The message names the file or flag."""
+
+
+def run(main, dataclass_types, default_config: str | None = None) -> None:
+    """A script's entry point: parse its options (a YAML recipe when it has a default config, else flags
+    only), call main, and turn a RecipeError into one clear line."""
+    from transformers import HfArgumentParser
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if default_config is None:
+            main(*HfArgumentParser(dataclass_types).parse_args_into_dataclasses())
+        else:
+            main(*parse_config(dataclass_types, default_config))
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def parse_config(dataclass_types, default_config: str, args: list[str] | None = None):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
+from common.config import RecipeError
 from common.templates import alpaca_prompt
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "bot": "assistant", "model": "assistant"}
 
 
-class DataError(ValueError):
+class DataError(RecipeError, ValueError):
     """Bad input data; the message names the file, row and field."""
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from trl import ModelConfig
 
+from common.config import ConfigError, RecipeError
 from common.templates import FALLBACK_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(RecipeError, ValueError):
     """A model or tokenizer could not be loaded; the message says which and why."""
 
 
@@ -210,6 +211,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def check_context_length(model_config, length: int, option: str, model_name: str, hint: str = "") -> None:
+    """Refuse sequences longer than the model's position embeddings; the model would otherwise fail deep
+    inside with an IndexError."""
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if context is not None and length > context:
+        raise ConfigError(f"{option}={length} is larger than the context of {model_name} ({context} positions): "
+                          f"lower {option}{hint}")
+
+
 def _dtype(model_args: ModelArguments):
     if model_args.dtype in (None, "auto"):
         return "auto"
@@ -259,9 +269,23 @@ def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None 
     else:
         if kwargs["quantization_config"] is not None:
             raise ModelLoadError(f"{path} is a LoRA adapter: merge it first (recipes/merge_lora.py), then quantize")
+        try:
+            base = resolve_model_path(base)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{path} is a LoRA adapter whose base model '{base}' cannot be found ({error}); "
+                                 "set base_model_name_or_path in its adapter_config.json") from error
         model = _from_pretrained(loader, resolve_model_path(base), "base model of adapter " + path, **kwargs)
         ensure_pad_token(tokenizer, model)
-        model = load_adapter(model, path).merge_and_unload()
+        if num_labels is not None and json.loads((Path(path) / "adapter_config.json").read_text()).get(
+                "task_type") == "CAUSAL_LM":
+            # An SFT (causal-LM) adapter under a new score head (reward/value model): merge it into the causal
+            # LM, then copy the merged backbone into the classifier (lm_head has no place there, score stays new).
+            causal = _from_pretrained(AutoModelForCausalLM, resolve_model_path(base), "base model of adapter " + path,
+                                      **{k: v for k, v in kwargs.items() if k != "num_labels"})
+            ensure_pad_token(tokenizer, causal)
+            model.load_state_dict(load_adapter(causal, path).merge_and_unload().state_dict(), strict=False)
+        else:
+            model = load_adapter(model, path).merge_and_unload()
     ensure_pad_token(tokenizer, model)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         from peft import prepare_model_for_kbit_training
@@ -376,10 +400,11 @@ def check_checkpoint_matches(checkpoint: str, model) -> None:
     saved_adapter = checkpoint / "adapter_config.json"
     if peft_config is not None and saved_adapter.is_file():
         saved = json.loads(saved_adapter.read_text())
+        # the base by its last path component: the same model resumed from another cache directory still matches
         now = {"r": peft_config.r, "target_modules": sorted(peft_config.target_modules or []),
-               "base_model_name_or_path": peft_config.base_model_name_or_path}
+               "base_model": Path(peft_config.base_model_name_or_path or "").name}
         then = {"r": saved.get("r"), "target_modules": sorted(saved.get("target_modules") or []),
-                "base_model_name_or_path": saved.get("base_model_name_or_path")}
+                "base_model": Path(saved.get("base_model_name_or_path") or "").name}
     elif peft_config is None and (checkpoint / "config.json").is_file():
         keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
         saved = json.loads((checkpoint / "config.json").read_text())

@@ -13,7 +13,8 @@ Shapes read (one row each):
 
 A prompt is kept as what it is (Alpaca pieces, chat turns or verbatim text) and rendered only once the target
 format is known: `prompt_format: alpaca` renders it exactly as SFT renders Alpaca rows (the Alpaca template),
-`prompt_format: chat` as SFT renders chat rows (the tokenizer's chat template with the generation prompt).
+`prompt_format: chat` as SFT renders chat rows (the tokenizer's chat template with the generation prompt),
+`prompt_format: plain` as SFT uses prompt/completion rows (the prompt text as is).
 Reward-model and PPO sequences are then tokens(prompt) + tokens(response) + EOS, tokenised separately, which is
 exactly what PPO generates (query tokens, then sampled tokens up to the EOS the SFT model learnt to emit)."""
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from common.data import DataError, SkipCounter, normalize_messages
 from common.templates import alpaca_prompt
 
-PROMPT_FORMATS = ("alpaca", "chat")
+PROMPT_FORMATS = ("alpaca", "chat", "plain")  # as common.data.prompt_format names SFT's
 STAGE_INFO_FILE = "stage_info.json"
 
 
@@ -43,10 +44,9 @@ def render_prompt(prompt, tokenizer, prompt_format: str) -> str:
     if isinstance(prompt, dict):
         if prompt_format == "alpaca":
             return alpaca_prompt(prompt["instruction"], prompt.get("input", ""))
-        text = prompt["instruction"] + (f"\n\n{prompt['input']}" if prompt.get("input", "").strip() else "")
-        prompt = [{"role": "user", "content": text}]
+        prompt = prompt["instruction"] + (f"\n\n{prompt['input']}" if prompt.get("input", "").strip() else "")
     if isinstance(prompt, str):
-        if prompt_format == "alpaca":
+        if prompt_format != "chat":
             return prompt
         prompt = [{"role": "user", "content": prompt}]
     if prompt_format == "chat":
@@ -54,14 +54,15 @@ def render_prompt(prompt, tokenizer, prompt_format: str) -> str:
     system = [t["content"] for t in prompt if t["role"] == "system"]
     others = [t for t in prompt if t["role"] != "system"]
     if len(others) != 1 or others[0]["role"] != "user":
-        raise PromptFormatError("a multi-turn conversation cannot be rendered with the Alpaca template "
+        raise PromptFormatError(f"a multi-turn conversation cannot be rendered in the {prompt_format} format "
                                 "(use prompt_format: chat)")
-    return alpaca_prompt("\n\n".join(system + [others[0]["content"]]))
+    text = "\n\n".join(system + [others[0]["content"]])
+    return alpaca_prompt(text) if prompt_format == "alpaca" else text
 
 
 def encode_prompt(text: str, tokenizer, prompt_format: str) -> list[int]:
     """Token ids of a rendered prompt, with special tokens exactly as common.data.tokenize_example adds them."""
-    return tokenizer(text, add_special_tokens=prompt_format == "alpaca")["input_ids"]
+    return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
 
 
 def encode_response(text: str, tokenizer) -> list[int]:
@@ -70,22 +71,21 @@ def encode_response(text: str, tokenizer) -> list[int]:
 
 
 def save_stage_info(output_dir: str, stage: str, prompt_format: str, **extra) -> None:
-    """Record how this stage rendered prompts, so the next stage can check it renders them the same way.
-    (SFT: `save_stage_info(config.output_dir, "sft", sft_prompt_format(train_examples))`.)"""
+    """Record how this stage rendered prompts (and what the next stage checks): stage_info.json, plus
+    prompt_format.json as sft_lora.py writes it, which chat.py and evaluation read."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     info = {"stage": stage, "prompt_format": prompt_format, **extra}
     (Path(output_dir) / STAGE_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    (Path(output_dir) / "prompt_format.json").write_text(json.dumps({"prompt_format": prompt_format}) + "\n")
 
 
 def read_stage_info(model_dir: str) -> dict:
-    path = Path(model_dir) / STAGE_INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def sft_prompt_format(sft_examples: list[dict]) -> str:
-    """The prompt format of SFT examples from common.data.sft_rows: prompt/completion (Alpaca) or messages (chat)."""
-    kinds = {"chat" if "messages" in example else "alpaca" for example in sft_examples}
-    return kinds.pop() if len(kinds) == 1 else "mixed"
+    """stage_info.json of an RLHF stage, or the prompt_format.json that sft_lora.py saves."""
+    for name in (STAGE_INFO_FILE, "prompt_format.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}
 
 
 def check_prompt_format(model_path: str, prompt_format: str, what: str) -> None:

@@ -54,12 +54,17 @@ def plot_series(log_history: list[dict], keys, path: str, title: str) -> bool:
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (name, present) in zip(axes.flat, panels):
+        steps = set()
         for key in present:
             points = _logged(log_history, key)
+            steps.update(p[0] for p in points)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=key)
+        if len(steps) <= 10:
+            ax.set_xticks(sorted(steps))  # few updates: tick each one (a single step would get a fractional axis)
         ax.set_title(name)
         ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(steps) > 10:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(present) > 1:
             ax.legend(fontsize=8)
@@ -151,9 +156,11 @@ def plot_win_rates(win_rates: dict[str, dict], path: str, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.7 * len(labels)))
     ax.barh(labels, rates, xerr=errors, capsize=4, color="tab:blue", alpha=0.8)
     ax.axvline(0.5, color="gray", linestyle="--", linewidth=1)
-    for y, (label, rate) in enumerate(zip(labels, rates)):
-        ax.text(0.01, y, f"{rate:.0%}  (n={win_rates[label]['n']})", va="center", color="white", fontsize=9)
-    ax.set_xlim(0, 1)
+    for y, label in enumerate(labels):  # right of the interval, so it never sits on the bar's error line
+        w = win_rates[label]
+        ax.text(w["ci_high"] + 0.02, y, f"{w['win_rate']:.0%} (n={w['n']})", va="center", fontsize=9)
+    ax.set_xlim(0, 1.2)
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.invert_yaxis()
     ax.set_xlabel("fraction of prompts where the reward model prefers A (95% Wilson interval)")
     ax.set_title(title, fontsize=10)
