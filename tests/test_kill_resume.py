@@ -34,7 +34,7 @@ from conftest import REPO
 from common.callbacks import CheckpointSaveError, TrainingDivergedError, checkpoint_problem, last_complete_checkpoint
 from common.config import RecipeError
 
-MAX_STEPS, SAVE_STEPS = 4, 2
+MAX_STEPS, SAVE_STEPS = 6, 2
 TOLERANCE = 1e-5
 COMMON_ARGS = ["--max_steps", str(MAX_STEPS), "--save_steps", str(SAVE_STEPS), "--save_strategy", "steps",
                "--logging_steps", "1", "--report_to", "none", "--seed", "7", "--save_total_limit", "2",
@@ -56,7 +56,7 @@ def _reward_model_args(models):
 def _ppo_args(models):
     """PPO of the tiny GPT-2 against a tiny reward model; 2 episodes per update, MAX_STEPS updates."""
     return ["--model_name_or_path", models["gpt2"], "--reward_model_path", models["reward_model"],
-            "--max_train_prompts", "8", "--eval_prompts", "2", "--max_prompt_length", "256",
+            "--max_train_prompts", str(4 * MAX_STEPS), "--eval_prompts", "2", "--max_prompt_length", "256",
             "--response_length", "6", "--total_episodes", str(2 * MAX_STEPS), "--per_device_train_batch_size", "2",
             "--local_rollout_forward_batch_size", "2", "--sample_every", "0"]
 
@@ -68,7 +68,7 @@ def _dpo_args(models):
 
 def _rloo_args(models):
     return ["--model_name_or_path", models["gpt2"], "--reward_model_path", models["reward_model"],
-            "--max_train_prompts", "8", "--eval_prompts", "2", "--max_prompt_length", "256",
+            "--max_train_prompts", str(4 * MAX_STEPS), "--eval_prompts", "2", "--max_prompt_length", "256",
             "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "6"]
 
 
@@ -86,13 +86,7 @@ RECIPES = {
                               "after a resume see other prompts than the uninterrupted run did"),
 }
 RECIPES = {script: recipe for script, recipe in RECIPES.items() if (REPO / "recipes" / script).is_file()}
-# By default (test-time budget) the kill test runs SFT, for Trainer's own resume, which the reward model, DPO,
-# RLOO and pretraining reach through the same common.callbacks.train_with_resume, and PPO, which resumes its own
-# way. RELIABILITY_FULL=1 runs it for every recipe.
-DEFAULT_KILL_TESTS = {"sft_lora.py", "ppo.py"}
-KILL_TESTS = [pytest.param(script, marks=pytest.mark.skipif(
-    script not in DEFAULT_KILL_TESTS and not os.environ.get("RELIABILITY_FULL"),
-    reason="RELIABILITY_FULL=1 runs the kill test for every recipe")) for script in sorted(RECIPES)]
+KILL_TESTS = sorted(RECIPES)
 
 
 def recipe_args(script, models, output_dir, *extra):
@@ -119,20 +113,26 @@ def _env():
 
 
 def _kill_at_random_step(command, log: Path, rng: random.Random, marker: str) -> int:
-    """Start the run, SIGKILL its process group at a random point after SAVE_STEPS to MAX_STEPS - 1 logged
-    steps (so that most kills come after or during the first save, sometimes in the middle of it), and return
-    how many steps it had logged."""
-    target = rng.randint(SAVE_STEPS, MAX_STEPS - 1)
+    """Start the run, SIGKILL its process group at a random point within the step after SAVE_STEPS to
+    MAX_STEPS - 2 logged steps (so that most kills come after or during a save, sometimes in the middle of it,
+    and always before the run ends, however fast the machine), and return how many steps it had logged."""
+    target = rng.randint(SAVE_STEPS, MAX_STEPS - 2)
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=_env(),
                                    start_new_session=True)
     deadline = time.time() + 240
+    seen, step_started, step_time = 0, time.time(), 0.0
     try:
-        while log.read_text().count(marker) < target:
+        while seen < target:
             assert process.poll() is None, f"the run ended before step {target}:\n{log.read_text()[-4000:]}"
             assert time.time() < deadline, "the run made no progress"
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.5))  # land anywhere in the step, the save included
+            logged = log.read_text().count(marker)
+            if logged > seen:
+                now = time.time()
+                step_time = (now - step_started) / (logged - seen) if seen else step_time
+                seen, step_started = logged, now
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, step_time))  # land anywhere in the next step, its save included
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
