@@ -16,8 +16,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = REPO.parent / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from peft import get_peft_model
 
 from chat import ChatArguments, main, saved_prompt_format

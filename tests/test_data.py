@@ -99,11 +99,11 @@ def test_prompt_format_follows_the_rows():
 
 
 def test_the_bundled_alpaca_files_read(tiny_llama_dir):
-    from conftest import REPO, SHARED_DATA
+    from conftest import REPO
 
-    for path in (REPO / "data" / "alpaca_en_demo.json", SHARED_DATA / "alpaca_en_demo.json"):
-        examples, skipped = sft_rows(read_rows(str(path)), str(path))
-        assert len(examples) + sum(skipped.values()) == 999
+    path = REPO / "data" / "alpaca_en_demo.json"
+    examples, skipped = sft_rows(read_rows(str(path)), str(path))
+    assert len(examples) + sum(skipped.values()) == 999
     train, held_out = split_train_eval(examples, 40, seed=42)
     assert len(held_out) == 40 and len(train) == len(examples) - 40
     assert not {e["prompt"] + e["completion"] for e in held_out} & {e["prompt"] + e["completion"] for e in train}

@@ -14,13 +14,13 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from common.config import parse_config
 from common.data import sft_rows, tokenize_sft
 from common.models import ModelArguments, load_for_inference, load_model, load_tokenizer
-from conftest import REPO, SHARED_DATA, run_recipe
+from conftest import REPO, run_recipe
 from test_merge_lora import one_thread  # noqa: F401 (autouse: tiny models run faster on one thread)
 
 
 def sft_args(model_dir: str, output_dir: Path) -> list[str]:
     """A few-minute run made tiny: 8 LoRA steps, checkpoints at 4 and 8, eval before and after."""
-    return ["--model_name_or_path", model_dir, "--dataset_name", str(SHARED_DATA / "alpaca_en_demo.json"),
+    return ["--model_name_or_path", model_dir, "--dataset_name", str(REPO / "data" / "alpaca_en_demo.json"),
             "--max_train_samples", "48", "--eval_split_size", "12", "--max_length", "384",
             "--max_steps", "8", "--save_steps", "4", "--eval_steps", "8", "--eval_on_start", "true",
             "--learning_rate", "1e-2", "--warmup_steps", "0", "--logging_steps", "2",
