@@ -32,7 +32,7 @@ from common.config import ConfigError, run
 from common.generation import generate
 from common.models import (ModelArguments, check_context_length, load_model, load_tokenizer, lora_config,
                            resolve_model_path)
-from common.reporting import write_training_report
+from common.reporting import record_metrics, write_training_report
 from common.text_data import block_dataset, load_documents, split_documents
 from common.tokenizer_training import check_vocab_size, train_bpe_tokenizer
 
@@ -183,18 +183,10 @@ def main(config: PretrainConfig, model_args: ModelArguments):
 
     # Save: model (or LoRA adapter) with its tokenizer, metrics, model card
     trainer.save_model(config.output_dir)
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    metrics = dict(train_result.metrics)
     evals = [entry["eval_perplexity"] for entry in trainer.state.log_history if "eval_perplexity" in entry]
+    metrics = record_metrics(trainer, train_result, evaluate=eval_dataset is not None)
     if config.eval_on_start and evals:  # the untrained model's perplexity, logged at step 0
         metrics["before_perplexity"] = evals[0]
-    if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    trainer.save_state()
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(model_name=os.path.basename(os.path.abspath(config.output_dir)))
 

@@ -26,7 +26,7 @@ from common.config import run
 from common.data import prompt_format, prompt_of, read_rows, sft_rows, split_train_eval, tokenize_sft
 from common.generation import generate
 from common.models import ModelArguments, check_context_length, load_model, load_tokenizer, lora_config
-from common.reporting import write_training_report
+from common.reporting import record_metrics, write_training_report
 from common.speed import enable_fast_training
 
 
@@ -87,15 +87,7 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
     if trainer.accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "prompt_format.json"), "w") as file:
             json.dump({"prompt_format": data_format}, file)
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
-    metrics = dict(train_result.metrics)
-    if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    trainer.save_state()
+    metrics = record_metrics(trainer, train_result, evaluate=eval_dataset is not None)
     # Report: the same held-out prompt answered before and after tuning (on every rank: sharded weights under
     # DeepSpeed ZeRO-3 are gathered collectively)
     tuned_answer = generate(trainer.model, tokenizer, demo_prompt, config.sample_max_new_tokens)

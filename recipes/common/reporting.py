@@ -189,3 +189,18 @@ def evaluation_markdown(results: dict) -> str:
         lines += ["", f"Reward model on {rm['pairs']} held-out preference pairs: accuracy {rm['accuracy']:.1%}, "
                   f"margin {rm['margin_mean']:.3g} ± {rm['margin_std']:.3g}."]
     return "\n".join(lines)
+
+
+def record_metrics(trainer, train_result, evaluate: bool) -> dict:
+    """Log and save the train metrics, run the final evaluation (when there is an eval set) and save its metrics
+    and the trainer state; all metrics, for the report."""
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    metrics = dict(train_result.metrics)
+    if evaluate:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_state()
+    return metrics
