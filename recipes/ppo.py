@@ -33,27 +33,19 @@ from common.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer
 from common.preferences import check_prompt_format, save_stage_info
 from common.reporting import write_training_report
 from common.reward import load_reward_model
-from common.rl import (check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
+from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
                        merged_model, prompt_dataset, save_json, warn_on_ppo_trouble)
 
 
 @dataclass
-class PPORecipeConfig(PPOConfig):
+class PPORecipeConfig(PPOConfig, RLPromptArguments):
     """TRL's PPOConfig (reward_model_path, response_length, temperature, kl_coef, missing_eos_penalty,
-    num_ppo_epochs, num_mini_batches, ...) plus prompts, PPO-ptx and guards."""
+    num_ppo_epochs, num_mini_batches, ...) plus prompts and reward-model guards (RLPromptArguments) and PPO-ptx."""
 
-    dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "Prompt rows (any shape)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca, chat or plain: as SFT and the RM."})
-    max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are skipped and counted."})
-    max_train_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
-    eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts for reward/KL before and after."})
     ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx coefficient (InstructGPT's gamma); 0: off."})
     ptx_dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "SFT data for PPO-ptx."})
     ptx_batch_size: int = field(default=2, metadata={"help": "PPO-ptx examples per policy micro-batch."})
     ptx_max_length: int = field(default=256, metadata={"help": "Longer PPO-ptx examples are dropped (counted)."})
-    min_reward_model_accuracy: float = field(default=0.55, metadata={"help": "RM eval accuracy below this is weak."})
-    on_weak_reward_model: str = field(default="error", metadata={"help": "error or warn on a weak reward model."})
     sample_every: int = field(default=5, metadata={"help": "Print sample answers every N updates (0: never)."})
 
 

@@ -22,24 +22,16 @@ from common.models import ModelArguments, load_model, load_tokenizer, lora_confi
 from common.preferences import check_prompt_format, save_stage_info
 from common.reporting import write_training_report
 from common.reward import load_reward_model
-from common.rl import (check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
+from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
                        merged_model, prompt_dataset, reward_model_function, save_json)
 
 
 @dataclass
-class RLOORecipeConfig(RLOOConfig):
+class RLOORecipeConfig(RLOOConfig, RLPromptArguments):
     """TRL's RLOOConfig (num_generations, max_completion_length, beta, temperature, ...) plus prompts and guards."""
 
     reward_model_path: str = field(default="outputs/rm-smollm2-dpo-demo",
                                    metadata={"help": "Output dir of recipes/reward_model.py."})
-    dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "Prompt rows (any shape)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca, chat or plain: as SFT and the RM."})
-    max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are skipped and counted."})
-    max_train_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
-    eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts for reward/KL before and after."})
-    min_reward_model_accuracy: float = field(default=0.55, metadata={"help": "RM eval accuracy below this is weak."})
-    on_weak_reward_model: str = field(default="error", metadata={"help": "error or warn on a weak reward model."})
 
 
 def main(config: RLOORecipeConfig, model_args: ModelArguments):

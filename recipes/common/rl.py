@@ -4,7 +4,7 @@ policy read the same tokens, the guard on a weak reward model, and saving a trai
 import json
 import logging
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,21 @@ from common.preferences import PromptFormatError, encode_prompt, prompt_of_row, 
 
 logger = logging.getLogger(__name__)
 
+
+
+@dataclass
+class RLPromptArguments:
+    """What the RL recipes (PPO, RLOO) share: the prompts, rendered as SFT and the reward model rendered them,
+    and the guard against optimising a reward model that ranks no better than chance."""
+
+    dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "Prompt rows (any shape)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    prompt_format: str = field(default="alpaca", metadata={"help": "alpaca, chat or plain: as SFT and the RM."})
+    max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are skipped and counted."})
+    max_train_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts for reward/KL before and after."})
+    min_reward_model_accuracy: float = field(default=0.55, metadata={"help": "RM eval accuracy below this is weak."})
+    on_weak_reward_model: str = field(default="error", metadata={"help": "error or warn on a weak reward model."})
 
 def prompt_dataset(source: str, tokenizer, prompt_format: str, max_prompt_length: int, limit: int | None = None,
                    split: str = "train", tokenized: bool = True) -> Dataset:
