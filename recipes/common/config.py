@@ -9,7 +9,6 @@ from transformers import set_seed
 from trl import TrlParser
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent
-REPO_DIR = RECIPES_DIR.parent
 
 
 class RecipeError(Exception):

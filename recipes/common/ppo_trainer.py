@@ -72,7 +72,7 @@ class RecipePPOTrainer(PPOTrainer):
                                               self.args.seed)
         self.sample_prompts, self.sample_every, self.on_log = list(sample_prompts), sample_every, on_log
         self.samples, self._generation_s, self._lengths, self._sampling = [], 0.0, [], False
-        self._update_start, self._first_length = time.time(), None
+        self._update_start = time.time()
         generate = self.policy.generate
 
         def timed_generate(*gen_args, **gen_kwargs):  # time and response lengths of the rollouts

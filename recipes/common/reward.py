@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from common.metrics import reward_scores
 from common.models import ModelLoadError
 
 REWARD_OFFSET_KEY = "reward_offset"  # in the reward model's config.json: subtracted from every score
@@ -75,20 +76,11 @@ class KWiseRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-@torch.no_grad()
 def mean_reward(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 8) -> float:
     """The mean score of token sequences (each read at its last real token, as the model's head does)."""
     model.eval()
-    device = next(model.parameters()).device
-    total = 0.0
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
-        width = max(len(s) for s in chunk)
-        input_ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in chunk], device=device)
-        attention_mask = (torch.arange(width, device=device)[None] < torch.tensor([len(s) for s in chunk],
-                                                                               device=device)[:, None]).long()
-        total += model(input_ids=input_ids, attention_mask=attention_mask).logits.float().sum().item()
-    return total / len(sequences)
+    scores = reward_scores(model, sequences, pad_token_id, batch_size)
+    return sum(scores) / len(scores)
 
 
 def apply_reward_offset(model, offset: float):

@@ -193,11 +193,11 @@ def reward_model_function(reward_model, tokenizer, prompt_format: str, batch_siz
     """A TRL reward function that scores exactly the tokens PPO would: tokens(prompt) + the generated ids up to
     and including EOS. (Given the model itself, RLOOTrainer decodes completions with special tokens skipped and
     re-tokenises the text, so the EOS the reward model reads its score at would be missing.)"""
-    from common.reward import mean_reward
+    from common.metrics import reward_scores
 
     def reward_model_score(prompts, completions, completion_ids, **kwargs):
         sequences = [encode_prompt(prompt, tokenizer, prompt_format) + list(ids)
                      for prompt, ids in zip(prompts, completion_ids)]
-        return [mean_reward(reward_model, [s], tokenizer.pad_token_id) for s in sequences]
+        return reward_scores(reward_model, sequences, tokenizer.pad_token_id, batch_size)
 
     return reward_model_score
