@@ -6,12 +6,18 @@ own process, so peak memory is its own). Not a test.
     python benchmarks/ppo_throughput.py --updates 4 --response_length 64 --model Qwen/Qwen2.5-0.5B
 
 TRL example settings (trl/examples/scripts/ppo/ppo.py with its defaults): the policy fully trained, a second full
-copy of it as the frozen reference, gradient checkpointing on (TRL's config default), `bf16: true` in the config
-(which PPOTrainer ignores: it builds its own Accelerator, so everything runs in fp32).
-Our recipe's settings (recipes/ppo.py): a LoRA policy whose reference is the same weights with the adapter disabled
-(no copy), no gradient checkpointing, and bf16 autocast over the whole loop (common/ppo_trainer.py).
-Both use an untrained scalar head on the same model as reward and value model (speed does not depend on its
-quality). The time counted is trainer.train() only; model loading is excluded for both.
+copy of it as the frozen reference, a fully trained fp32 value model, gradient checkpointing on (TRL's config
+default), `bf16: true` in the config (which PPOTrainer ignores: it builds its own Accelerator, so everything runs in
+fp32), AdamW (not fused).
+`trl_example_lora` adds `--use_peft` to that example (LoRA policy, the adapter-disabled policy as reference); the
+rest as above.
+Our recipe's settings: recipes/ppo.py's default YAML (only batch, episodes, lengths and epochs set as below) and its
+own loaders: a LoRA policy whose reference is the same weights with the adapter disabled (no copy), a LoRA value
+model on the reward model's frozen backbone, frozen weights stored in bf16, bf16 autocast over the loop
+(common/ppo_trainer.py), fused AdamW, no gradient checkpointing.
+Every variant starts from the same models: the policy, and a reward model that is the same checkpoint with one
+untrained scalar head (saved once, so every variant scores with the same head; speed does not depend on its
+quality), which also initialises the value model. The time counted is trainer.train() only; loading is excluded.
 """
 
 import argparse
@@ -24,57 +30,89 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
-VARIANTS = {"trl_example": "TRL PPO example settings", "recipe": "our recipe (recipes/ppo.py settings)"}
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "recipes"))
+VARIANTS = {"trl_example": "TRL PPO example settings", "trl_example_lora": "TRL PPO example + --use_peft",
+            "recipe": "our recipe (recipes/ppo.py settings)"}
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
+
+
+def scalar_head_checkpoint(path: str, tokenizer, folder: str) -> str:
+    """The policy checkpoint with one untrained scalar head, saved, so every variant loads the same reward head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def run_variant(args) -> dict:
     import torch
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+    import ppo as ppo_recipe
+    from common.config import parse_config
+    from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path, torch_dtype
     from common.ppo_trainer import RecipePPOTrainer
+    from common.reward import load_reward_model, load_value_model
     from common.rl import prompt_dataset
 
-    torch.manual_seed(0)
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     tokenizer.padding_side = "left"
     episodes = args.batch * args.updates
-    prompts = prompt_dataset(str(Path(__file__).resolve().parent.parent / "data" / "alpaca_en_demo.json"), tokenizer,
-                             "alpaca", 96, episodes + args.batch)
-    recipe = args.variant == "recipe"
-    config = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
-                       local_rollout_forward_batch_size=args.batch, total_episodes=episodes,
-                       response_length=args.response_length, num_ppo_epochs=args.ppo_epochs, stop_token="eos",
-                       missing_eos_penalty=1.0, learning_rate=5e-5, report_to="none", save_strategy="no",
-                       logging_steps=1, num_sample_generations=0, bf16=True, gradient_checkpointing=not recipe,
-                       use_cpu=not torch.cuda.is_available(), seed=0)
-    scalar_head = lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)  # noqa: E731
-    reward_model, value_model = scalar_head(), scalar_head()
-    for model in (reward_model, value_model):
-        model.config.pad_token_id = tokenizer.pad_token_id
+    prompts = prompt_dataset(str(REPO / "data" / "alpaca_en_demo.json"), tokenizer, "alpaca", 96,
+                             episodes + args.batch)
     train, held_out = prompts.select(range(episodes)), prompts.select(range(episodes, len(prompts)))
-    if recipe:
-        model_args = ModelArguments(model_name_or_path=path, use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0)
+    reward_path = scalar_head_checkpoint(path, tokenizer, tempfile.mkdtemp())
+    shared = dict(per_device_train_batch_size=args.batch, local_rollout_forward_batch_size=args.batch,
+                  total_episodes=episodes, response_length=args.response_length, num_ppo_epochs=args.ppo_epochs,
+                  gradient_accumulation_steps=1, num_mini_batches=1, stop_token="eos", missing_eos_penalty=1.0,
+                  learning_rate=5e-5, report_to="none", save_strategy="no", logging_steps=1, seed=0)
+    torch.manual_seed(0)
+    if args.variant == "recipe":
+        overrides = [f"--{key}={value}" for key, value in shared.items()]
+        overrides += ["--model_name_or_path", path, "--reward_model_path", reward_path, "--output_dir",
+                      tempfile.mkdtemp(), "--sample_every", "0", "--eval_prompts", "0"]
+        config, model_args = parse_config((ppo_recipe.PPORecipeConfig, ModelArguments), "ppo/smollm2_alpaca_lora.yaml",
+                                          overrides)
         policy = load_model(model_args, tokenizer)
-        trainer = RecipePPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None,
-                                   reward_model=reward_model, value_model=value_model, train_dataset=train,
-                                   eval_dataset=held_out, peft_config=lora_config(model_args, policy))
+        trainer = RecipePPOTrainer(
+            args=config, processing_class=tokenizer, model=policy, ref_model=None,
+            reward_model=load_reward_model(reward_path, dtype=torch_dtype(model_args)),
+            value_model=load_value_model(reward_path, model_args, dtype=torch_dtype(model_args)),
+            train_dataset=train, eval_dataset=held_out, peft_config=lora_config(model_args, policy))
     else:
-        policy = AutoModelForCausalLM.from_pretrained(path)
-        reference = AutoModelForCausalLM.from_pretrained(path)
+        config = PPOConfig(output_dir=tempfile.mkdtemp(), num_sample_generations=0, bf16=True,
+                           use_cpu=not torch.cuda.is_available(), **shared)
+        lora = args.variant == "trl_example_lora"
+        policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        reference = None if lora else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        reward_model, value_model = (AutoModelForSequenceClassification.from_pretrained(reward_path) for _ in "rv")
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
                              reward_model=reward_model, value_model=value_model, train_dataset=train,
-                             eval_dataset=held_out)
+                             eval_dataset=held_out,
+                             peft_config=LoraConfig(**LORA, target_modules="all-linear") if lora else None)
     start = time.time()
     trainer.train()
     seconds = time.time() - start
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    weights = {name: sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+               for name, model in (("policy", trainer.policy if hasattr(trainer, "policy") else policy),
+                                   ("reference", trainer.ref_model), ("value", trainer.value_model),
+                                   ("reward", trainer.reward_model)) if model is not None}
+    trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {"variant": args.variant, "episodes": episodes, "train_seconds": seconds,
-            "episodes_per_s": episodes / seconds, "peak_memory_mb": peak,
+            "episodes_per_s": episodes / seconds, "peak_memory_mb": peak, "weights_mb": weights,
+            "trained_parameters": trained, "scores": [e["objective/scores"] for e in trainer.state.log_history
+                                                      if "objective/scores" in e],
             "memory_kind": "GPU max_memory_allocated" if torch.cuda.is_available() else "peak RSS"}
 
 
@@ -85,30 +123,66 @@ def main():
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--response_length", type=int, default=32)
     parser.add_argument("--ppo_epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="repeats, variants interleaved in rotated order")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--json", help="also write every run's numbers here")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
-    results = {}
-    for variant in VARIANTS:
-        print(f"--- {VARIANTS[variant]} ...", flush=True)
-        command = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
-        output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
-        lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
-        if output.returncode != 0 or not lines:
-            sys.exit(f"{variant} failed:\n{output.stdout[-3000:]}\n{output.stderr[-3000:]}")
-        results[variant] = json.loads(lines[-1][len("RESULT "):])
+
+    import platform
+
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {cpu}, {os.cpu_count()} cores | python "
+          f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, trl "
+          f"{trl.__version__}, peft {peft.__version__}\ncommand: python " + " ".join(sys.argv), flush=True)
+    forwarded = ["--model", args.model, "--batch", str(args.batch), "--updates", str(args.updates),
+                 "--response_length", str(args.response_length), "--ppo_epochs", str(args.ppo_epochs)]
+    runs = []
+    for round_index in range(args.rounds):
+        order = args.variants[round_index % len(args.variants):] + args.variants[:round_index % len(args.variants)]
+        for variant in order:
+            command = [sys.executable, __file__, "--variant", variant, *forwarded]
+            output = subprocess.run(command, capture_output=True, text=True,
+                                    env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
+            lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
+            if output.returncode != 0 or not lines:
+                sys.exit(f"{variant} failed:\n{output.stdout[-3000:]}\n{output.stderr[-3000:]}")
+            runs.append({"round": round_index + 1, **json.loads(lines[-1][len("RESULT "):])})
+            print(f"  round {round_index + 1}: {variant} {runs[-1]['episodes_per_s']:.3f} episodes/s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+
+    def spread(values, fmt):
+        mean = sum(values) / len(values)
+        return f"{mean:{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]" if len(values) > 1 else f"{mean:{fmt}}"
+
+    by_variant = {v: [r for r in runs if r["variant"] == v] for v in args.variants}
+    mean = {v: sum(r["episodes_per_s"] for r in rs) / len(rs) for v, rs in by_variant.items()}
     print(f"\nmodel {args.model}, {args.batch} episodes/update x {args.updates} updates, response_length "
-          f"{args.response_length}, {args.ppo_epochs} PPO epochs\n")
-    print(f"| settings | episodes/s | train s | {results['recipe']['memory_kind']} MB |\n|---|---|---|---|")
-    for variant, result in results.items():
-        print(f"| {VARIANTS[variant]} | {result['episodes_per_s']:.3f} | {result['train_seconds']:.1f} | "
-              f"{result['peak_memory_mb']:.0f} |")
-    memory = results["recipe"]["peak_memory_mb"] / results["trl_example"]["peak_memory_mb"]
-    print(f"\npeak memory vs TRL example settings: {memory:.2f}x")
-    speedup = results["recipe"]["episodes_per_s"] / results["trl_example"]["episodes_per_s"]
-    print(f"PPO speedup vs TRL example settings: {speedup:.2f}x")
+          f"{args.response_length}, {args.ppo_epochs} PPO epochs, {args.rounds} round(s): mean [min-max]\n")
+    print(f"| settings | episodes/s | {runs[0]['memory_kind']} MB | weights MB (policy/ref/value/reward) | "
+          "trained parameters |\n|---|---|---|---|---|")
+    for variant, variant_runs in by_variant.items():
+        weights = variant_runs[0]["weights_mb"]
+        print(f"| {VARIANTS[variant]} | {spread([r['episodes_per_s'] for r in variant_runs], '.3f')} | "
+              f"{spread([r['peak_memory_mb'] for r in variant_runs], '.0f')} | "
+              + "/".join(f"{weights[k]:.0f}" if k in weights else "-" for k in ("policy", "reference", "value", "reward"))
+              + f" | {variant_runs[0]['trained_parameters'] / 1e6:.2f}M |")
+    if "recipe" in mean:
+        for base in [v for v in args.variants if v != "recipe"]:
+            print(f"recipe / {base}: {mean['recipe'] / mean[base]:.2f}x episodes/s, peak memory "
+                  f"{sum(r['peak_memory_mb'] for r in by_variant['recipe']) / len(by_variant['recipe']) / (sum(r['peak_memory_mb'] for r in by_variant[base]) / len(by_variant[base])):.2f}x")
+        if "trl_example" in mean:
+            print(f"PPO speedup vs TRL example settings: {mean['recipe'] / mean['trl_example']:.2f}x")
 
 
 if __name__ == "__main__":

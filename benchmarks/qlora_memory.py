@@ -8,8 +8,9 @@ Each configuration runs recipes/sft_lora.py's own main() (default YAML; only max
 eval/save/report overridden) in its own process. Reported per process: the peak RSS over the whole run (VmHWM,
 model loading included) and over training alone (the peak is reset with /proc/self/clear_refs when training
 starts), and on a GPU torch.cuda.max_memory_allocated. QLoRA quantizes every linear layer of the decoder; the
-(tied) embedding stays in fp32 (PEFT's prepare_model_for_kbit_training upcasts it), so the saving grows with the
-share of the model in its linear layers.
+(tied) embedding and the norms stay in the run's dtype (bf16), as in the LoRA run (common.models.
+prepare_quantized_for_training: PEFT's prepare_model_for_kbit_training would upcast them to fp32, and with them the
+residual stream and every activation saved for backward), so the two runs differ only in the linear weights.
 """
 
 import argparse

@@ -394,6 +394,12 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
             lines.append(f"{result['config']}: one profiled step, {profile['self_cpu_seconds']:.1f} CPU-s, "
                          f"{100 * profile['matmul_share']:.0f}% in matmul kernels (GEMM, SDPA); top ops: "
                          + ", ".join(f"{name} {100 * share:.0f}%" for name, share, _ in profile["top_ops"][:8]))
+            # The eager ceiling: step time normalised to 1, of which `matmul_share` in matmul kernels; at the peak
+            # those would take `mfu` (the model FLOPs' time at the peak), the rest staying as measured.
+            mfu, other = result["model_flops_per_s"] / bf16_peak, 1 - profile["matmul_share"]
+            lines.append(f"{result['config']}: MFU {100 * mfu:.1f}%; with its matmul kernels at the measured peak and "
+                         f"the other {100 * other:.0f}% of the step unchanged, MFU would be at most "
+                         f"{100 * mfu / (mfu + other):.0f}%")
     if "recipe" in means:
         for name in means:
             if name != "recipe":

@@ -11,7 +11,9 @@ PPO-ptx, per-update logs, guards and resumable checkpoints (common/ppo_trainer.p
 
 Policy: the SFT model (an SFT LoRA adapter is merged into its base), trained with a fresh LoRA adapter; the frozen
 reference is the same weights with that adapter disabled (no second copy). With use_peft: false the policy is
-fully trained and TRL keeps a frozen copy as the reference. Value model: initialised from the reward model.
+fully trained and TRL keeps a frozen copy as the reference. Value model: initialised from the reward model, and
+with use_peft trained the same way (frozen backbone + LoRA, score head trained). Frozen weights (base, reference,
+reward model, value backbone) are stored in `dtype`; the loop runs under bf16 autocast (`bf16: true`).
 Rewards: the reward model's score at the answer's EOS, centred by the offset stored with it. Prompts are rendered
 like SFT (prompt_format) and the reward model must use the policy's tokenizer. Rerunning the same command
 resumes from the newest complete checkpoint (policy, value model, optimizer, scheduler, RNG, update count).
@@ -22,17 +24,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForSequenceClassification
 from trl.experimental.ppo import PPOConfig
 
 from common.callbacks import explain_save_errors, guard_trainer, last_complete_checkpoint
 from common.config import run
 from common.data import read_rows, sft_rows, tokenize_sft
-from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path, torch_dtype
 from common.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer
 from common.preferences import check_prompt_format, save_stage_info
 from common.reporting import write_training_report
-from common.reward import load_reward_model
+from common.reward import load_reward_model, load_value_model
 from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
                        merged_model, prompt_dataset, save_json, warn_on_ppo_trouble)
 
@@ -76,9 +77,8 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
 
     # Models: policy (SFT), reward model (frozen, centred), value model (initialised from the reward model)
     policy = load_model(model_args, tokenizer)
-    reward_model = load_reward_model(reward_path)
-    value_model = AutoModelForSequenceClassification.from_pretrained(reward_path, dtype=torch.float32,
-                                                                     use_safetensors=True)
+    reward_model = load_reward_model(reward_path, dtype=torch_dtype(model_args))  # frozen: the policy's dtype
+    value_model = load_value_model(reward_path, model_args, dtype=torch_dtype(model_args))
     probe = eval_dataset[0]["input_ids"]
     probe_logits = policy(input_ids=torch.tensor([probe])).logits[0, -1].detach().clone()
 

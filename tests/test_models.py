@@ -112,3 +112,17 @@ def test_resuming_from_another_runs_checkpoint_is_refused(tmp_path):
     check_checkpoint_matches(tmp_path / "full" / "checkpoint-2", tiny_model("llama"))
     with pytest.raises(ModelLoadError, match="different run.*gpt2"):
         check_checkpoint_matches(tmp_path / "full" / "checkpoint-2", tiny_model("gpt2"))
+
+
+@pytest.mark.parametrize("dtype, norm_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float32)])
+def test_qlora_keeps_bf16_norms_and_embeddings(tiny_llama_dir, dtype, norm_dtype):
+    """PEFT's prepare_model_for_kbit_training would upcast them to fp32, making every activation fp32 and QLoRA's
+    peak memory higher than LoRA's (benchmarks/qlora_memory.py); only fp16 ones are upcast (fp16 norms overflow)."""
+    import bitsandbytes as bnb
+
+    model = load_model(ModelArguments(model_name_or_path=tiny_llama_dir, load_in_4bit=True, dtype=dtype),
+                       load_tokenizer(tiny_llama_dir))
+    assert any(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
+    assert model.get_input_embeddings().weight.dtype == norm_dtype
+    assert model.model.norm.weight.dtype == norm_dtype
+    assert not any(param.requires_grad for param in model.parameters())

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.config import ConfigError, parse_config
-from common.models import ModelArguments, ModelLoadError
+from common.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_config
 from common.preferences import save_stage_info
 from conftest import run_recipe
 
@@ -112,3 +112,53 @@ def test_refuses_adapter_without_its_base(tmp_path, reward_dir):
     with pytest.raises(ModelLoadError, match="is a LoRA adapter whose base model '/nowhere/base-model' cannot be"):
         run_ppo_main("--model_name_or_path", str(adapter), "--reward_model_path", reward_dir,
                      "--on_weak_reward_model", "warn", "--output_dir", str(tmp_path / "out"))
+
+
+def test_value_model_is_lora_with_an_fp32_head_and_merges_keep_small_updates(tiny_llama_dir, reward_dir):
+    """With use_peft the value model trains only LoRA weights and the score head (fp32) over a bf16 backbone, and
+    still runs without autocast; a policy trained over bf16 weights is merged into the checkpoint's fp32 weights,
+    so an update smaller than bf16's rounding step survives the merge."""
+    from peft import get_peft_model
+
+    from common.reward import load_value_model
+    from common.rl import merged_model
+
+    model_args = ModelArguments(model_name_or_path=tiny_llama_dir, use_peft=True, lora_r=4, lora_alpha=8,
+                                dtype="bfloat16")
+    value_model = load_value_model(reward_dir, model_args, dtype=torch.bfloat16)
+    trained = {name: param for name, param in value_model.named_parameters() if param.requires_grad}
+    assert trained and all("lora_" in name or "score" in name for name in trained)
+    assert all(param.dtype == torch.float32 for param in trained.values())
+    assert any("score" in name for name in trained)
+    assert value_model.model.embed_tokens.weight.dtype == torch.bfloat16
+    hidden = value_model.model(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state
+    assert value_model.score(hidden).dtype == torch.float32  # no autocast: bf16 hidden state into the fp32 head
+
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    policy = get_peft_model(load_model(model_args, tokenizer), lora_config(model_args, load_model(model_args, tokenizer)))
+    layer = policy.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(1e-5)  # an update of ~1e-5: below bf16's step (~1e-4) near 0.02
+        update = layer.get_delta_weight("default").float()
+    merged = merged_model(policy, model_args, tokenizer)
+    base = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight - base, update, atol=1e-8, rtol=1e-3)
+
+
+def test_training_autocast_sees_each_optimizer_step():
+    """The autocast around PPO's whole loop must not reuse bf16 weight copies made before an optimizer step (the
+    autocast cache does, until the region exits): the policy would be trained on forwards of its first weights."""
+    from common.ppo_trainer import training_autocast
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    with training_autocast("cpu", enabled=True):
+        before = layer(x)
+        assert before.dtype == torch.bfloat16
+        before.float().pow(2).sum().backward()
+        optimizer.step()
+        after = layer(x)
+    assert not torch.equal(before, after)

@@ -107,3 +107,59 @@ def test_enable_fast_training_in_sft_trainer(tmp_path, restore_trl_loss, smollm2
         assert "position_ids" in batch and batch["input_ids"].shape[0] == 1  # padding-free packed row
         losses.append(trainer.compute_loss(trainer.model, batch))
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_dropout_is_dropout():
+    """FastDropout drops with probability p (each of the four 16-bit lanes of a 64-bit draw alike), scales the kept
+    values by 1/(1-p), repeats under the same seed, passes gradients through the same mask, and is the identity in
+    eval mode."""
+    dropout = speed.FastDropout(0.1).train()
+    torch.manual_seed(0)
+    out = dropout(torch.ones(1000, 1000))
+    dropped = (out == 0).float()
+    assert dropped.mean().item() == pytest.approx(0.1, abs=2e-3)
+    assert torch.allclose(dropped.flatten().view(-1, 4).mean(0), torch.full((4,), 0.1), atol=3e-3)
+    assert torch.equal(out[out != 0], torch.full_like(out[out != 0], 1 / 0.9))
+    torch.manual_seed(0)
+    assert torch.equal(dropout(torch.ones(1000, 1000)), out)
+    x = torch.randn(30, 40, requires_grad=True)
+    y = dropout(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() / 0.9)
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_fast_lora_dropout_swaps_only_lora_dropouts():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.05, target_modules=["q_proj", "down_proj"]))
+    assert speed.use_fast_lora_dropout(model) == 4  # 2 layers x 2 targets
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(isinstance(m, speed.FastDropout) and m.p == 0.05 for m in dropouts)
+    assert speed.use_fast_lora_dropout(get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.0))) == 0
+
+
+def test_lora_folded_for_sampling_gives_the_adapter_model_and_restores_the_base():
+    """Inside the context every LoRA linear runs its base layer alone, with the update folded into a temporary
+    weight: same logits as the adapter path; afterwards the original base weights are back, bit for bit."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    bases = {id(m): (m.base_layer.weight, m.base_layer.weight.data.clone()) for m in layers}
+    ids = torch.tensor([[3, 17, 42, 99, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with speed.lora_folded_for_sampling(model):
+            assert all(m.merged for m in layers)
+            folded = model(input_ids=ids).logits
+        with model.disable_adapter():
+            reference = model(input_ids=ids).logits
+    torch.testing.assert_close(folded, expected, atol=1e-4, rtol=1e-4)
+    assert not (reference - expected).abs().max() < 1e-3  # the adapter does change the logits
+    for m in layers:
+        weight, values = bases[id(m)]
+        assert not m.merged and m.base_layer.weight is weight and torch.equal(weight.data, values)

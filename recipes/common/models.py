@@ -220,7 +220,8 @@ def check_context_length(model_config, length: int, option: str, model_name: str
                           f"lower {option}{hint}")
 
 
-def _dtype(model_args: ModelArguments):
+def torch_dtype(model_args: ModelArguments):
+    """The `dtype` argument for from_pretrained: a torch dtype, or "auto" (the checkpoint's own)."""
     if model_args.dtype in (None, "auto"):
         return "auto"
     return getattr(torch, model_args.dtype)
@@ -255,7 +256,7 @@ def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None 
     base = adapter_base(path)
     loader = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
     kwargs = dict(
-        dtype=_dtype(model_args),
+        dtype=torch_dtype(model_args),
         trust_remote_code=trust_remote_code,
         revision=model_args.model_revision,
         attn_implementation=model_args.attn_implementation,
@@ -288,11 +289,20 @@ def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None 
             model = load_adapter(model, path).merge_and_unload()
     ensure_pad_token(tokenizer, model)
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        from peft import prepare_model_for_kbit_training
-
         keep_4bit_layers_trainable(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        prepare_quantized_for_training(model)
     return model
+
+
+def prepare_quantized_for_training(model) -> None:
+    """Freeze the quantized base. Unlike PEFT's prepare_model_for_kbit_training, bf16 norms and embeddings stay
+    bf16: upcasting them to fp32 makes the residual stream, and every activation saved for backward, fp32, which on
+    a small model costs more memory than 4-bit weights save (benchmarks/qlora_memory.py). fp16 ones are still
+    upcast, since fp16 norms overflow."""
+    model.requires_grad_(False)
+    for param in model.parameters():
+        if param.dtype == torch.float16 and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
 
 
 def keep_4bit_layers_trainable(model) -> None:

@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl.experimental.ppo import PPOTrainer
 
+from common.speed import LoraInputsInComputeDtype, lora_folded_for_sampling
+
 VALUE_WEIGHTS = "value_model.safetensors"  # written last: a checkpoint without it is never resumed
 
 
@@ -62,6 +64,13 @@ class _ResumeState(TrainerCallback):
         state.max_steps, state.log_history = self.resumed["max_steps"], self.resumed["log_history"]
 
 
+def training_autocast(device_type: str, enabled: bool):
+    """bf16 autocast for a whole training loop, optimizer steps included. Its weight-cast cache is off: autocast
+    caches the bf16 copy of every fp32 weight that requires grad until the outermost autocast region exits, so
+    with the cache on, every forward after an optimizer step would still use the weights of the first forward."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
 class RecipePPOTrainer(PPOTrainer):
     def __init__(self, *args, ptx_examples=None, ptx_coef=0.0, ptx_batch_size=4, sample_prompts=(),
                  sample_every=0, on_log=None, **kwargs):
@@ -77,9 +86,10 @@ class RecipePPOTrainer(PPOTrainer):
 
         def timed_generate(*gen_args, **gen_kwargs):  # time and response lengths of the rollouts
             start = time.time()
-            # Sampling runs outside the bf16 autocast of train(): autocast re-casts every weight on every forward,
-            # which costs more than it saves when each forward is one token (as under accelerate's mixed precision).
-            with torch.autocast(self.accelerator.device.type, enabled=False):
+            # Sampling runs outside the bf16 autocast of train() (autocast re-casts every fp32 weight on every
+            # forward, which costs more than it saves when each forward is one token), in the weights' own dtype,
+            # with the LoRA updates folded into temporary base weights.
+            with torch.autocast(self.accelerator.device.type, enabled=False), lora_folded_for_sampling(self.policy):
                 output = generate(*gen_args, **gen_kwargs)
             if not self._sampling:
                 self._generation_s += time.time() - start
@@ -91,13 +101,15 @@ class RecipePPOTrainer(PPOTrainer):
             return output
 
         self.policy.generate = timed_generate
+        if self.args.bf16:  # under train()'s autocast, LoRA inputs need no cast to fp32 and back (common/speed.py)
+            self.add_callback(LoraInputsInComputeDtype(self.accelerator.unwrap_model(self.model)))
 
     def train(self):
         self._generation_s, self._lengths, self._update_start = 0.0, [], time.time()
         # TRL's PPOTrainer builds its own Accelerator without the config's mixed precision, so `bf16: true` is
         # silently ignored; an autocast around the loop gives scoring and updates ~3x faster matmuls on CPUs with
         # bf16 units (generation is excluded, see timed_generate).
-        with torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=bool(self.args.bf16)):
+        with training_autocast(self.accelerator.device.type, enabled=bool(self.args.bf16)):
             return super().train()
 
     def log(self, logs: dict, start_time: float | None = None) -> None:

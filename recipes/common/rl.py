@@ -114,17 +114,19 @@ def check_policy_path(name: str) -> None:
 
 
 def merged_model(model, model_args: ModelArguments, tokenizer, num_labels: int | None = None):
-    """A trained model as one plain transformers model: a LoRA adapter merged into its base. A QLoRA adapter is
-    merged into the base reloaded at full precision (merging into 4-bit weights would round them)."""
+    """A trained model as one plain transformers model: a LoRA adapter merged into its base. When training held
+    the base in 4/8 bits or in a dtype other than the checkpoint's (bf16 frozen weights), the adapter is merged
+    into the base reloaded in the checkpoint's own dtype: merging into rounded weights would round a small update
+    away."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
         return model
-    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+    if not (model_args.load_in_4bit or model_args.load_in_8bit or model_args.dtype not in (None, "auto")):
         return model.merge_and_unload()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        full = replace(model_args, load_in_4bit=False, load_in_8bit=False)
+        full = replace(model_args, load_in_4bit=False, load_in_8bit=False, dtype="auto")
         base = load_model(full, tokenizer, num_labels=num_labels)
         return load_adapter(base, tmp).merge_and_unload()
 
