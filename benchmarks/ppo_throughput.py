@@ -99,6 +99,18 @@ def run_variant(args) -> dict:
                              reward_model=reward_model, value_model=value_model, train_dataset=train,
                              eval_dataset=held_out,
                              peft_config=LoraConfig(**LORA, target_modules="all-linear") if lora else None)
+    # Time the rollouts' sampling apart from the rest (scoring and PPO epochs): TRL calls this module-level function
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+
+    sampling, batch_generation = [0.0], trl_ppo.batch_generation
+
+    def timed_batch_generation(*gen_args, **gen_kwargs):
+        begin = time.time()
+        output = batch_generation(*gen_args, **gen_kwargs)
+        sampling[0] += time.time() - begin
+        return output
+
+    trl_ppo.batch_generation = timed_batch_generation
     start = time.time()
     trainer.train()
     seconds = time.time() - start
@@ -109,7 +121,7 @@ def run_variant(args) -> dict:
                                    ("reference", trainer.ref_model), ("value", trainer.value_model),
                                    ("reward", trainer.reward_model)) if model is not None}
     trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"variant": args.variant, "episodes": episodes, "train_seconds": seconds,
+    return {"variant": args.variant, "episodes": episodes, "train_seconds": seconds, "sampling_seconds": sampling[0],
             "episodes_per_s": episodes / seconds, "peak_memory_mb": peak, "weights_mb": weights,
             "trained_parameters": trained, "scores": [e["objective/scores"] for e in trainer.state.log_history
                                                       if "objective/scores" in e],
@@ -169,11 +181,13 @@ def main():
     mean = {v: sum(r["episodes_per_s"] for r in rs) / len(rs) for v, rs in by_variant.items()}
     print(f"\nmodel {args.model}, {args.batch} episodes/update x {args.updates} updates, response_length "
           f"{args.response_length}, {args.ppo_epochs} PPO epochs, {args.rounds} round(s): mean [min-max]\n")
-    print(f"| settings | episodes/s | {runs[0]['memory_kind']} MB | weights MB (policy/ref/value/reward) | "
-          "trained parameters |\n|---|---|---|---|---|")
+    print(f"| settings | episodes/s | s/update sampling | s/update rest | {runs[0]['memory_kind']} MB | weights MB "
+          "(policy/ref/value/reward) | trained parameters |\n|---|---|---|---|---|---|---|")
     for variant, variant_runs in by_variant.items():
         weights = variant_runs[0]["weights_mb"]
         print(f"| {VARIANTS[variant]} | {spread([r['episodes_per_s'] for r in variant_runs], '.3f')} | "
+              f"{spread([r['sampling_seconds'] / args.updates for r in variant_runs], '.2f')} | "
+              f"{spread([(r['train_seconds'] - r['sampling_seconds']) / args.updates for r in variant_runs], '.2f')} | "
               f"{spread([r['peak_memory_mb'] for r in variant_runs], '.0f')} | "
               + "/".join(f"{weights[k]:.0f}" if k in weights else "-" for k in ("policy", "reference", "value", "reward"))
               + f" | {variant_runs[0]['trained_parameters'] / 1e6:.2f}M |")
@@ -182,6 +196,11 @@ def main():
             print(f"recipe / {base}: {mean['recipe'] / mean[base]:.2f}x episodes/s, peak memory "
                   f"{sum(r['peak_memory_mb'] for r in by_variant['recipe']) / len(by_variant['recipe']) / (sum(r['peak_memory_mb'] for r in by_variant[base]) / len(by_variant[base])):.2f}x")
         if "trl_example" in mean:
+            phase = lambda v, key: sum(key(r) for r in by_variant[v]) / len(by_variant[v])  # noqa: E731
+            sampling = lambda r: r["sampling_seconds"]  # noqa: E731
+            rest = lambda r: r["train_seconds"] - r["sampling_seconds"]  # noqa: E731
+            print(f"recipe / trl_example per phase: sampling {phase('trl_example', sampling) / phase('recipe', sampling):.2f}x "
+                  f"faster, scoring + PPO epochs {phase('trl_example', rest) / phase('recipe', rest):.2f}x faster")
             print(f"PPO speedup vs TRL example settings: {mean['recipe'] / mean['trl_example']:.2f}x")
 
 
