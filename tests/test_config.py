@@ -42,3 +42,29 @@ def test_unknown_flag_missing_file_and_bad_value(tmp_path):
         parse_config(TYPES, DEFAULT, ["--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(ConfigError, match="per_device_train_batch_size must be positive, got 0"):
         parse_config(TYPES, DEFAULT, ["--per_device_train_batch_size", "0"])
+
+
+def test_single_cpu_process_under_accelerate_launch_uses_every_core(monkeypatch):
+    """`accelerate launch` without a config on a CPU-only machine sets OMP_NUM_THREADS=1 for its one process."""
+    import os
+
+    import torch
+
+    from common.config import use_all_cores_under_accelerate
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("needs 2+ cores")
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # several CPU processes: accelerate's split is kept
+        torch.set_num_threads(1)
+        use_all_cores_under_accelerate()
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("WORLD_SIZE")
+        use_all_cores_under_accelerate()
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(threads)

@@ -2,6 +2,7 @@
 A recipe run with no `--config` uses its default YAML, so `python recipes/X.py` runs the embedded demo."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def run(main, dataclass_types, default_config: str | None = None) -> None:
     from transformers import HfArgumentParser
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    use_all_cores_under_accelerate()
     try:
         if default_config is None:
             main(*HfArgumentParser(dataclass_types).parse_args_into_dataclasses())
@@ -78,3 +80,20 @@ def check_values(config, config_path: str) -> None:
         value = getattr(config, name, None)
         if value is not None and (value < 0 or (value == 0 and name != "learning_rate")):
             raise ConfigError(f"{config_path}: {name} must be positive, got {value}")
+
+
+def use_all_cores_under_accelerate() -> None:
+    """`accelerate launch script.py` with no config on a machine without a GPU counts 0 processes, skips its CPU
+    thread heuristic and starts the one process with OMP_NUM_THREADS=1: half the speed of a 2-core CPU. Such a
+    single CPU process gets every core it may run on. Several processes (accelerate_configs/cpu.yaml) keep the
+    split accelerate chose, and so does `--num_cpu_threads_per_process N` for N > 1."""
+    import torch
+
+    launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    if (launched_by_accelerate and os.environ.get("OMP_NUM_THREADS") == "1"
+            and int(os.environ.get("WORLD_SIZE", "1")) == 1 and not _has_accelerator()):
+        cores = len(os.sched_getaffinity(0))
+        if cores > 1 and torch.get_num_threads() == 1:
+            torch.set_num_threads(cores)
+            logging.getLogger(__name__).info(
+                "accelerate launch set OMP_NUM_THREADS=1 for this single CPU process; using all %d cores", cores)
