@@ -86,7 +86,7 @@ def run_variant(args) -> dict:
         trainer = RecipePPOTrainer(
             args=config, processing_class=tokenizer, model=policy, ref_model=None,
             reward_model=load_reward_model(reward_path, dtype=torch_dtype(model_args)),
-            value_model=load_value_model(reward_path, model_args, dtype=torch_dtype(model_args)),
+            value_model=load_value_model(reward_path, model_args),
             train_dataset=train, eval_dataset=held_out, peft_config=lora_config(model_args, policy))
     else:
         config = PPOConfig(output_dir=tempfile.mkdtemp(), num_sample_generations=0, bf16=True,

@@ -78,7 +78,7 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     # Models: policy (SFT), reward model (frozen, centred), value model (initialised from the reward model)
     policy = load_model(model_args, tokenizer)
     reward_model = load_reward_model(reward_path, dtype=torch_dtype(model_args))  # frozen: the policy's dtype
-    value_model = load_value_model(reward_path, model_args, dtype=torch_dtype(model_args))
+    value_model = load_value_model(reward_path, model_args)
     probe = eval_dataset[0]["input_ids"]
     probe_logits = policy(input_ids=torch.tensor([probe])).logits[0, -1].detach().clone()
 

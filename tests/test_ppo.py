@@ -125,7 +125,7 @@ def test_value_model_is_lora_with_an_fp32_head_and_merges_keep_small_updates(tin
 
     model_args = ModelArguments(model_name_or_path=tiny_llama_dir, use_peft=True, lora_r=4, lora_alpha=8,
                                 dtype="bfloat16")
-    value_model = load_value_model(reward_dir, model_args, dtype=torch.bfloat16)
+    value_model = load_value_model(reward_dir, model_args)
     trained = {name: param for name, param in value_model.named_parameters() if param.requires_grad}
     assert trained and all("lora_" in name or "score" in name for name in trained)
     assert all(param.dtype == torch.float32 for param in trained.values())

@@ -11,7 +11,7 @@ from trl import RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from common.metrics import reward_scores
-from common.models import ModelLoadError, lora_config
+from common.models import ModelLoadError, lora_config, torch_dtype
 
 REWARD_OFFSET_KEY = "reward_offset"  # in the reward model's config.json: subtracted from every score
 
@@ -117,17 +117,17 @@ def load_reward_model(path: str, dtype=torch.float32, trust_remote_code: bool = 
     return model.eval()
 
 
-def load_value_model(path: str, model_args, dtype=torch.float32):
-    """PPO's value model, initialised from the reward model at `path`. With `use_peft` it is trained like the policy:
-    a frozen backbone in `dtype` with LoRA adapters (same rank and targets) and a score head trained in fp32, so
-    training keeps no fp32 master copy, gradients or AdamW state of the backbone (TRL's PPO with PEFT once shared
-    the policy's adapted backbone for the same reason). Without it, every weight is trained in fp32. Returned as
+def load_value_model(path: str, model_args):
+    """PPO's value model, initialised from the reward model at `path`. With `use_peft` it is trained like the
+    policy: a frozen backbone in `model_args.dtype` with LoRA adapters (same rank and targets) and a score head
+    trained in fp32, so training keeps no fp32 master copy, gradients or AdamW state of the backbone (TRL's PPO with
+    PEFT once shared the policy's adapted backbone for the same reason). Without it, every weight is trained in fp32. Returned as
     the plain transformers model with the adapters inside, since TRL reads its backbone and `score` head directly."""
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=dtype if model_args.use_peft else torch.float32, use_safetensors=True)
+        path, dtype=torch_dtype(model_args) if model_args.use_peft else torch.float32, use_safetensors=True)
     if not model_args.use_peft:
         return model
     adapted = get_peft_model(model, lora_config(model_args, model, task_type="SEQ_CLS"))  # score: modules_to_save
@@ -135,6 +135,6 @@ def load_value_model(path: str, model_args, dtype=torch.float32):
         if param.requires_grad:
             param.data = param.data.float()
     model = adapted.base_model.model
-    # TRL feeds the backbone's last hidden state (in `dtype` when not under autocast) straight to the fp32 head
+    # TRL feeds the backbone's last hidden state (in that dtype when not under autocast) straight to the fp32 head
     model.score.register_forward_pre_hook(lambda head, inputs: tuple(x.float() for x in inputs))
     return model
