@@ -5,7 +5,6 @@ batch 4) in bf16 vs fp32. Not a test.
     python benchmarks/cpu_kernels.py
 """
 
-import platform
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+from bench_utils import machine  # noqa: E402
 from common.speed import FastDropout  # noqa: E402
 
 HIDDEN, INTERMEDIATE, TOKENS = 576, 1536, 2048  # SmolLM2-135M's widths, one packed 4 x 512-token batch
@@ -28,10 +28,7 @@ def milliseconds(function, repeats: int = 20) -> float:
 
 
 def main():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {cpu}, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}\n")
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {machine()} | torch {torch.__version__}\n")
     torch.manual_seed(0)
     x = torch.randn(TOKENS, HIDDEN, dtype=torch.bfloat16)
     weight = torch.randn(INTERMEDIATE, HIDDEN, dtype=torch.bfloat16)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "recipes"))
+from bench_utils import machine, spread, versions  # noqa: E402
 VARIANTS = {"trl_example": "TRL PPO example settings", "trl_example_lora": "TRL PPO example + --use_peft",
             "recipe": "our recipe (recipes/ppo.py settings)"}
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
@@ -144,18 +145,8 @@ def main():
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
 
-    import platform
-
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {cpu}, {os.cpu_count()} cores | python "
-          f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, trl "
-          f"{trl.__version__}, peft {peft.__version__}\ncommand: python " + " ".join(sys.argv), flush=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {machine()} | {versions()}\ncommand: python "
+          + " ".join(sys.argv), flush=True)
     forwarded = ["--model", args.model, "--batch", str(args.batch), "--updates", str(args.updates),
                  "--response_length", str(args.response_length), "--ppo_epochs", str(args.ppo_epochs)]
     runs = []
@@ -172,10 +163,6 @@ def main():
             print(f"  round {round_index + 1}: {variant} {runs[-1]['episodes_per_s']:.3f} episodes/s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-
-    def spread(values, fmt):
-        mean = sum(values) / len(values)
-        return f"{mean:{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]" if len(values) > 1 else f"{mean:{fmt}}"
 
     by_variant = {v: [r for r in runs if r["variant"] == v] for v in args.variants}
     mean = {v: sum(r["episodes_per_s"] for r in rs) / len(rs) for v, rs in by_variant.items()}

@@ -28,7 +28,6 @@ MFU is model FLOPs per second over the best bf16 matmul throughput measured in t
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "recipes"))
+from bench_utils import machine, spread, versions  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -319,27 +319,6 @@ def base_eval() -> dict:
 
 # ---------------------------------------------------------------------------------------------------- driver
 
-def versions() -> dict:
-    import accelerate
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__}
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (GPU)"
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return f"{model}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
-
-
 def spawn(task: str, args, result_file: Path) -> dict:
     command = [sys.executable, __file__, "--worker", task, "--tokens", str(args.tokens), "--result", str(result_file),
                "--model", args.model]
@@ -358,11 +337,6 @@ def spawn(task: str, args, result_file: Path) -> dict:
     result = json.loads(result_file.read_text())
     print(f"  {task}: done in {time.time() - started:.0f} s", flush=True)
     return result
-
-
-def spread(values: list[float], form: str = ".4g") -> str:
-    mean = sum(values) / len(values)
-    return f"{mean:{form}}" if len(values) == 1 else f"{mean:{form}} [{min(values):{form}}-{max(values):{form}}]"
 
 
 def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:

@@ -1,0 +1,31 @@
+"""What every benchmark prints the same way: the machine, the library versions, and a mean with its range."""
+
+import os
+import platform
+
+
+def versions() -> dict:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (GPU)"
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return f"{model}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+
+
+def spread(values: list[float], form: str = ".4g") -> str:
+    """The mean, and [min-max] when there is more than one value."""
+    mean = sum(values) / len(values)
+    return f"{mean:{form}}" if len(values) == 1 else f"{mean:{form}} [{min(values):{form}}-{max(values):{form}}]"
