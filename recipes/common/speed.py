@@ -86,7 +86,7 @@ def use_fast_lora_dropout(model) -> int:
     """Swap every LoRA dropout (nn.Dropout with p > 0) of a PEFT model for FastDropout; returns how many."""
     swapped = 0
     for module in model.modules():
-        if isinstance(module, BaseTunerLayer) and hasattr(module, "lora_dropout"):
+        if isinstance(module, LoraLayer):
             for name, dropout in module.lora_dropout.items():
                 if type(dropout) is torch.nn.Dropout and dropout.p > 0:
                     module.lora_dropout[name] = FastDropout(dropout.p)
