@@ -16,12 +16,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import TextStreamer
 
 from common.config import run
 from common.generation import PROMPT_FORMATS, build_prompt, generate
 from common.models import load_adapter, load_for_inference
+from common.precision import inference_dtype
 
 
 @dataclass
@@ -35,7 +35,8 @@ class ChatArguments:
     system: str | None = field(default=None, metadata={"help": "A system message opening the conversation."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest answer in tokens."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 is greedy decoding."})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 (faster on recent CPUs) or float16."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware computes it natively, else "
+                                                         "fp16 on CUDA or fp32), float32, bfloat16 or float16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the checkpoint."})
 
 
@@ -52,7 +53,7 @@ def saved_prompt_format(*model_paths: str | None) -> str:
 def main(args: ChatArguments):
     if args.prompt_format not in ("auto", *PROMPT_FORMATS):
         raise SystemExit(f"--prompt_format must be auto or one of {PROMPT_FORMATS}, not {args.prompt_format!r}")
-    tokenizer, model = load_for_inference(args.model_name_or_path, args.trust_remote_code, getattr(torch, args.dtype))
+    tokenizer, model = load_for_inference(args.model_name_or_path, args.trust_remote_code, inference_dtype(args.dtype))
     if args.adapter_path:
         model = load_adapter(model, args.adapter_path).eval()
     prompt_format = (saved_prompt_format(args.adapter_path, args.model_name_or_path)

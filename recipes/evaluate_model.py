@@ -34,6 +34,7 @@ from common.generation import stop_token_ids
 from common.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores, sample_answers,
                             win_rate)
 from common.models import load_for_inference, load_tokenizer
+from common.precision import inference_dtype
 from common.preferences import (encode_prompt, encode_response, read_rankings, read_stage_info,
                                 tokenize_rankings)
 from common.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
@@ -66,7 +67,8 @@ class EvaluationConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 is greedy."})
     batch_size: int = field(default=8)
     seed: int = field(default=42, metadata={"help": "Split seed (SFT's) and sampling seed (+ model index)."})
-    dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 (3x faster on CPU)."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 where the hardware computes it natively, else "
+                                                         "fp16 on CUDA or fp32), float32 or bfloat16."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is present."})
 
 
@@ -85,7 +87,7 @@ def parse_models(specs: list[str]) -> dict[str, str]:
 def evaluate_policy(name: str, path: str, index: int, config, eval_examples, prompts_of,
                     device) -> tuple[dict, list]:
     """Perplexity, sampled answers and their diversity for one model."""
-    tokenizer, model = load_for_inference(path, dtype=getattr(torch, config.dtype))
+    tokenizer, model = load_for_inference(path, dtype=inference_dtype(config.dtype, config.use_cpu))
     model.to(device)
     tokenized = [tokenize_example(e, tokenizer, f"{config.dataset_name}: held-out example {i}")
                  for i, e in enumerate(eval_examples, start=1)]
@@ -135,7 +137,7 @@ def main(config: EvaluationConfig):
     # Reward model: accuracy on held-out preferences, scores of every model's answers, win-rates
     if config.reward_model:
         rm_tokenizer = load_tokenizer(config.reward_model)
-        reward_model = load_reward_model(config.reward_model, getattr(torch, config.dtype)).to(device)  # centred
+        reward_model = load_reward_model(config.reward_model, inference_dtype(config.dtype, config.use_cpu)).to(device)  # centred
         prompt_format = read_stage_info(config.reward_model).get("prompt_format", config.prompt_format)
         if config.preference_dataset:
             rankings = read_rankings(read_rows(config.preference_dataset), config.preference_dataset)

@@ -23,7 +23,9 @@ class MergeArguments:
     adapter_path: str = field(default="outputs/sft-smollm2-alpaca-lora",
                               metadata={"help": "Directory of the adapter (adapter_config.json names its base)."})
     output_dir: str | None = field(default=None, metadata={"help": "Where to save; default <adapter_path>-merged."})
-    dtype: str = field(default="float32", metadata={"help": "Precision of the merged weights: float32 or bfloat16."})
+    dtype: str = field(default="auto", metadata={"help": "Precision of the merged weights: auto (the base checkpoint's "
+                                                         "own), float32 or bfloat16. Not the hardware's choice: the "
+                                                         "saved model is the same on every machine."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with the base."})
 
 
@@ -35,7 +37,7 @@ def main(args: MergeArguments) -> str:
         raise ModelLoadError("--output_dir must differ from --adapter_path")
 
     print(f"Loading {args.adapter_path} on its base ({adapter_base(args.adapter_path)}) in {args.dtype}", flush=True)
-    tokenizer, model = load_for_inference(args.adapter_path, args.trust_remote_code, getattr(torch, args.dtype))
+    tokenizer, model = load_for_inference(args.adapter_path, args.trust_remote_code, args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
     merged = model.merge_and_unload()
 
     merged.save_pretrained(output_dir, safe_serialization=True)

@@ -3,6 +3,7 @@ command, and the inputs PPO must refuse before any training."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -155,7 +156,7 @@ def test_training_autocast_sees_each_optimizer_step():
     layer = torch.nn.Linear(8, 8)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
     x = torch.randn(4, 8)
-    with training_autocast("cpu", enabled=True):
+    with training_autocast("cpu", SimpleNamespace(bf16=True, fp16=False)):
         before = layer(x)
         assert before.dtype == torch.bfloat16
         before.float().pow(2).sum().backward()

@@ -49,6 +49,10 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
     config_path = args[args.index("--config") + 1]
     if not Path(config_path).is_file():
         raise ConfigError(f"config file not found: {config_path}")
+    command_line = {item[2:].split("=", 1)[0] for item in args if item.startswith("--")} - {"config", "use_cpu"}
+    precision = None
+    if any("bf16" in dataclass.__dataclass_fields__ for dataclass in dataclass_types):
+        precision, args = resolve_precision_flags(args, config_path)
     parser = TrlParser(dataclass_types)
     try:
         *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
@@ -59,7 +63,9 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
         raise ConfigError(f"{config_path} or the command line sets unknown option(s) {unknown}; "
                           f"run with --help for the options")
     for instance in parsed:
-        check_values(instance, config_path)
+        check_values(instance, config_path, command_line)
+    if precision is not None:
+        resolve_weights_dtype(parsed, precision)
     seed = next((instance.seed for instance in parsed if hasattr(instance, "seed")), None)
     if seed is not None:
         # The Trainer seeds only when built, after LoRA weights and reward heads are drawn: seed now, so that
@@ -74,12 +80,65 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def check_values(config, config_path: str) -> None:
-    """Catch values the libraries would accept silently or fail on deep inside."""
+def check_values(config, config_path: str, command_line: set[str] = frozenset()) -> None:
+    """Catch values the libraries would accept silently or fail on deep inside. The error names where the value
+    came from: the command line or the YAML."""
     for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length"):
         value = getattr(config, name, None)
         if value is not None and (value < 0 or (value == 0 and name != "learning_rate")):
-            raise ConfigError(f"{config_path}: {name} must be positive, got {value}")
+            where = f"command-line option --{name}" if name in command_line else f"{config_path}: {name}"
+            raise ConfigError(f"{where} must be positive, got {value}")
+
+
+def _last_setting(args: list[str], config: dict, name: str):
+    """The value of option `name` as the user set it: its last command-line occurrence, else the YAML's."""
+    value = config.get(name)
+    for index, item in enumerate(args):
+        if item == f"--{name}" and index + 1 < len(args):
+            value = args[index + 1]
+        elif item.startswith(f"--{name}="):
+            value = item.split("=", 1)[1]
+    return value
+
+
+def _without_option(args: list[str], name: str) -> list[str]:
+    kept, skip = [], False
+    for item in args:
+        if skip:
+            skip = False
+        elif item == f"--{name}":
+            skip = True
+        elif not item.startswith(f"--{name}="):
+            kept.append(item)
+    return kept
+
+
+def resolve_precision_flags(args: list[str], config_path: str):
+    """Replace `bf16`/`fp16` set to auto (or unset) in the YAML or on the command line by the precision decision
+    for this hardware (common/precision.py); explicit true/false stay. Prints the choice once."""
+    import yaml
+
+    from common.precision import choose_precision, detect_capability, parse_flag
+
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    try:
+        requested = {name: parse_flag(_last_setting(args, config, name)) for name in ("bf16", "fp16")}
+    except ConfigError as error:
+        raise ConfigError(f"{config_path} or the command line: bf16/fp16: {error}") from None
+    use_cpu = parse_flag(_last_setting(args, config, "use_cpu")) or not _has_accelerator()
+    precision = choose_precision(detect_capability(bool(use_cpu)), **requested)
+    for name in ("bf16", "fp16"):
+        args = _without_option(args, name) + [f"--{name}", str(getattr(precision, name)).lower()]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[precision] {precision.reason}", flush=True)
+    return precision, args
+
+
+def resolve_weights_dtype(parsed, precision) -> None:
+    """`dtype: auto` (the default) stores frozen weights in the compute dtype and fully trained ones in fp32."""
+    for instance in parsed:
+        if getattr(instance, "dtype", None) in (None, "auto") and hasattr(instance, "use_peft"):
+            instance.dtype = precision.weights_dtype(trains_all_weights=not instance.use_peft)
 
 
 def use_all_cores_under_accelerate() -> None:

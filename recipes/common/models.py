@@ -32,6 +32,12 @@ class ModelArguments(ModelConfig):
     `load_in_4bit: true`). `lora_target_modules` left empty resolves per architecture (see LORA_TARGETS).
     """
 
+    dtype: str | None = field(
+        default="auto",
+        metadata={"help": "Storage dtype of the weights: auto (frozen weights in the compute dtype that bf16/fp16 "
+                          "chose, fully trained weights in float32), bfloat16, float16 or float32.",
+                  "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
     allow_pickle_weights: bool = field(
         default=False,
         metadata={"help": "Allow loading weights from pickle (.bin/.pt) checkpoints. Off: only safetensors load."},
@@ -220,10 +226,13 @@ def check_context_length(model_config, length: int, option: str, model_name: str
                           f"lower {option}{hint}")
 
 
-def torch_dtype(model_args: ModelArguments):
-    """The `dtype` argument for from_pretrained: a torch dtype, or "auto" (the checkpoint's own)."""
+def torch_dtype(model_args: ModelArguments) -> torch.dtype:
+    """The `dtype` argument for from_pretrained. `auto` is resolved by the recipes' config parsing (with the
+    bf16/fp16 settings); called without it, `auto` follows the hardware's precision decision."""
     if model_args.dtype in (None, "auto"):
-        return "auto"
+        from common.precision import choose_precision, detect_capability
+
+        return getattr(torch, choose_precision(detect_capability()).weights_dtype(not model_args.use_peft))
     return getattr(torch, model_args.dtype)
 
 
@@ -232,7 +241,8 @@ def quantization_config(model_args: ModelArguments):
     from transformers import BitsAndBytesConfig
 
     if model_args.load_in_4bit:
-        compute = torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch_dtype(model_args)  # the precision decision's compute dtype (see common/precision.py)
+        compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
@@ -344,6 +354,8 @@ def linear_module_names(model) -> set[str]:
 def lora_target_modules(model, requested: list[str] | None):
     """The LoRA targets for this model: the user's (checked to exist), else the architecture's, else all-linear."""
     available = linear_module_names(model)
+    if isinstance(requested, str) and requested != "all-linear":  # TRL's ModelConfig unwraps a one-name list
+        requested = [requested]
     if requested and requested != ["all-linear"] and requested != "all-linear":
         missing = [name for name in requested if name not in available]
         if missing:

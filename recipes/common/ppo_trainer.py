@@ -64,11 +64,13 @@ class _ResumeState(TrainerCallback):
         state.max_steps, state.log_history = self.resumed["max_steps"], self.resumed["log_history"]
 
 
-def training_autocast(device_type: str, enabled: bool):
-    """bf16 autocast for a whole training loop, optimizer steps included. Its weight-cast cache is off: autocast
-    caches the bf16 copy of every fp32 weight that requires grad until the outermost autocast region exits, so
-    with the cache on, every forward after an optimizer step would still use the weights of the first forward."""
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+def training_autocast(device_type: str, args):
+    """bf16 (or fp16) autocast for a whole training loop, optimizer steps included, as `args.bf16`/`args.fp16`
+    chose (common/precision.py); none for fp32. Its weight-cast cache is off: autocast caches the half-precision
+    copy of every fp32 weight that requires grad until the outermost autocast region exits, so with the cache on,
+    every forward after an optimizer step would still use the weights of the first forward."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16
+    return torch.autocast(device_type, dtype=dtype, enabled=bool(args.bf16 or args.fp16), cache_enabled=False)
 
 
 class RecipePPOTrainer(PPOTrainer):
@@ -101,15 +103,15 @@ class RecipePPOTrainer(PPOTrainer):
             return output
 
         self.policy.generate = timed_generate
-        if self.args.bf16:  # under train()'s autocast, LoRA inputs need no cast to fp32 and back (common/speed.py)
+        if self.args.bf16 or self.args.fp16:  # under train()'s autocast, LoRA inputs need no cast to fp32 and back (common/speed.py)
             self.add_callback(LoraInputsInComputeDtype(self.accelerator.unwrap_model(self.model)))
 
     def train(self):
         self._generation_s, self._lengths, self._update_start = 0.0, [], time.time()
         # TRL's PPOTrainer builds its own Accelerator without the config's mixed precision, so `bf16: true` is
         # silently ignored; an autocast around the loop gives scoring and updates ~3x faster matmuls on CPUs with
-        # bf16 units (generation is excluded, see timed_generate).
-        with training_autocast(self.accelerator.device.type, enabled=bool(self.args.bf16)):
+        # bf16 units (generation is excluded, see timed_generate). fp16 runs without loss scaling here.
+        with training_autocast(self.accelerator.device.type, self.args):
             return super().train()
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
