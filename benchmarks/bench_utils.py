@@ -20,9 +20,13 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (GPU)"
+    from common.precision import detect_capability
+
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor())
-    return f"{model}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+    capability = detect_capability()
+    return (f"{model}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+            f"{'native' if capability.native_bf16 else 'no native'} bf16 ({capability.evidence})")
 
 
 def spread(values: list[float], form: str = ".4g") -> str:

@@ -33,8 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "recipes"))
 from bench_utils import machine, spread, versions  # noqa: E402
-VARIANTS = {"trl_example": "TRL PPO example settings", "trl_example_lora": "TRL PPO example + --use_peft",
-            "recipe": "our recipe (recipes/ppo.py settings)"}
+VARIANTS = {"trl_example": "TRL PPO example settings (fp32: bf16 ignored)",
+            "trl_best": "TRL PPO example + --use_peft, no gradient checkpointing",
+            "recipe": "our recipe (recipes/ppo.py settings, precision auto)"}
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
 
 
@@ -90,9 +91,10 @@ def run_variant(args) -> dict:
             value_model=load_value_model(reward_path, model_args),
             train_dataset=train, eval_dataset=held_out, peft_config=lora_config(model_args, policy))
     else:
+        lora = args.variant == "trl_best"
         config = PPOConfig(output_dir=tempfile.mkdtemp(), num_sample_generations=0, bf16=True,
-                           use_cpu=not torch.cuda.is_available(), **shared)
-        lora = args.variant == "trl_example_lora"
+                           use_cpu=not torch.cuda.is_available(), **shared,
+                           **({"gradient_checkpointing": False} if lora else {}))
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         reference = None if lora else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         reward_model, value_model = (AutoModelForSequenceClassification.from_pretrained(reward_path) for _ in "rv")
@@ -122,7 +124,8 @@ def run_variant(args) -> dict:
                                    ("reference", trainer.ref_model), ("value", trainer.value_model),
                                    ("reward", trainer.reward_model)) if model is not None}
     trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"variant": args.variant, "episodes": episodes, "train_seconds": seconds, "sampling_seconds": sampling[0],
+    compute = "bfloat16" if args.variant == "recipe" and config.bf16 else "float32"
+    return {"variant": args.variant, "compute_dtype": compute, "episodes": episodes, "train_seconds": seconds, "sampling_seconds": sampling[0],
             "episodes_per_s": episodes / seconds, "peak_memory_mb": peak, "weights_mb": weights,
             "trained_parameters": trained, "scores": [e["objective/scores"] for e in trainer.state.log_history
                                                       if "objective/scores" in e],
@@ -168,11 +171,11 @@ def main():
     mean = {v: sum(r["episodes_per_s"] for r in rs) / len(rs) for v, rs in by_variant.items()}
     print(f"\nmodel {args.model}, {args.batch} episodes/update x {args.updates} updates, response_length "
           f"{args.response_length}, {args.ppo_epochs} PPO epochs, {args.rounds} round(s): mean [min-max]\n")
-    print(f"| settings | episodes/s | s/update sampling | s/update rest | {runs[0]['memory_kind']} MB | weights MB "
-          "(policy/ref/value/reward) | trained parameters |\n|---|---|---|---|---|---|---|")
+    print(f"| settings | computes in | episodes/s | s/update sampling | s/update rest | {runs[0]['memory_kind']} MB | weights MB "
+          "(policy/ref/value/reward) | trained parameters |\n|---|---|---|---|---|---|---|---|")
     for variant, variant_runs in by_variant.items():
         weights = variant_runs[0]["weights_mb"]
-        print(f"| {VARIANTS[variant]} | {spread([r['episodes_per_s'] for r in variant_runs], '.3f')} | "
+        print(f"| {VARIANTS[variant]} | {variant_runs[0]['compute_dtype']} | {spread([r['episodes_per_s'] for r in variant_runs], '.3f')} | "
               f"{spread([r['sampling_seconds'] / args.updates for r in variant_runs], '.2f')} | "
               f"{spread([(r['train_seconds'] - r['sampling_seconds']) / args.updates for r in variant_runs], '.2f')} | "
               f"{spread([r['peak_memory_mb'] for r in variant_runs], '.0f')} | "

@@ -1,10 +1,10 @@
-"""SFT throughput: stock TRL SFTTrainer vs TRL's fast flags vs our recipe, in one run, on the same model, data,
-LoRA rank, max length, batch and number of real (non-padding) tokens.
+"""SFT throughput: stock TRL SFTTrainer (its defaults, and in fp32) vs TRL's best flags for this hardware vs our
+recipe's `auto` precision, in one run, on the same model, data, LoRA rank, max length, batch and number of real
+(non-padding) tokens. The hardware (native bf16 or not, common/precision.py) is detected and printed.
 
     export RECIPES_CACHE=/tmp/rcache
-    python benchmarks/sft_throughput.py                      # stock TRL, TRL packing+bf16, recipe; interleaved, 2 rounds
-    python benchmarks/sft_throughput.py --configs trl_defaults trl_packing_bf16 trl_packing_bf16_nogc recipe \
-        --tokens 16384 --rounds 3                            # all four, longer, more repeats
+    python benchmarks/sft_throughput.py                      # the four configurations below, interleaved, 2 rounds
+    python benchmarks/sft_throughput.py --tokens 16384 --rounds 3   # longer, more repeats
     python benchmarks/sft_throughput.py --configs recipe --rounds 1 --no_base_eval --profile_step 2   # op profile
     python benchmarks/sft_throughput.py --summarise benchmarks/sft_throughput.json   # table of a saved run
     python benchmarks/sft_throughput.py --configs recipe --rows 52002 --epoch --rounds 1   # GPU: one Alpaca-52K epoch
@@ -12,17 +12,20 @@ LoRA rank, max length, batch and number of real (non-padding) tokens.
 Configurations (LoRA r=16, alpha 32, dropout 0.05 on every attention and MLP projection, batch 4, max length 512):
   trl_defaults      SFTTrainer(model=<path>, args=SFTConfig(...), train_dataset=<prompt/completion>,
                     peft_config=LoraConfig(...)) as TRL's docs show; only the shared settings above are set (and
-                    use_cpu on a CPU, without which TRL's default bf16=True refuses to start)
-  trl_packing_bf16  the same with packing=True (bfd, padding-free) and bf16=True
-  trl_packing_bf16_nogc  the same plus gradient_checkpointing=False (TRL defaults it to True); not in the default set
-  recipe            recipes/sft_lora.py's own main() with its default YAML; only max_steps (from the token
-                    budget), output_dir, and no mid-run eval/save/report are overridden
+                    use_cpu on a CPU, without which TRL's default bf16=True refuses to start). On a CPU without
+                    native bf16 this is pathologically slow (~80x in matmuls): it is timed on one step, and says so.
+  trl_fp32          the same with bf16=False
+  trl_best          TRL's best flags for this hardware: packing=True (bfd, padding-free), gradient_checkpointing=False
+                    (TRL defaults it to True), bf16=True only where bf16 is native
+  recipe            recipes/sft_lora.py's own main() with its default YAML (bf16/dtype auto); only max_steps (from the
+                    token budget), output_dir, and no mid-run eval/save/report/time budget are overridden
 
 Each configuration runs in its own process (so peak RSS is its own), the configurations interleaved and repeated in
 rotated order, because the machine may be shared. Every process trains until it has seen about --tokens real tokens;
 its throughput is real tokens over the wall time of all steps but the first. The eval loss is the same for all: the
 mean NLL of the response tokens of the recipe's 40 held-out Alpaca examples after training (heldout_loss()).
-MFU is model FLOPs per second over the best bf16 matmul throughput measured in this run (see model_flops()).
+MFU is model FLOPs per second over the best matmul throughput measured in this run in the precision that configuration
+computes in (bf16 or fp32; see model_flops()).
 """
 
 import argparse
@@ -46,8 +49,7 @@ MODEL = "smollm2-135m-instruct"
 DATA = "data/alpaca_en_demo.json"
 EVAL_ROWS, SEED, BATCH, MAX_LENGTH = 40, 42, 4, 512
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-CONFIGS = ["trl_defaults", "trl_packing_bf16", "trl_packing_bf16_nogc", "recipe"]
-DEFAULT_CONFIGS = ["trl_defaults", "trl_packing_bf16", "recipe"]
+CONFIGS = ["trl_defaults", "trl_fp32", "trl_best", "recipe"]
 PROFILE_STEP = None  # --profile_step: the step whose ops are profiled (recorded in the results)
 TIMING_WARMUP_STEPS = 1  # the first step builds oneDNN kernels, caches and the dataloader
 
@@ -100,9 +102,9 @@ def batch_stats(batch: dict) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------------------------------------------- one worker
 
-def make_bench_trainer(token_budget: int, epochs: bool):
-    """An SFTTrainer subclass that sets max_steps from the token budget, counts what each batch holds (by wrapping
-    the collator it was given) and times every optimizer step."""
+def make_bench_trainer(token_budget: int, epochs: bool, single_step: bool = False):
+    """An SFTTrainer subclass that sets max_steps from the token budget (one step for `single_step`), counts what
+    each batch holds (by wrapping the collator it was given) and times every optimizer step."""
     import torch
     from transformers import TrainerCallback
     from trl import SFTTrainer
@@ -148,6 +150,8 @@ def make_bench_trainer(token_budget: int, epochs: bool):
             if epochs:
                 self.args.max_steps = -1
                 self.args.num_train_epochs = 1
+            elif single_step:
+                self.args.max_steps = 1
             else:
                 self.args.max_steps = max(TIMING_WARMUP_STEPS + 2,
                                           round(token_budget / (per_step * sum(lengths) / len(lengths))))
@@ -177,9 +181,15 @@ def eval_examples_and_train():
     return split_train_eval(examples, EVAL_ROWS, SEED)
 
 
+def native_bf16() -> bool:
+    from common.precision import detect_capability
+
+    return detect_capability().native_bf16
+
+
 def heldout_loss(model, tokenizer, examples, batch_size: int = 4) -> float:
-    """Mean NLL of the response tokens (and EOS) of `examples`, no packing, fp32 weights under bf16 autocast (fp32
-    logits for the loss): the same yardstick for every run, at a third of the cost of fp32 on a shared CPU."""
+    """Mean NLL of the response tokens (and EOS) of `examples`, no packing, fp32 weights (fp32 logits for the loss),
+    under bf16 autocast where bf16 is native: the same yardstick for every run of this machine."""
     import torch
     import torch.nn.functional as F
 
@@ -189,7 +199,7 @@ def heldout_loss(model, tokenizer, examples, batch_size: int = 4) -> float:
     items = [tokenize_example(example, tokenizer) for example in examples]
     items = [{k: v[:MAX_LENGTH] for k, v in item.items()} for item in items]
     total, count = 0.0, 0
-    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=native_bf16()):
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             width = max(len(item["input_ids"]) for item in chunk)
@@ -217,15 +227,17 @@ def run_trl(name: str, out_dir: str, token_budget: int, epochs: bool, rows: int 
         train = [train[i % len(train)] for i in range(rows)]
     flags = dict(output_dir=out_dir, per_device_train_batch_size=BATCH, max_length=MAX_LENGTH, seed=SEED,
                  report_to="none", save_strategy="no", logging_steps=10**6, use_cpu=not torch.cuda.is_available())
-    if name != "trl_defaults":
-        flags.update(packing=True, bf16=True)
-    if name == "trl_packing_bf16_nogc":
-        flags.update(gradient_checkpointing=False)
-    trainer = make_bench_trainer(token_budget, epochs)(
-        model=resolve_model_path(MODEL), args=SFTConfig(**flags), train_dataset=Dataset.from_list(train),
+    if name == "trl_fp32":
+        flags.update(bf16=False)
+    if name == "trl_best":
+        flags.update(packing=True, gradient_checkpointing=False, bf16=native_bf16())
+    args = SFTConfig(**flags)
+    pathological = args.bf16 and not native_bf16()
+    trainer = make_bench_trainer(token_budget, epochs, single_step=pathological)(
+        model=resolve_model_path(MODEL), args=args, train_dataset=Dataset.from_list(train),
         peft_config=LoraConfig(**LORA))
     trainer.train()
-    return trainer, trainer.processing_class
+    return trainer, trainer.processing_class, "bfloat16" if args.bf16 else "float32"
 
 
 def run_recipe(out_dir: str, token_budget: int, epochs: bool, rows: int | None):
@@ -246,8 +258,9 @@ def run_recipe(out_dir: str, token_budget: int, epochs: bool, rows: int | None):
     bench_trainer = make_bench_trainer(token_budget, epochs)
     sft_lora.SFTTrainer = bench_trainer  # the recipe's own code path, with a timed and counted trainer
     config, model_args = parse_config((sft_lora.SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml", args)
+    config.max_train_minutes = None  # the token budget decides the steps
     sft_lora.main(config, model_args)
-    return bench_trainer.last, load_tokenizer(model_args.model_name_or_path)
+    return bench_trainer.last, load_tokenizer(model_args.model_name_or_path), "bfloat16" if config.bf16 else "float32"
 
 
 def worker(name: str, token_budget: int, epochs: bool, rows: int | None) -> dict:
@@ -256,20 +269,21 @@ def worker(name: str, token_budget: int, epochs: bool, rows: int | None) -> dict
     os.chdir(REPO)
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as out_dir:
         if name == "recipe":
-            trainer, tokenizer = run_recipe(out_dir, token_budget, epochs, rows)
+            trainer, tokenizer, compute_dtype = run_recipe(out_dir, token_budget, epochs, rows)
         else:
-            trainer, tokenizer = run_trl(name, out_dir, token_budget, epochs, rows)
+            trainer, tokenizer, compute_dtype = run_trl(name, out_dir, token_budget, epochs, rows)
     marks, batches = trainer.timer.marks, trainer.batches
     steps = len(marks) - 1
-    timed = range(TIMING_WARMUP_STEPS, steps)  # step i runs between marks[i] and marks[i + 1]
-    wall = marks[-1][0] - marks[TIMING_WARMUP_STEPS][0]
-    cpu = marks[-1][1] - marks[TIMING_WARMUP_STEPS][1]
+    warmup = TIMING_WARMUP_STEPS if steps > TIMING_WARMUP_STEPS else 0  # a single-step run times its one step
+    timed = range(warmup, steps)  # step i runs between marks[i] and marks[i + 1]
+    wall = marks[-1][0] - marks[warmup][0]
+    cpu = marks[-1][1] - marks[warmup][1]
     shape = model_shape(trainer.model)
     real = sum(batches[i][0] for i in timed)
     flops = sum(model_flops(shape, *batches[i]) for i in timed)
     _, eval_examples = eval_examples_and_train()
     result = dict(
-        config=name, steps=steps, real_tokens_total=sum(b[0] for b in batches[:steps]),
+        config=name, compute_dtype=compute_dtype, timed_steps=len(timed), steps=steps, real_tokens_total=sum(b[0] for b in batches[:steps]),
         timed_real_tokens=real, timed_seconds=wall, tokens_per_s=real / wall, cpu_cores_used=cpu / wall,
         model_flops_per_s=flops / wall, flops_per_real_token=flops / real,
         step_seconds=[round(marks[i + 1][0] - marks[i][0], 3) for i in range(steps)],
@@ -293,8 +307,10 @@ def matmul_peak(seconds: float = 6.0) -> dict:
     best = {}
     for dtype in (torch.bfloat16, torch.float32):
         deadline, top = time.perf_counter() + seconds / 2, 0.0
+        # emulated bf16 (~1 GFLOP/s) would take minutes per large GEMM: its peak is measured on a small one
+        dtype_shapes = shapes if dtype != torch.bfloat16 or native_bf16() else [(256, 256, 256)]
         while time.perf_counter() < deadline:
-            for m, k, n in shapes:
+            for m, k, n in dtype_shapes:
                 a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
                 a @ b
                 if device == "cuda":
@@ -340,15 +356,15 @@ def spawn(task: str, args, result_file: Path) -> dict:
 
 
 def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
-    bf16_peak = max(p["bfloat16"] for p in peaks)
-    fp32_peak = max(p["float32"] for p in peaks)
-    lines = [f"matmul peak measured in this run: bf16 {bf16_peak / 1e9:.0f} GFLOP/s, fp32 {fp32_peak / 1e9:.0f} GFLOP/s "
-             f"(best of {len(peaks)} measurements)", ""]
+    peak = {dtype: max(p[dtype] for p in peaks) for dtype in ("bfloat16", "float32")}
+    lines = [f"matmul peak measured in this run: bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 "
+             f"{peak['float32'] / 1e9:.0f} GFLOP/s (best of {len(peaks)} measurements)", ""]
     if base:
         lines += [f"held-out loss of the untrained model: {base['eval_loss']:.4f}", ""]
     lines += ["mean [min-max] over rounds",
-              "| config | real tok/s | MFU (bf16 peak) | eval loss | real tokens | steps | peak RSS GB | cores used |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| config | computes in | real tok/s | MFU (of that dtype's peak) | eval loss | real tokens | steps (timed) "
+              "| peak RSS GB | cores used |",
+              "|---|---|---|---|---|---|---|---|---|"]
     by_config = {}
     for result in results:
         by_config.setdefault(result["config"], []).append(result)
@@ -356,12 +372,17 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
     for name, runs in by_config.items():
         tps = [r["tokens_per_s"] for r in runs]
         means[name] = sum(tps) / len(tps)
+        dtype = runs[0].get("compute_dtype", "bfloat16")
         lines.append(
-            f"| {name} | {spread(tps, '.1f')} | {spread([100 * r['model_flops_per_s'] / bf16_peak for r in runs], '.2f')}% "
+            f"| {name} | {dtype} | {spread(tps, '.1f')} "
+            f"| {spread([100 * r['model_flops_per_s'] / peak[dtype] for r in runs], '.2f')}% "
             f"| {spread([r['eval_loss'] for r in runs], '.4f')} | {spread([r['real_tokens_total'] for r in runs])} "
-            f"| {spread([r['steps'] for r in runs])} | {spread([r['peak_rss_gb'] for r in runs], '.2f')} "
-            f"| {spread([r['cpu_cores_used'] for r in runs], '.2f')} |")
+            f"| {spread([r['steps'] for r in runs])} ({spread([r.get('timed_steps', r['steps'] - 1) for r in runs])}) "
+            f"| {spread([r['peak_rss_gb'] for r in runs], '.2f')} | {spread([r['cpu_cores_used'] for r in runs], '.2f')} |")
     lines.append("")
+    for name, runs in by_config.items():
+        if runs[0].get("timed_steps") == 1 and runs[0]["steps"] == 1:
+            lines.append(f"{name}: bf16 is emulated on this CPU (pathologically slow): timed on a single step")
     for result in results:
         if "profile" in result:
             profile = result["profile"]
@@ -370,7 +391,7 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
                          + ", ".join(f"{name} {100 * share:.0f}%" for name, share, _ in profile["top_ops"][:8]))
             # The eager ceiling: step time normalised to 1, of which `matmul_share` in matmul kernels; at the peak
             # those would take `mfu` (the model FLOPs' time at the peak), the rest staying as measured.
-            mfu, other = result["model_flops_per_s"] / bf16_peak, 1 - profile["matmul_share"]
+            mfu, other = result["model_flops_per_s"] / peak[result.get("compute_dtype", "bfloat16")], 1 - profile["matmul_share"]
             lines.append(f"{result['config']}: MFU {100 * mfu:.1f}%; with its matmul kernels at the measured peak and "
                          f"the other {100 * other:.0f}% of the step unchanged, MFU would be at most "
                          f"{100 * mfu / (mfu + other):.0f}%")
@@ -386,7 +407,7 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
 def main():
     global MODEL, PROFILE_STEP
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--model", default=MODEL, help="model name, directory or offline alias (all configs)")
     parser.add_argument("--tokens", type=int, default=6144, help="real tokens each configuration trains on")
     parser.add_argument("--rounds", type=int, default=2, help="repeats; each round runs every config, order rotated")

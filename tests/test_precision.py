@@ -79,6 +79,7 @@ def forced(monkeypatch):
     def force(native: bool):
         monkeypatch.setenv(precision.FORCE_ENV, "1" if native else "0")
         detect_capability.cache_clear()
+        precision.announce.cache_clear()
     yield force
     detect_capability.cache_clear()
 

@@ -118,7 +118,7 @@ def resolve_precision_flags(args: list[str], config_path: str):
     for this hardware (common/precision.py); explicit true/false stay. Prints the choice once."""
     import yaml
 
-    from common.precision import choose_precision, detect_capability, parse_flag
+    from common.precision import announce, choose_precision, detect_capability, parse_flag
 
     config = yaml.safe_load(Path(config_path).read_text()) or {}
     try:
@@ -129,8 +129,7 @@ def resolve_precision_flags(args: list[str], config_path: str):
     precision = choose_precision(detect_capability(bool(use_cpu)), **requested)
     for name in ("bf16", "fp16"):
         args = _without_option(args, name) + [f"--{name}", str(getattr(precision, name)).lower()]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[precision] {precision.reason}", flush=True)
+    announce(precision.reason)
     return precision, args
 
 

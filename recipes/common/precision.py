@@ -164,10 +164,19 @@ def parse_flag(value) -> bool | None:
     raise ConfigError(f"expected true, false or auto, got {value!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def announce(reason: str) -> None:
+    """Print the precision line once per process (and only on the main process of a multi-process launch)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[precision] {reason}", flush=True)
+
+
 def inference_dtype(dtype: str, use_cpu: bool = False) -> torch.dtype:
     """The torch dtype for inference-only recipes (chat, evaluation): `auto` is the decision's compute dtype."""
+    capability = detect_capability(use_cpu)
+    chosen = choose_precision(capability, bf16=True if dtype == "bfloat16" else None)  # warns if bf16 is emulated
     if dtype in (None, "auto"):
-        return getattr(torch, choose_precision(detect_capability(use_cpu)).compute_dtype)
-    if dtype == "bfloat16":
-        choose_precision(detect_capability(use_cpu), bf16=True)  # warns where bf16 is emulated
+        announce(chosen.reason)
+        return getattr(torch, chosen.compute_dtype)
+    announce(f"{dtype} set explicitly ({capability.evidence})")
     return getattr(torch, dtype)
