@@ -1,0 +1,26 @@
+"""common.callbacks.TimeBudget: `max_train_minutes` ends training before the next step would pass it, with a
+checkpoint that the same command resumes from."""
+
+import json
+
+from common.callbacks import last_complete_checkpoint
+from test_merge_lora import one_thread  # noqa: F401 (autouse: tiny models run faster on one thread)
+from test_precision import sft_config
+
+
+def test_time_budget_stops_training_with_a_checkpoint(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    import sft_lora
+    from trl.trainer import sft_trainer
+
+    monkeypatch.setattr(sft_trainer, "_chunked_cross_entropy_loss", sft_trainer._chunked_cross_entropy_loss)
+    output_dir = tmp_path / "run"
+    args = ["--model_name_or_path", tiny_llama_dir, "--max_train_samples", "64", "--eval_split_size", "4",
+            "--max_length", "256", "--max_steps", "400", "--eval_strategy", "no", "--save_strategy", "no",
+            "--report_to", "none", "--sample_max_new_tokens", "2", "--output_dir", str(output_dir),
+            "--max_train_minutes", "0.05"]
+    sft_lora.main(*sft_config(args))
+    steps = json.loads((output_dir / "trainer_state.json").read_text())["global_step"]
+    assert 1 <= steps < 400
+    assert f"[time budget] stopping at step {steps} of 400" in capsys.readouterr().out
+    checkpoint = last_complete_checkpoint(output_dir)
+    assert checkpoint is not None and checkpoint.endswith(f"checkpoint-{steps}")  # saved although save_strategy is no
