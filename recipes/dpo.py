@@ -14,25 +14,28 @@ implicit reward prefers the chosen answer on held-out pairs). Rerunning the same
 
 from dataclasses import dataclass, field
 
-from datasets import Dataset
+from accelerate import PartialState
 from trl import DPOConfig, DPOTrainer
 
 from common.callbacks import train_with_resume
 from common.config import run
-from common.data import read_rows, split_train_eval
+from common.data import SkipLog, eval_source, split_train_eval
+from common.data_args import DataArguments
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from common.preferences import check_prompt_format, dpo_rows, read_rankings, save_stage_info
+from common.preferences import check_prompt_format, prepare_rankings, save_stage_info
 from common.reporting import write_training_report
 from common.rl import check_policy_path, merged_model
 
 
 @dataclass
-class DPORecipeConfig(DPOConfig):
-    """TRL's DPOConfig (beta, loss_type, max_length, ...) plus where the data comes from."""
+class DPORecipeConfig(DataArguments, DPOConfig):
+    """TRL's DPOConfig (beta, loss_type, max_length, dataset_num_proc, ...) plus where the data comes from
+    (DataArguments: columns, max_skipped_fraction, separate eval data)."""
 
     dataset_name: str = field(default="data/dpo_en_demo.json", metadata={"help": "Local file or hub dataset id."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    eval_split_size: float = field(default=0.1, metadata={"help": "Held-out fraction (<1) or prompt count."})
+    eval_split_size: float = field(default=0.1, metadata={
+        "help": "Held-out fraction (<1) or prompt count, when there is no eval_dataset_name / eval_split."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training prompts."})
     prompt_format: str = field(default="alpaca", metadata={"help": "alpaca, chat or plain, as in SFT."})
 
@@ -42,14 +45,29 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
     check_policy_path(model_args.model_name_or_path)
     model_path = resolve_model_path(model_args.model_name_or_path)
     check_prompt_format(model_path, config.prompt_format, "the model")
-    rankings = read_rankings(read_rows(config.dataset_name, config.dataset_split), config.dataset_name)
-    train_rankings, eval_rankings = split_train_eval(rankings, config.eval_split_size, config.seed)
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    options = dict(columns=config.columns, num_proc=config.dataset_num_proc,
+                   max_skipped_fraction=config.max_skipped_fraction)
+    train_data = prepare_rankings(config.dataset_name, config.dataset_split, tokenizer, config.prompt_format, "dpo",
+                                  **options)
+    separate = eval_source(config)
+    if separate:
+        eval_data = prepare_rankings(*separate, tokenizer, config.prompt_format, "dpo", **options)
+        train_rankings, eval_rankings = train_data.examples, eval_data.examples
+    else:
+        eval_data = train_data
+        train_rankings, eval_rankings = split_train_eval(train_data.examples, config.eval_split_size, config.seed)
     if config.max_train_samples:
         train_rankings = train_rankings[: config.max_train_samples]
-    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
-    train_dataset = Dataset.from_list(dpo_rows(train_rankings, tokenizer, config.prompt_format, config.dataset_name))
-    eval_dataset = (Dataset.from_list(dpo_rows(eval_rankings, tokenizer, config.prompt_format,
-                                               config.dataset_name + " (eval)")) if eval_rankings else None)
+    skips = SkipLog().extend(train_data.skips)
+    if eval_data is not train_data:
+        skips.extend(eval_data.skips)
+    train_dataset = train_data.dpo_dataset(train_rankings)
+    eval_dataset = eval_data.dpo_dataset(eval_rankings) if eval_rankings else None
+    print(f"[data] {len(train_dataset)} training pairs, {len(eval_dataset) if eval_dataset is not None else 0} eval "
+          f"pairs{f' (from {separate[0]}, split {separate[1]})' if separate else ''}", flush=True)
+    if PartialState().is_main_process:
+        skips.write(config.output_dir)
 
     # Model: the policy; with LoRA the reference is the same weights with the adapter disabled
     model = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
@@ -70,6 +88,7 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
         tokenizer.save_pretrained(config.output_dir)
         save_stage_info(config.output_dir, "dpo", config.prompt_format, base_model=model_args.model_name_or_path)
         write_training_report(config.output_dir, "DPO", trainer.state.log_history, metrics,
+                              {"Skipped rows": skips.markdown()},
                               plot_keys=["loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"])
         accuracy = metrics.get("eval_rewards/accuracies", float("nan"))
         print(f"\n=== DPO ===\neval reward accuracy (implicit reward prefers chosen): {accuracy:.3f} "

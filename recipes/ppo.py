@@ -24,22 +24,23 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
 from trl.experimental.ppo import PPOConfig
 
 from common.callbacks import explain_save_errors, guard_trainer, last_complete_checkpoint
 from common.config import run
-from common.data import read_rows, sft_rows, tokenize_sft
+from common.data import prepare_sft
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path, torch_dtype
 from common.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer
 from common.preferences import check_prompt_format, save_stage_info
 from common.reporting import write_training_report
 from common.reward import load_reward_model, load_value_model
 from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
-                       merged_model, prompt_dataset, save_json, warn_on_ppo_trouble)
+                       merged_model, rl_prompts, save_json, warn_on_ppo_trouble)
 
 
 @dataclass
-class PPORecipeConfig(PPOConfig, RLPromptArguments):
+class PPORecipeConfig(RLPromptArguments, PPOConfig):
     """TRL's PPOConfig (reward_model_path, response_length, temperature, kl_coef, missing_eos_penalty,
     num_ppo_epochs, num_mini_batches, ...) plus prompts and reward-model guards (RLPromptArguments) and PPO-ptx."""
 
@@ -63,17 +64,16 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     tokenizer.padding_side = "left"  # PPO generates from left-padded queries
 
     # Data: prompts rendered as SFT renders them; a few held out for before/after and samples
-    limit = config.max_train_prompts and config.max_train_prompts + config.eval_prompts
-    prompts = prompt_dataset(config.dataset_name, tokenizer, config.prompt_format, config.max_prompt_length, limit,
-                             config.dataset_split)
-    eval_dataset = prompts.select(range(config.eval_prompts))
-    train_dataset = prompts.select(range(config.eval_prompts, len(prompts)))
+    train_dataset, eval_dataset, skips = rl_prompts(config, tokenizer, tokenized=True)
     eval_texts = [tokenizer.decode(row["input_ids"]) for row in eval_dataset]
     ptx_examples = None
     if config.ptx_coef > 0:
-        examples, _ = sft_rows(read_rows(config.ptx_dataset_name), config.ptx_dataset_name)
-        ptx_examples = tokenize_sft(examples, tokenizer, config.ptx_max_length, "drop", config.ptx_dataset_name)
-        ptx_examples = ptx_examples.to_list()
+        ptx = prepare_sft(config.ptx_dataset_name, "train", tokenizer, config.ptx_max_length, "drop",
+                          num_proc=config.dataset_num_proc, max_skipped_fraction=config.max_skipped_fraction)
+        skips.extend(ptx.skips)
+        ptx_examples = ptx.select(ptx.examples).to_list()
+    if PartialState().is_main_process:
+        skips.write(config.output_dir)
 
     # Models: policy (SFT), reward model (frozen, centred), value model (initialised from the reward model)
     policy = load_model(model_args, tokenizer)
@@ -121,6 +121,7 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
         save_json(os.path.join(config.output_dir, "ppo_results.json"), metrics)
         save_json(os.path.join(config.output_dir, "samples.json"), {"samples": trainer.samples})
         write_training_report(config.output_dir, "PPO", trainer.state.log_history, metrics,
+                              {"Skipped rows": skips.markdown()},
                               plot_keys=["objective/scores", "objective/kl", "objective/entropy", "loss/value_avg",
                                          "policy/clipfrac_avg", "response_length", "ptx/loss"])
         print(f"\n=== PPO ({metrics['updates']} updates) on {len(eval_texts)} held-out prompts ===\n"

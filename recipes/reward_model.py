@@ -21,27 +21,30 @@ Rerunning the same command after an interruption resumes from the newest checkpo
 import random
 from dataclasses import dataclass, field
 
-from datasets import Dataset
+from accelerate import PartialState
 from trl import RewardConfig
 
 from common.callbacks import train_with_resume
 from common.config import run
-from common.data import read_rows, split_train_eval
+from common.data import SkipLog, eval_source, split_train_eval
+from common.data_args import DataArguments
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from common.preferences import check_prompt_format, read_rankings, save_stage_info, tokenize_rankings
+from common.preferences import check_prompt_format, prepare_rankings, save_stage_info
 from common.reporting import write_training_report
 from common.reward import REWARD_OFFSET_KEY, KWiseRewardTrainer, WeightedPreferenceCollator, mean_reward
 from common.rl import merged_model
 
 
 @dataclass
-class RewardRecipeConfig(RewardConfig):
-    """TRL's RewardConfig plus where the data comes from and how prompts are rendered."""
+class RewardRecipeConfig(DataArguments, RewardConfig):
+    """TRL's RewardConfig plus where the data comes from (DataArguments: columns, max_skipped_fraction, separate
+    eval data) and how prompts are rendered."""
 
     dataset_name: str = field(default="data/dpo_en_demo.json",
                               metadata={"help": "Local json/jsonl/csv/parquet file or hub dataset id."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    eval_split_size: float = field(default=0.1, metadata={"help": "Held-out fraction (<1) or prompt count."})
+    eval_split_size: float = field(default=0.1, metadata={
+        "help": "Held-out fraction (<1) or prompt count, when there is no eval_dataset_name / eval_split."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training prompts."})
     prompt_format: str = field(default="alpaca", metadata={
         "help": "alpaca (the Alpaca template), chat (the tokenizer's chat template) or plain: as SFT rendered them."})
@@ -52,35 +55,48 @@ class RewardRecipeConfig(RewardConfig):
 
 
 def main(config: RewardRecipeConfig, model_args: ModelArguments):
-    # Data: rows -> rankings -> held-out prompts -> weighted pairs of token ids (prompt rendered as in SFT)
-    rankings = read_rankings(read_rows(config.dataset_name, config.dataset_split), config.dataset_name)
-    train_rankings, eval_rankings = split_train_eval(rankings, config.eval_split_size, config.seed)
-    if config.max_train_samples:
-        train_rankings = train_rankings[: config.max_train_samples]
+    # Data: rows -> rankings -> held-out prompts -> weighted pairs of token ids (prompt rendered as in SFT; cached)
     model_path = resolve_model_path(model_args.model_name_or_path)
     check_prompt_format(model_path, config.prompt_format, "the model")
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
-    train_rows, _ = tokenize_rankings(train_rankings, tokenizer, config.prompt_format, config.max_length,
-                                      config.dataset_name, config.overlong)
-    eval_rows = (tokenize_rankings(eval_rankings, tokenizer, config.prompt_format, config.max_length,
-                                   config.dataset_name + " (eval)", config.overlong)[0] if eval_rankings else None)
-    print(f"[data] {len(train_rows)} training pairs from {len(train_rankings)} prompts, "
-          f"{len(eval_rows or [])} eval pairs", flush=True)
+    options = dict(max_length=config.max_length, overlong=config.overlong, columns=config.columns,
+                   num_proc=config.dataset_num_proc, max_skipped_fraction=config.max_skipped_fraction)
+    train_data = prepare_rankings(config.dataset_name, config.dataset_split, tokenizer, config.prompt_format,
+                                  "reward", **options)
+    separate = eval_source(config)
+    if separate:
+        eval_data = prepare_rankings(*separate, tokenizer, config.prompt_format, "reward", **options)
+        train_rankings, eval_rankings = train_data.examples, eval_data.examples
+    else:
+        eval_data = train_data
+        train_rankings, eval_rankings = split_train_eval(train_data.examples, config.eval_split_size, config.seed)
+    if config.max_train_samples:
+        train_rankings = train_rankings[: config.max_train_samples]
+    skips = SkipLog().extend(train_data.skips)
+    if eval_data is not train_data:
+        skips.extend(eval_data.skips)
+    train_dataset = train_data.reward_pairs(train_rankings)
+    eval_dataset = eval_data.reward_pairs(eval_rankings) if eval_rankings else None
+    print(f"[data] {len(train_dataset)} training pairs from {len(train_data.usable(train_rankings))} prompts, "
+          f"{len(eval_dataset) if eval_dataset is not None else 0} eval pairs"
+          f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}", flush=True)
+    if PartialState().is_main_process:
+        skips.write(config.output_dir)
 
     # Model: a one-output scalar head on the (SFT) model; full, LoRA or QLoRA
     model = load_model(model_args, tokenizer, num_labels=1, trust_remote_code=config.trust_remote_code)
     trainer = KWiseRewardTrainer(
         model=model,
         args=config,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=WeightedPreferenceCollator(pad_token_id=tokenizer.pad_token_id),
         peft_config=lora_config(model_args, model, task_type="SEQ_CLS"),
     )
     train_result = train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
     metrics = dict(train_result.metrics)
-    if eval_rows:
+    if eval_dataset is not None:
         eval_metrics = trainer.evaluate()  # TRL adds eval_accuracy and eval_margin (mean chosen - rejected score)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
@@ -88,8 +104,10 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
 
     # Centering: the mean reward of training answers becomes the offset every later loader subtracts
     reward_model = merged_model(trainer.accelerator.unwrap_model(trainer.model), model_args, tokenizer, num_labels=1)
-    answers = list({tuple(ids) for row in train_rows for ids in (row["chosen_ids"], row["rejected_ids"])})
-    random.Random(config.seed).shuffle(answers)
+    rows = random.Random(config.seed).sample(range(len(train_dataset)), min(len(train_dataset),
+                                                                             config.centering_samples))
+    sample = train_dataset.select(rows)
+    answers = list({tuple(ids): None for column in ("chosen_ids", "rejected_ids") for ids in sample[column]})
     answers = [list(ids) for ids in answers[: config.centering_samples]]
     offset = mean_reward(reward_model, answers, tokenizer.pad_token_id, config.per_device_eval_batch_size)
     reward_model.config.pad_token_id = tokenizer.pad_token_id
@@ -104,6 +122,7 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
                         eval_accuracy=metrics.get("eval_accuracy"), eval_margin=metrics.get("eval_margin"),
                         reward_offset=offset, base_model=model_args.model_name_or_path)
         write_training_report(config.output_dir, "Reward model", trainer.state.log_history, metrics,
+                              {"Skipped rows": skips.markdown()},
                               plot_keys=["loss", "accuracy", "eval_accuracy", "eval_margin"])
         print(f"\n=== Reward model ===\neval pairwise accuracy: {metrics.get('eval_accuracy', float('nan')):.3f} "
               f"(chance 0.5)\neval mean margin (chosen - rejected): {metrics.get('eval_margin', float('nan')):.3f}\n"

@@ -14,20 +14,22 @@ With LoRA the KL reference is the policy with its adapter disabled. Rerunning th
 import os
 from dataclasses import dataclass, field
 
+from accelerate import PartialState
 from trl import RLOOConfig, RLOOTrainer
 
 from common.callbacks import train_with_resume
 from common.config import run
+from common.data_args import NumProcArguments
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
 from common.preferences import check_prompt_format, save_stage_info
 from common.reporting import write_training_report
 from common.reward import load_reward_model
 from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
-                       merged_model, prompt_dataset, reward_model_function, save_json)
+                       merged_model, reward_model_function, rl_prompts, save_json)
 
 
 @dataclass
-class RLOORecipeConfig(RLOOConfig, RLPromptArguments):
+class RLOORecipeConfig(RLPromptArguments, NumProcArguments, RLOOConfig):
     """TRL's RLOOConfig (num_generations, max_completion_length, beta, temperature, ...) plus prompts and guards."""
 
     reward_model_path: str = field(default="outputs/rm-smollm2-dpo-demo",
@@ -45,11 +47,10 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
     check_same_tokenizer(tokenizer, load_tokenizer(reward_path), policy_path, reward_path, config.prompt_format)
 
     # Data: prompt texts rendered as SFT renders them; a few held out for before/after
-    limit = config.max_train_prompts and config.max_train_prompts + config.eval_prompts
-    prompts = prompt_dataset(config.dataset_name, tokenizer, config.prompt_format, config.max_prompt_length, limit,
-                             config.dataset_split, tokenized=False)
-    eval_texts = prompts["prompt"][: config.eval_prompts]
-    train_dataset = prompts.select(range(config.eval_prompts, len(prompts)))
+    train_dataset, eval_dataset, skips = rl_prompts(config, tokenizer, tokenized=False)
+    eval_texts = eval_dataset["prompt"]
+    if PartialState().is_main_process:
+        skips.write(config.output_dir)
 
     # Models: policy (SFT) and the frozen, centred reward model, scored on the policy's own token ids
     policy = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
@@ -76,6 +77,7 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
                         policy=model_args.model_name_or_path)
         save_json(os.path.join(config.output_dir, "rloo_results.json"), metrics)
         write_training_report(config.output_dir, "RLOO", trainer.state.log_history, metrics,
+                              {"Skipped rows": skips.markdown()},
                               plot_keys=["reward", "kl", "entropy", "completions/mean_length"])
         print(f"\n=== RLOO ({metrics['steps']} steps) on {len(eval_texts)} held-out prompts ===\n"
               f"reward (centred): {before['reward']:+.3f} -> {after['reward']:+.3f}\n"

@@ -19,11 +19,14 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from accelerate import PartialState
+from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from common.callbacks import train_with_resume
-from common.config import run
-from common.data import prompt_format, prompt_of, read_rows, sft_rows, split_train_eval, tokenize_sft
+from common.callbacks import TimeBudgetArguments, train_with_resume
+from common.config import ConfigError, run
+from common.data import DataError, SkipLog, eval_source, prepare_sft, prompt_of, split_train_eval, streamed_sft
+from common.data_args import DataArguments
 from common.generation import generate
 from common.models import ModelArguments, check_context_length, load_model, load_tokenizer, lora_config
 from common.reporting import record_metrics, write_training_report
@@ -38,37 +41,59 @@ FORMAT_HELP = {
 
 
 @dataclass
-class SFTRecipeConfig(SFTConfig):
-    """TRL's SFTConfig plus where the data comes from."""
+class SFTRecipeConfig(DataArguments, TimeBudgetArguments, SFTConfig):
+    """TRL's SFTConfig plus where the data comes from (DataArguments: columns, max_skipped_fraction, separate eval
+    data; SFTConfig's dataset_num_proc sets the preparation workers)."""
 
     dataset_name: str = field(default="data/alpaca_en_demo.json",
                               metadata={"help": "Local json/jsonl/csv/parquet file or hub dataset id."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    eval_split_size: float = field(default=0.05, metadata={"help": "Held-out fraction (<1) or row count."})
+    eval_split_size: float = field(default=0.05, metadata={
+        "help": "Held-out fraction (<1) or row count, when there is no eval_dataset_name / eval_split."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Stream the rows (a hub dataset or a jsonl file), tokenised as training reads them; needs max_steps."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     overlong: str = field(default="drop", metadata={"help": "Examples over max_length: drop or truncate."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the before/after demo answers."})
 
 
 def main(config: SFTRecipeConfig, model_args: ModelArguments):
-    # Data: rows -> SFT examples -> a held-out split -> input_ids/labels with prompts masked
-    rows = read_rows(config.dataset_name, config.dataset_split)
-    examples, _ = sft_rows(rows, config.dataset_name)
-    data_format = prompt_format(rows)
-    print(f"[data] {config.dataset_name}: {len(examples)} examples, prompt format '{data_format}' "
-          f"({FORMAT_HELP[data_format]})", flush=True)
-    train_examples, eval_examples = split_train_eval(examples, config.eval_split_size, config.seed)
-    if config.max_train_samples:
-        train_examples = train_examples[: config.max_train_samples]
+    # Data: rows -> SFT examples in the file's prompt format -> input_ids/labels with prompts masked (cached)
     tokenizer = load_tokenizer(model_args.model_name_or_path, config.trust_remote_code)
-    train_dataset = tokenize_sft(train_examples, tokenizer, config.max_length, config.overlong, config.dataset_name)
-    eval_dataset = (tokenize_sft(eval_examples, tokenizer, config.max_length, config.overlong, config.dataset_name)
-                    if eval_examples else None)
+    skips = SkipLog()
+    if config.streaming:
+        train_dataset, eval_dataset, data_format, demo_prompt = streamed_data(config, tokenizer, skips)
+    else:
+        train_data = prepare_sft(config.dataset_name, config.dataset_split, tokenizer, config.max_length,
+                                 config.overlong, config.columns, config.dataset_num_proc, config.max_skipped_fraction)
+        data_format = train_data.prompt_format
+        separate = eval_source(config)
+        if separate:
+            eval_data = prepare_sft(*separate, tokenizer, config.max_length, config.overlong, config.columns,
+                                    config.dataset_num_proc, config.max_skipped_fraction, data_format=data_format)
+            train_rows, eval_rows = train_data.examples, eval_data.examples
+        else:
+            eval_data = train_data
+            train_rows, eval_rows = split_train_eval(train_data.examples, config.eval_split_size, config.seed)
+        if config.max_train_samples:
+            train_rows = train_rows[: config.max_train_samples]
+        skips.extend(train_data.skips)
+        if eval_data is not train_data:
+            skips.extend(eval_data.skips)
+        train_dataset = train_data.select(train_rows)
+        eval_dataset = eval_data.select(eval_rows) if eval_rows else None
+        demo = eval_data.example(eval_rows[0]) if eval_rows else train_data.example(train_rows[0])
+        demo_prompt = prompt_of(demo, tokenizer)
+        print(f"[data] {config.dataset_name}: {len(train_dataset)} training examples, "
+              f"{len(eval_dataset) if eval_dataset is not None else 0} eval examples"
+              f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}, prompt format '{data_format}' "
+              f"({FORMAT_HELP[data_format]})", flush=True)
+    if PartialState().is_main_process:
+        skips.write(config.output_dir)  # again at the end: streamed rows are skipped as training reads them
 
     # Model: full, LoRA or QLoRA by the model arguments
     model = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
     check_context_length(model.config, config.max_length, "max_length", model_args.model_name_or_path)
-    demo_prompt = prompt_of(eval_examples[0] if eval_examples else train_examples[0], tokenizer)
     base_answer = generate(model, tokenizer, demo_prompt, config.sample_max_new_tokens)
 
     trainer = SFTTrainer(
@@ -87,6 +112,7 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
     if trainer.accelerator.is_main_process:
         with open(os.path.join(config.output_dir, "prompt_format.json"), "w") as file:
             json.dump({"prompt_format": data_format}, file)
+        skips.write(config.output_dir)
     metrics = record_metrics(trainer, train_result, evaluate=eval_dataset is not None)
     # Report: the same held-out prompt answered before and after tuning (on every rank: sharded weights under
     # DeepSpeed ZeRO-3 are gathered collectively)
@@ -96,9 +122,34 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
         write_training_report(
             config.output_dir, "SFT", trainer.state.log_history, metrics,
             {"Held-out prompt": f"```\n{demo_prompt}\n```", "Base model answer": base_answer,
-             "Tuned model answer": tuned_answer})
+             "Tuned model answer": tuned_answer, "Skipped rows": skips.markdown()})
         print(f"\n=== Held-out prompt ===\n{demo_prompt}\n=== Base model ===\n{base_answer}\n"
               f"=== Tuned model ===\n{tuned_answer}\n\nSaved to {config.output_dir}", flush=True)
+
+
+def streamed_data(config: SFTRecipeConfig, tokenizer, skips: SkipLog):
+    """Streamed training rows, and eval_split_size (a count) eval rows: from eval_dataset_name / eval_split, else
+    the first rows of the stream, which training then skips."""
+    if config.max_steps <= 0:
+        raise ConfigError("streaming: the data's length is unknown, so set max_steps (num_train_epochs cannot end it)")
+    if 0 < config.eval_split_size < 1:
+        raise ConfigError("streaming: the data's length is unknown, so eval_split_size must be a row count")
+    separate, eval_rows = eval_source(config), int(config.eval_split_size)
+    args = (tokenizer, config.max_length, config.overlong, config.columns, skips)
+    train_dataset, data_format = streamed_sft(config.dataset_name, config.dataset_split, *args,
+                                              skip_rows=0 if separate else eval_rows)
+    eval_dataset = None
+    if eval_rows:
+        source, split = separate or (config.dataset_name, config.dataset_split)
+        eval_stream, _ = streamed_sft(source, split, *args, data_format=data_format, take_rows=eval_rows)
+        eval_dataset = Dataset.from_list(list(eval_stream))
+    first = next(iter(eval_dataset if eval_dataset else train_dataset), None)
+    if first is None:
+        raise DataError(f"{config.dataset_name}: no usable rows in the stream")
+    answer_start = next((i for i, label in enumerate(first["labels"]) if label != -100), len(first["labels"]))
+    print(f"[data] {config.dataset_name}: streamed, prompt format '{data_format}' ({FORMAT_HELP[data_format]})",
+          flush=True)
+    return train_dataset, eval_dataset, data_format, tokenizer.decode(first["input_ids"][:answer_start])
 
 
 if __name__ == "__main__":

@@ -1,15 +1,34 @@
-"""Data loading: a hub dataset or a local json / jsonl / csv / parquet file to rows, each known instruction shape
-normalised into the formats TRL's trainers take, with errors that name the file, row and field, and the SFT
-tokenisation that decides which tokens are trained."""
+"""Data loading: a hub dataset or a local json / jsonl / csv / parquet file (optionally gzipped) to rows, each known
+instruction shape normalised into the formats TRL's trainers take, and the SFT tokenisation that decides which
+tokens are trained.
 
+The row-level policy, the same for every loader (SFT here; reward model and DPO in common.preferences; PPO/RLOO
+prompts in common.rl; pretraining in common.text_data):
+  - problems of the file are errors (DataError) naming the file, the row and the field: not JSON, not UTF-8, no
+    rows, an unknown shape or a missing field in most rows;
+  - defects of single rows (an empty answer, chosen == rejected, a null or non-text value, roles out of order) are
+    skipped and counted (SkipLog): printed, written to skipped_rows.jsonl in the output directory and summarised in
+    report.md. When more than `max_skipped_fraction` of the rows are defective the file is an error that says so.
+Rows that are fine but unusable for this run (longer than max_length, a multi-turn chat in the Alpaca format, an
+exact duplicate) are skipped and recorded the same way but do not count towards that fraction.
+
+Recipes prepare data with `prepare_sft` (and its siblings): `datasets` map with `dataset_num_proc` workers, the
+result saved under a key of the file's content, the tokenizer and the options, so a rerun or a resume loads it
+instead of tokenising again; under a multi-process launch the main process builds it and the others wait."""
+
+import gzip
+import hashlib
 import json
 import logging
+import os
+import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, load_dataset, load_from_disk
 
-from common.config import RecipeError
+from common.config import ConfigError, RecipeError
 from common.templates import alpaca_prompt
 
 logger = logging.getLogger(__name__)
@@ -17,41 +36,121 @@ logger = logging.getLogger(__name__)
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bot": "assistant", "model": "assistant"}
+DEFECT, UNUSABLE = "defect", "unusable"  # skip kinds: only defects count towards max_skipped_fraction
+SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
+_CODE_FILES = ("data.py", "preferences.py", "rl.py", "templates.py")  # their source is part of every cache key
 
 
 class DataError(RecipeError, ValueError):
     """Bad input data; the message names the file, row and field."""
 
 
-class SkipCounter(Counter):
-    """Counts rows skipped per reason, and logs a summary so that no row is dropped silently."""
+class RowError(DataError):
+    """A defect of one row (skipped and counted by the loaders; an error where rows are read one at a time)."""
+
+    def __init__(self, where: str, field: str | None, reason: str):
+        super().__init__(f"{where}: {reason}" if where else reason)
+        self.where, self.field, self.reason = where, field, reason
+
+    def __reduce__(self):  # picklable across dataset_num_proc workers
+        return RowError, (self.where, self.field, self.reason)
+
+
+class SkipLog(Counter):
+    """Skipped rows: a Counter of reasons plus one record per row {source, row, field, reason, kind}."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records: list[dict] = []
+
+    def add(self, source: str, row: int | None, field: str | None, reason: str, kind: str = DEFECT) -> None:
+        self[reason] += 1
+        self.records.append({"source": source, "row": row, "field": field, "reason": reason, "kind": kind})
+
+    def extend(self, other: "SkipLog") -> "SkipLog":
+        for record in other.records:
+            self.add(**record)
+        return self
 
     def report(self, source: str, total: int) -> None:
-        for reason, count in self.items():
-            logger.warning("%s: skipped %d of %d rows: %s", source, count, total, reason)
+        """Print one line per reason of `source`'s skips."""
+        counts = Counter(r["reason"] for r in self.records if r["source"] == source)
+        for reason, count in counts.most_common():
             print(f"[data] {source}: skipped {count} of {total} rows: {reason}", flush=True)
 
+    def check_fraction(self, source: str, total: int, max_fraction: float) -> None:
+        """DataError when more than `max_fraction` of `source`'s rows are defective, showing the first ones."""
+        defects = [r for r in self.records if r["source"] == source and r["kind"] == DEFECT]
+        if total and len(defects) > max_fraction * total:
+            reasons = Counter(r["reason"] for r in defects).most_common(3)
+            first = "; ".join(f"{source}: row {r['row']}: {r['reason']}" for r in defects[:3])
+            raise DataError(
+                f"{source}: {len(defects)} of {total} rows ({len(defects) / total:.0%}) are defective, more than "
+                f"max_skipped_fraction={max_fraction}: the file is mostly not in a shape this recipe reads. First: "
+                f"{first}. Most common: {', '.join(f'{reason} ({count})' for reason, count in reasons)}"
+                + (". If the fields have other names, map them with columns: {recipe_field: file_field}"
+                   if any("missing field" in r or "unknown" in r for r, _ in reasons) else ""))
 
-def _read_json_text(path: Path) -> str:
+    def write(self, output_dir: str) -> Path:
+        """skipped_rows.jsonl in output_dir (empty when nothing was skipped)."""
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(output_dir) / SKIPPED_ROWS_FILE
+        with open(path, "w") as file:
+            for record in self.records:
+                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return path
+
+    def markdown(self) -> str:
+        """The summary for report.md: skips per source, reason and kind."""
+        if not self.records:
+            return "No rows skipped."
+        counts = Counter((r["source"], r["reason"], r["kind"]) for r in self.records)
+        lines = [f"{len(self.records)} rows skipped, listed in `{SKIPPED_ROWS_FILE}` (source, row, field, reason). "
+                 "Defects count towards `max_skipped_fraction`; unusable rows (too long, another prompt format, "
+                 "duplicates) do not.", "", "| source | reason | kind | rows |", "|---|---|---|---|"]
+        lines += [f"| {source} | {reason.replace('|', '/')} | {kind} | {count} |"
+                  for (source, reason, kind), count in counts.most_common()]
+        return "\n".join(lines)
+
+
+SkipCounter = SkipLog  # the earlier name
+
+
+# ---------------------------------------------------------------- reading files
+
+def _open_text(path: Path) -> str:
     raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise DataError(f"{path}: not a readable gzip file ({error})") from error
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text (byte {error.start}); re-save the file as UTF-8") from error
 
 
-def _read_json_rows(path: Path) -> list:
-    text = _read_json_text(path)
-    if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text):
-        rows = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {line_number}: not valid JSON ({error.msg}, column {error.colno})")
-        return rows
+def _data_suffix(path: Path) -> str:
+    """.json / .jsonl / .csv / .parquet, looking through a .gz."""
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
+def _is_jsonl(path: Path, text: str) -> bool:
+    return _data_suffix(path) == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text)
+
+
+def _json_lines(path: Path, text: str) -> tuple[list[str], list[int]]:
+    """The non-blank lines of a jsonl text and their line numbers (JSON is parsed later, per row)."""
+    lines, numbers = [], []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            lines.append(line)
+            numbers.append(number)
+    return lines, numbers
+
+
+def _json_list(path: Path, text: str) -> list:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
@@ -63,27 +162,28 @@ def _read_json_rows(path: Path) -> list:
     return rows
 
 
-def read_rows(source: str, split: str = "train") -> list[dict]:
-    """All rows of a local file or a hub dataset split, as dicts. Rows are numbered from 1 in errors
-    (the line number for jsonl)."""
+def _parse_line(source: str, line: str, number: int):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{source}: line {number}: not valid JSON ({error.msg}, column {error.colno})") from None
+
+
+def _local_path(source: str) -> Path | None:
     path = Path(source).expanduser()
     if path.is_file():
-        if path.suffix not in LOCAL_FORMATS:
-            raise DataError(f"{source}: unknown data file type '{path.suffix}'; use {sorted(LOCAL_FORMATS)}")
-        if LOCAL_FORMATS[path.suffix] == "json":
-            rows = _read_json_rows(path)
-        else:
-            rows = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
-        for number, row in enumerate(rows, start=1):
-            if not isinstance(row, dict):
-                raise DataError(f"{source}: row {number}: expected an object with fields, found {type(row).__name__}")
-        if not rows:
-            raise DataError(f"{source}: the file holds no rows")
-        return rows
-    if path.suffix in LOCAL_FORMATS or source.startswith((".", "/", "~")):
+        if _data_suffix(path) not in LOCAL_FORMATS:
+            raise DataError(f"{source}: unknown data file type '{path.suffix}'; use {sorted(LOCAL_FORMATS)} "
+                            "(optionally .gz)")
+        return path
+    if _data_suffix(path) in LOCAL_FORMATS or source.startswith((".", "/", "~")):
         raise DataError(f"data file not found: {source}")
+    return None
+
+
+def _load_hub(source: str, split: str, streaming: bool = False):
     try:
-        return load_dataset(source, split=split).to_list()
+        return load_dataset(source, split=split, streaming=streaming)
     except Exception as error:
         raise DataError(
             f"could not load dataset '{source}' (split '{split}'): not a local file, and the hub did not serve it "
@@ -91,14 +191,113 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
         ) from error
 
 
+def _check_objects(source: str, rows: list) -> None:
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{source}: row {number}: expected an object with fields, found {type(row).__name__}")
+    if not rows:
+        raise DataError(f"{source}: the file holds no rows")
+
+
+def read_rows(source: str, split: str = "train") -> list[dict]:
+    """All rows of a local file or a hub dataset split, as dicts. Rows are numbered from 1 in errors
+    (the line number for jsonl)."""
+    path = _local_path(source)
+    if path is None:
+        return _load_hub(source, split).to_list()
+    if LOCAL_FORMATS[_data_suffix(path)] == "json":
+        text = _open_text(path)
+        if _is_jsonl(path, text):
+            rows = [_parse_line(source, line, number) for line, number in zip(*_json_lines(path, text))]
+        else:
+            rows = _json_list(path, text)
+    else:
+        rows = load_dataset(LOCAL_FORMATS[_data_suffix(path)], data_files=str(path), split="train").to_list()
+    _check_objects(source, rows)
+    return rows
+
+
+def raw_dataset(source: str, split: str = "train") -> Dataset:
+    """A file or hub split as a Dataset the preparation maps read: local JSON rows as one text column `json`
+    (parsed per row in the workers, so a value of another type in one row does not break Arrow's typing of the
+    column) and their row (jsonl: line) numbers in `row`; csv, parquet and hub data with their own columns."""
+    path = _local_path(source)
+    if path is None:
+        dataset = _load_hub(source, split)
+    elif LOCAL_FORMATS[_data_suffix(path)] == "json":
+        text = _open_text(path)
+        if _is_jsonl(path, text):
+            lines, numbers = _json_lines(path, text)
+        else:
+            rows = _json_list(path, text)
+            _check_objects(source, rows)
+            lines, numbers = [json.dumps(row, ensure_ascii=False) for row in rows], list(range(1, len(rows) + 1))
+        del text
+        dataset = Dataset.from_dict({"json": lines, "row": numbers})
+    else:
+        dataset = load_dataset(LOCAL_FORMATS[_data_suffix(path)], data_files=str(path), split="train")
+    if len(dataset) == 0:
+        raise DataError(f"{source}: the file holds no rows")
+    if "row" not in dataset.column_names:
+        dataset = dataset.add_column("row", list(range(1, len(dataset) + 1)))
+    return dataset
+
+
+def rows_of_batch(batch: dict, columns: dict[str, str], source: str):
+    """(row number, row dict with `columns` applied) for each row of a batch of `raw_dataset`. A jsonl line that is
+    not JSON, or not an object, is a DataError: the file is broken, not one row."""
+    numbers = batch["row"]
+    if "json" in batch:
+        rows = []
+        for line, number in zip(batch["json"], numbers):
+            row = _parse_line(source, line, number)
+            if not isinstance(row, dict):
+                raise DataError(f"{source}: row {number}: expected an object with fields, found {type(row).__name__}")
+            rows.append(row)
+    else:
+        names = [name for name in batch if name != "row"]
+        rows = [{name: batch[name][i] for name in names} for i in range(len(numbers))]
+    for number, row in zip(numbers, rows):
+        yield number, apply_columns(row, columns)
+
+
+def apply_columns(row: dict, columns: dict[str, str]) -> dict:
+    """The row with each mapped field read from its column: {"instruction": "question"} reads `question`."""
+    if not columns:
+        return row
+    row = dict(row)
+    for name, column in columns.items():
+        if column in row:
+            row[name] = row.pop(column)
+        elif name not in row:
+            row[name] = _MappedMissing(column)
+    return row
+
+
+class _MappedMissing:
+    """Marks a field whose mapped column is absent from a row, so the message names the column."""
+
+    def __init__(self, column: str):
+        self.column = column
+
+
+# ---------------------------------------------------------------- rows to SFT examples
+
 def _text_field(row: dict, field: str, where: str, required: bool = True) -> str:
     value = row.get(field)
+    if isinstance(value, _MappedMissing):
+        raise RowError(where, field, f"missing column '{value.column}' (read as field '{field}'; fields present: "
+                                     f"{sorted(k for k, v in row.items() if not isinstance(v, _MappedMissing))})")
     if value is None:
+        if field in row:
+            if required:
+                raise RowError(where, field, f"field '{field}' is null")
+            return ""
         if required:
-            raise DataError(f"{where}: missing field '{field}' (fields present: {sorted(row)})")
+            raise RowError(where, field, f"missing field '{field}' (fields present: {sorted(row)})")
         return ""
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}' must be text, found {type(value).__name__}")
+        raise RowError(where, field, f"field '{field}' must be text, found {type(value).__name__}")
     return value
 
 
@@ -106,27 +305,27 @@ def normalize_messages(messages, where: str, field: str = "messages") -> list[di
     """Chat turns as [{role, content}], ShareGPT's {from, value} accepted; roles must alternate user/assistant
     after an optional leading system turn."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field '{field}' must be a non-empty list of turns")
+        raise RowError(where, field, f"field '{field}' must be a non-empty list of turns"
+                       + (", found null" if messages is None else ""))
     turns = []
     for index, turn in enumerate(messages):
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: {field}[{index}] must be an object with role and content")
+            raise RowError(where, field, f"{field}[{index}] must be an object with role and content")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         if role not in SHAREGPT_ROLES:
-            raise DataError(f"{where}: {field}[{index}]: unknown role {role!r} (use system, user or assistant)")
+            raise RowError(where, field, f"{field}[{index}]: unknown role {role!r} (use system, user or assistant)")
         if not isinstance(content, str):
-            raise DataError(f"{where}: {field}[{index}]: content must be text")
+            raise RowError(where, field, f"{field}[{index}]: content must be text, found {type(content).__name__}")
         turns.append({"role": SHAREGPT_ROLES[role], "content": content})
     expected = "user"
     for index, turn in enumerate(turns):
         if index == 0 and turn["role"] == "system":
             continue
         if turn["role"] != expected:
-            raise DataError(
-                f"{where}: {field}[{index}]: roles must alternate user/assistant (after an optional system turn), "
-                f"found '{turn['role']}' where '{expected}' was expected"
-            )
+            raise RowError(
+                where, field, f"{field}[{index}]: roles must alternate user/assistant (after an optional system "
+                              f"turn), found '{turn['role']}' where '{expected}' was expected")
         expected = "assistant" if expected == "user" else "user"
     return turns
 
@@ -143,67 +342,123 @@ def row_shape(row: dict) -> str:
     return "unknown"
 
 
+SHAPE_FORMAT = {"alpaca": "alpaca", "chat": "chat", "prompt_completion": "plain"}
+
+
+def majority_format(shape_counts: Counter) -> str:
+    """The prompt format of a file from its row shapes: the most common shape's ("alpaca", "chat" or "plain");
+    rows of other shapes are rendered in it (see `to_format`). Ties go to chat, which renders every shape."""
+    known = {shape: count for shape, count in shape_counts.items() if shape in SHAPE_FORMAT}
+    if not known:
+        return "chat"
+    order = ["chat", "alpaca", "prompt_completion"]
+    return SHAPE_FORMAT[max(order, key=lambda shape: (known.get(shape, 0), shape == "chat"))]
+
+
 def prompt_format(rows: list[dict]) -> str:
     """How prompts must be written to a model tuned on these rows: "alpaca" (the Alpaca template), "chat" (the
-    tokenizer's chat template) or "plain" (prompt/completion rows: the prompt text as is). Mixed files: "chat"."""
-    shapes = {row_shape(row) for row in rows}
-    if shapes == {"alpaca"}:
-        return "alpaca"
-    if shapes == {"prompt_completion"}:
-        return "plain"
-    return "chat"
+    tokenizer's chat template) or "plain" (prompt/completion rows: the prompt text as is), by the majority of
+    the rows' shapes."""
+    return majority_format(Counter(row_shape(row) for row in rows))
 
 
-def sft_rows(rows: list[dict], source: str) -> tuple[list[dict], SkipCounter]:
-    """Instruction rows to SFT examples. Alpaca {instruction, input, output} becomes {prompt, completion} with the
-    Alpaca template; chat {messages} or ShareGPT {conversations} becomes {messages}; {prompt, completion} passes.
-    Rows with an empty response and exact duplicates are skipped and counted; malformed rows raise DataError."""
-    examples, skipped = [], SkipCounter()
+def sft_example(row: dict, where: str) -> dict:
+    """One instruction row as an SFT example: Alpaca {instruction, input, output} becomes {prompt, completion} with
+    the Alpaca template (and keeps its pieces under `alpaca`, for rendering in another format); chat {messages} or
+    ShareGPT {conversations} becomes {messages}; {prompt, completion} passes. RowError for a defective row."""
+    shape = row_shape(row)
+    if shape == "chat":
+        field = "messages" if "messages" in row else "conversations"
+        turns = normalize_messages(row[field], where, field)
+        answers = [t for t in turns if t["role"] == "assistant"]
+        if not answers:
+            raise RowError(where, field, "chat without an assistant turn")
+        if any(not t["content"].strip() for t in answers):
+            raise RowError(where, field, "empty assistant turn")
+        return {"messages": turns}
+    if shape == "alpaca":
+        instruction = _text_field(row, "instruction", where)
+        output = _text_field(row, "output", where)
+        text_input = _text_field(row, "input", where, False)
+        if not instruction.strip():
+            raise RowError(where, "instruction", "empty instruction")
+        if not output.strip():
+            raise RowError(where, "output", "empty output")
+        return {"prompt": alpaca_prompt(instruction, text_input), "completion": output,
+                "alpaca": {"instruction": instruction, "input": text_input}}
+    if shape == "prompt_completion":
+        prompt, completion = _text_field(row, "prompt", where), _text_field(row, "completion", where)
+        if not completion.strip():
+            raise RowError(where, "completion", "empty completion")
+        return {"prompt": prompt, "completion": completion, "plain": True}
+    raise RowError(where, None, f"unknown row shape with fields {sorted(row)}; expected Alpaca (instruction, input, "
+                                "output), chat (messages) or ShareGPT (conversations), or prompt/completion")
+
+
+def to_format(example: dict, data_format: str) -> dict:
+    """An SFT example rendered in the file's prompt format: an Alpaca or prompt/completion row becomes one user
+    turn in a chat file; a single-turn chat becomes an Alpaca prompt or plain text. PromptFormatError for a
+    multi-turn chat in the alpaca or plain format."""
+    from common.preferences import render_prompt
+
+    if "messages" in example:
+        if data_format == "chat":
+            return example
+        turns = example["messages"]
+        prompt = render_prompt(turns[:-1], None, data_format)
+        return {"prompt": prompt, "completion": turns[-1]["content"]}
+    pieces = example.get("alpaca")
+    if data_format == "chat":
+        user = (pieces["instruction"] + (f"\n\n{pieces['input']}" if pieces["input"].strip() else "")
+                if pieces else example["prompt"])
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": example["completion"]}]}
+    if pieces and data_format == "plain":
+        return {"prompt": render_prompt(pieces, None, "plain"), "completion": example["completion"]}
+    return {"prompt": example["prompt"], "completion": example["completion"]}
+
+
+def _example_key(example: dict) -> str:
+    """What makes two rows exact duplicates: their normalised example, as `prepare_sft` stores it."""
+    return hashlib.sha1(json.dumps(example, ensure_ascii=False).encode()).hexdigest()
+
+
+def sft_rows(rows: list[dict], source: str, max_skipped_fraction: float = 0.05) -> tuple[list[dict], SkipLog]:
+    """Instruction rows to SFT examples (see `sft_example`), in the majority prompt format. Defective rows,
+    rows the format cannot render and exact duplicates are skipped and counted; a file with more than
+    `max_skipped_fraction` defective rows is a DataError."""
+    skips, examples, keys, shapes = SkipLog(), [], set(), Counter()
+    normalised = []
     for number, row in enumerate(rows, start=1):
-        where = f"{source}: row {number}"
-        shape = row_shape(row)
-        if shape == "chat":
-            field = "messages" if "messages" in row else "conversations"
-            turns = normalize_messages(row[field], where, field)
-            answers = [t for t in turns if t["role"] == "assistant"]
-            if not answers:
-                skipped["chat without an assistant turn"] += 1
-                continue
-            if any(not t["content"].strip() for t in answers):
-                skipped["empty assistant turn"] += 1
-                continue
-            examples.append({"messages": turns})
-        elif shape == "alpaca":
-            instruction = _text_field(row, "instruction", where)
-            output = _text_field(row, "output", where)
-            if not instruction.strip():
-                skipped["empty instruction"] += 1
-                continue
-            if not output.strip():
-                skipped["empty output"] += 1
-                continue
-            examples.append({"prompt": alpaca_prompt(instruction, _text_field(row, "input", where, False)),
-                             "completion": output})
-        elif shape == "prompt_completion":
-            prompt, completion = _text_field(row, "prompt", where), _text_field(row, "completion", where)
-            if not completion.strip():
-                skipped["empty completion"] += 1
-                continue
-            examples.append({"prompt": prompt, "completion": completion})
-        else:
-            raise DataError(
-                f"{where}: unknown row shape with fields {sorted(row)}; expected Alpaca (instruction, input, output), "
-                "chat (messages) or ShareGPT (conversations), or prompt/completion"
-            )
-    unique = list({json.dumps(example, sort_keys=True): example for example in examples}.values())
-    if len(unique) < len(examples):  # duplicates would leak into the held-out split
-        skipped["exact duplicate of an earlier row"] += len(examples) - len(unique)
-        examples = unique
-    skipped.report(source, len(rows))
+        try:
+            example = sft_example(row, f"{source}: row {number}")
+        except RowError as error:
+            skips.add(source, number, error.field, error.reason)
+            continue
+        shapes[row_shape(row)] += 1
+        normalised.append((number, example))
+    data_format = majority_format(shapes)
+    from common.preferences import PromptFormatError
+
+    for number, example in normalised:
+        key = _example_key(example)
+        try:
+            example = to_format(example, data_format)
+        except PromptFormatError as error:
+            skips.add(source, number, None, str(error), UNUSABLE)
+            continue
+        if key in keys:  # duplicates would leak into the held-out split
+            skips.add(source, number, None, "exact duplicate of an earlier row", UNUSABLE)
+            continue
+        keys.add(key)
+        examples.append(example)
+    skips.report(source, len(rows))
+    skips.check_fraction(source, len(rows), max_skipped_fraction)
     if not examples:
         raise DataError(f"{source}: no usable rows")
-    return examples, skipped
+    return examples, skips
 
+
+# ---------------------------------------------------------------- tokenisation
 
 def prompt_of(example: dict, tokenizer) -> str:
     """The text a model is prompted with for an SFT example: everything up to the last assistant answer."""
@@ -212,6 +467,26 @@ def prompt_of(example: dict, tokenizer) -> str:
     turns = example["messages"]
     last_answer = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
     return tokenizer.apply_chat_template(turns[:last_answer], tokenize=False, add_generation_prompt=True)
+
+
+def _chat_text_and_spans(turns: list[dict], tokenizer, where: str) -> tuple[str, list[tuple[int, int]]]:
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    spans = []
+    for index, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        start = tokenizer.apply_chat_template(turns[:index], tokenize=False, add_generation_prompt=True)
+        end = tokenizer.apply_chat_template(turns[: index + 1], tokenize=False)
+        if not (text.startswith(start) and text.startswith(end)):
+            raise DataError(f"{where}: the chat template does not render this conversation turn by turn "
+                            "(it is not prefix-preserving); use another chat template")
+        spans.append((len(start), len(end.rstrip())))  # up to its end-of-turn token, not the newline after it
+    return text, spans
+
+
+def _chat_labels(encoding, spans) -> list[int]:
+    return [token if any(start <= char_start < end for start, end in spans) else -100
+            for token, (char_start, _) in zip(encoding["input_ids"], encoding["offset_mapping"])]
 
 
 def tokenize_example(example: dict, tokenizer, where: str = "") -> dict:
@@ -224,59 +499,97 @@ def tokenize_example(example: dict, tokenizer, where: str = "") -> dict:
         completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
         completion_ids = completion_ids + [tokenizer.eos_token_id]
         return {"input_ids": prompt_ids + completion_ids, "labels": [-100] * len(prompt_ids) + completion_ids}
-
-    turns = example["messages"]
-    text = tokenizer.apply_chat_template(turns, tokenize=False)
-    spans = []
-    for index, turn in enumerate(turns):
-        if turn["role"] != "assistant":
-            continue
-        start = tokenizer.apply_chat_template(turns[:index], tokenize=False, add_generation_prompt=True)
-        end = tokenizer.apply_chat_template(turns[: index + 1], tokenize=False)
-        if not (text.startswith(start) and text.startswith(end)):
-            raise DataError(f"{where}: the chat template does not render this conversation turn by turn "
-                            "(it is not prefix-preserving); use another chat template")
-        spans.append((len(start), len(end.rstrip())))  # up to its end-of-turn token, not the newline after it
+    text, spans = _chat_text_and_spans(example["messages"], tokenizer, where)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        token if any(start <= char_start < end for start, end in spans) else -100
-        for token, (char_start, _) in zip(encoding["input_ids"], encoding["offset_mapping"])
-    ]
-    return {"input_ids": encoding["input_ids"], "labels": labels}
+    return {"input_ids": encoding["input_ids"], "labels": _chat_labels(encoding, spans)}
+
+
+def tokenize_examples(examples: list[dict], tokenizer, where: str = "") -> list[dict]:
+    """`tokenize_example` of many examples, with one batched tokenizer call per kind (the Rust tokenizer then
+    works on the whole batch at once)."""
+    items: list[dict | None] = [None] * len(examples)
+    plain = [i for i, e in enumerate(examples) if "prompt" in e]
+    if plain:
+        prompts = tokenizer([examples[i]["prompt"] for i in plain])["input_ids"]
+        completions = tokenizer([examples[i]["completion"] for i in plain], add_special_tokens=False)["input_ids"]
+        for i, prompt_ids, completion_ids in zip(plain, prompts, completions):
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+            items[i] = {"input_ids": prompt_ids + completion_ids, "labels": [-100] * len(prompt_ids) + completion_ids}
+    chats = [i for i, e in enumerate(examples) if "prompt" not in e]
+    if chats:
+        rendered = [_chat_text_and_spans(examples[i]["messages"], tokenizer, where) for i in chats]
+        encodings = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        for n, (i, (_, spans)) in enumerate(zip(chats, rendered)):
+            encoding = {"input_ids": encodings["input_ids"][n], "offset_mapping": encodings["offset_mapping"][n]}
+            items[i] = {"input_ids": encoding["input_ids"], "labels": _chat_labels(encoding, spans)}
+    return items
+
+
+def example_chars(example: dict) -> int:
+    if "prompt" in example:
+        return len(example["prompt"]) + len(example["completion"])
+    return sum(len(turn["content"]) for turn in example["messages"])
+
+
+def length_advice(lengths: list[int], chars: list[int], max_length: int) -> str:
+    """What the length report adds when rows are too long: the tokenizer's tokens per character on this data
+    (English text is about 0.25; Chinese or code with an English tokenizer often 1 or more) and the max_length
+    that keeps 95% of the rows."""
+    ratio = sum(lengths) / max(sum(chars), 1)
+    keep = sorted(lengths)[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    suggested = -(-keep // 64) * 64
+    return (f"this tokenizer spends {ratio:.2f} tokens per character on this data (English prose: about 0.25); "
+            f"max_length={suggested} keeps 95% of the rows")
 
 
 def tokenize_sft(examples: list[dict], tokenizer, max_length: int, overlong: str = "drop",
                  source: str = "data") -> Dataset:
     """Tokenised SFT dataset (input_ids, labels). Examples longer than max_length are dropped (default: a
     truncated answer would teach the model not to stop) or truncated, and counted either way."""
-    if overlong not in ("drop", "truncate"):
-        raise DataError(f"overlong must be 'drop' or 'truncate', not {overlong!r}")
-    tokenized, too_long, no_answer_left = [], 0, 0
-    for number, example in enumerate(examples, start=1):
-        item = tokenize_example(example, tokenizer, f"{source}: example {number}")
-        if len(item["input_ids"]) > max_length:
-            too_long += 1
-            if overlong == "drop":
-                continue
-            item = {key: value[:max_length] for key, value in item.items()}
-            if all(label == -100 for label in item["labels"]):
-                no_answer_left += 1
-                continue
+    check_overlong(overlong)
+    items = tokenize_examples(examples, tokenizer, source)
+    tokenized, skips = [], SkipLog()
+    for number, item in enumerate(items, start=1):
+        item, reason = fit_length(item, max_length, overlong)
+        if reason:
+            skips.add(source, number, None, reason, UNUSABLE)
+            continue
         tokenized.append(item)
-    if too_long:
-        print(f"[data] {source}: {too_long} of {len(examples)} examples are longer than max_length={max_length} "
-              f"tokens and were {'dropped' if overlong == 'drop' else 'truncated'}", flush=True)
-    if no_answer_left:
-        print(f"[data] {source}: {no_answer_left} truncated examples kept no answer token and were dropped", flush=True)
+    report_lengths(source, [len(i["input_ids"]) for i in items], [example_chars(e) for e in examples],
+                   max_length, overlong)
+    skips.report(source, len(examples))
     if not tokenized:
         raise DataError(f"{source}: every example is longer than max_length={max_length}")
     return Dataset.from_list(tokenized)
 
 
+def check_overlong(overlong: str) -> None:
+    if overlong not in ("drop", "truncate"):
+        raise ConfigError(f"overlong must be 'drop' or 'truncate', not {overlong!r}")
+
+
+def fit_length(item: dict, max_length: int, overlong: str) -> tuple[dict, str | None]:
+    """(item, None) when it fits or is truncated with an answer token left, else (item, why it is skipped)."""
+    if len(item["input_ids"]) <= max_length:
+        return item, None
+    if overlong == "drop":
+        return item, f"longer than max_length={max_length} tokens"
+    item = {key: value[:max_length] for key, value in item.items()}
+    if all(label == -100 for label in item["labels"]):
+        return item, f"truncated to max_length={max_length} tokens, no answer token left"
+    return item, None
+
+
+def report_lengths(source: str, lengths: list[int], chars: list[int], max_length: int, overlong: str) -> None:
+    too_long = sum(length > max_length for length in lengths)
+    if too_long:
+        print(f"[data] {source}: {too_long} of {len(lengths)} examples are longer than max_length={max_length} "
+              f"tokens and were {'dropped' if overlong == 'drop' else 'truncated'} ({too_long / len(lengths):.0%}); "
+              f"{length_advice(lengths, chars, max_length)}", flush=True)
+
+
 def split_train_eval(examples: list, eval_size: float | int, seed: int) -> tuple[list, list]:
     """A seeded held-out split: eval_size is a fraction (< 1) or a row count."""
-    import random
-
     count = int(round(len(examples) * eval_size)) if eval_size < 1 else int(eval_size)
     if count <= 0:
         return examples, []
@@ -287,3 +600,293 @@ def split_train_eval(examples: list, eval_size: float | int, seed: int) -> tuple
     held_out = set(order[:count])
     return ([e for i, e in enumerate(examples) if i not in held_out],
             [e for i, e in enumerate(examples) if i in held_out])
+
+
+# ---------------------------------------------------------------- prepared (cached) datasets
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides how a tokenizer turns text into ids: its serialised Rust tokenizer, chat template and
+    special tokens."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    for value in (tokenizer.chat_template, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id,
+                  getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)):
+        digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def source_fingerprint(source: str, split: str) -> str:
+    """The content of a local file (sha256), or a hub dataset split's own fingerprint."""
+    path = _local_path(source)
+    if path is not None:
+        return "file:" + _hash_file(path)
+    return f"hub:{source}:{split}:{_load_hub(source, split)._fingerprint}"
+
+
+def cache_key(*parts) -> str:
+    code = "".join((Path(__file__).parent / name).read_text() for name in _CODE_FILES)
+    return hashlib.sha256(json.dumps([code, *parts], sort_keys=True, default=repr).encode()).hexdigest()[:24]
+
+
+def data_cache_dir() -> Path:
+    """Where prepared datasets live: $RECIPES_DATA_CACHE, else <RECIPES_CACHE>/prepared-data."""
+    from common.models import cache_dir
+
+    return Path(os.environ.get("RECIPES_DATA_CACHE", cache_dir() / "prepared-data"))
+
+
+def main_process_first():
+    """Under a multi-process launch the main process prepares the data and the others wait, then read its cache."""
+    from accelerate import PartialState
+
+    return PartialState().main_process_first()
+
+
+def cached_dataset(key: str, build, what: str) -> Dataset:
+    """The dataset saved under `key`, else `build()` saved there first (written to a temporary directory and
+    renamed, so an interrupted run never leaves half a cache behind)."""
+    path = data_cache_dir() / key
+    with main_process_first():
+        if (path / "dataset_info.json").is_file():
+            print(f"[data] {what}: prepared dataset read from the cache ({path}); nothing tokenised", flush=True)
+            return load_from_disk(str(path))
+        dataset = build()
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dataset.save_to_disk(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        print(f"[data] {what}: prepared and cached in {path}", flush=True)
+        return load_from_disk(str(path))
+
+
+def column(dataset: Dataset, name: str) -> list:
+    """A column of an unindexed dataset as a list, straight from Arrow (no per-row formatting)."""
+    return dataset.data.column(name).to_pylist()
+
+
+def skips_of(dataset: Dataset, source: str) -> SkipLog:
+    """The skip records a prepared dataset carries in its skip_reason / skip_field / skip_kind columns."""
+    skips = SkipLog()
+    reasons = column(dataset, "skip_reason")
+    flagged = [i for i, reason in enumerate(reasons) if reason]
+    if flagged:
+        rows, fields, kinds = column(dataset, "row"), column(dataset, "skip_field"), column(dataset, "skip_kind")
+        for i in flagged:
+            skips.add(source, rows[i], fields[i] or None, reasons[i], kinds[i])
+    return skips
+
+
+def kept_indices(dataset: Dataset) -> list[int]:
+    return [i for i, reason in enumerate(column(dataset, "skip_reason")) if not reason]
+
+
+def _skip_columns(out: dict, field=None, reason: str = "", kind: str = "") -> None:
+    out["skip_field"].append(field or "")
+    out["skip_reason"].append(reason)
+    out["skip_kind"].append(kind)
+
+
+def _normalise_sft_batch(batch, columns, source):
+    out = {"row": [], "shape": [], "example": [], "key": [], "skip_field": [], "skip_reason": [], "skip_kind": []}
+    for number, row in rows_of_batch(batch, columns, source):
+        out["row"].append(number)
+        try:
+            text = json.dumps(sft_example(row, f"row {number}"), ensure_ascii=False)
+            out["shape"].append(row_shape(row))
+            out["example"].append(text)
+            out["key"].append(hashlib.sha1(text.encode()).hexdigest())
+            _skip_columns(out)
+        except RowError as error:
+            out["shape"].append("")
+            out["example"].append("")
+            out["key"].append("")
+            _skip_columns(out, error.field, error.reason, DEFECT)
+    return out
+
+
+def _tokenise_sft_batch(batch, tokenizer, data_format, max_length, overlong):
+    from common.preferences import PromptFormatError
+
+    size = len(batch["row"])
+    out = {"input_ids": [[] for _ in range(size)], "labels": [[] for _ in range(size)], "length": [0] * size,
+           "chars": [0] * size, "skip_reason": list(batch["skip_reason"]), "skip_kind": list(batch["skip_kind"])}
+    todo, examples = [], []
+    for i in range(size):
+        if out["skip_reason"][i]:
+            continue
+        try:
+            example = to_format(json.loads(batch["example"][i]), data_format)
+        except PromptFormatError as error:
+            out["skip_reason"][i], out["skip_kind"][i] = str(error), UNUSABLE
+            continue
+        todo.append(i)
+        examples.append(example)
+    for i, example, item in zip(todo, examples, tokenize_examples(examples, tokenizer)):
+        out["length"][i], out["chars"][i] = len(item["input_ids"]), example_chars(example)
+        item, reason = fit_length(item, max_length, overlong)
+        if reason:
+            out["skip_reason"][i], out["skip_kind"][i] = reason, UNUSABLE
+            continue
+        out["input_ids"][i], out["labels"][i] = item["input_ids"], item["labels"]
+    return out
+
+
+def num_proc_for(num_proc: int | None, rows: int) -> int | None:
+    """dataset_num_proc, but one process for small data (starting workers costs more than it saves)."""
+    return num_proc if num_proc and num_proc > 1 and rows >= 2000 else None
+
+
+class PreparedSFT:
+    """A prepared SFT source: `dataset` (every row: input_ids, labels, example, ...; skipped rows flagged), the
+    prompt format and the skips. `examples` are the row indices a held-out split is drawn from (every usable
+    row, as `sft_rows` returns them, so evaluation reproduces the split); `fits` those within max_length."""
+
+    def __init__(self, source: str, dataset: Dataset, data_format: str, max_skipped_fraction: float,
+                 max_length: int, overlong: str):
+        self.source, self.dataset, self.prompt_format = source, dataset, data_format
+        self.total = len(dataset)
+        self.skips = skips_of(dataset, source)
+        self.examples, fits, seen = [], set(), set()
+        lengths, rows = column(dataset, "length"), column(dataset, "row")
+        for i, (key, reason, length) in enumerate(zip(column(dataset, "key"), column(dataset, "skip_reason"), lengths)):
+            if reason and not length:  # a defect or another format: never tokenised
+                continue
+            if key in seen:  # duplicates would leak into the held-out split
+                self.skips.add(source, rows[i], None, "exact duplicate of an earlier row", UNUSABLE)
+                continue
+            seen.add(key)
+            self.examples.append(i)
+            if not reason:
+                fits.add(i)
+        self.fits = fits
+        self.skips.report(source, self.total)
+        self.skips.check_fraction(source, self.total, max_skipped_fraction)
+        if any(lengths):
+            report_lengths(source, [n for n in lengths if n], [n for n in column(dataset, "chars") if n], max_length,
+                           overlong)
+        if not fits:
+            raise DataError(f"{source}: no usable rows (see the skip counts above)")
+
+    def select(self, indices: list[int]) -> Dataset:
+        """The rows at `indices` that fit max_length, as the trainer's dataset: input_ids and labels."""
+        return self.dataset.select([i for i in indices if i in self.fits]).select_columns(["input_ids", "labels"])
+
+    def example(self, index: int) -> dict:
+        """The SFT example of row `index`, in the prompt format it was tokenised in."""
+        return to_format(json.loads(self.dataset[index]["example"]), self.prompt_format)
+
+
+def prepare_sft(source: str, split: str, tokenizer, max_length: int, overlong: str = "drop",
+                columns: dict | None = None, num_proc: int | None = None, max_skipped_fraction: float = 0.05,
+                data_format: str | None = None) -> PreparedSFT:
+    """SFT data of `source`, tokenised once and cached (see module docstring). The prompt format follows the
+    majority of the rows' shapes unless `data_format` is given (an eval file is rendered as its training file)."""
+    check_overlong(overlong)
+    columns = columns or {}
+    key = cache_key("sft", source_fingerprint(source, split), tokenizer_fingerprint(tokenizer), max_length, overlong,
+                    columns, data_format)
+
+    def build() -> Dataset:
+        raw = raw_dataset(source, split)
+        workers = num_proc_for(num_proc, len(raw))
+        rows = raw.map(_normalise_sft_batch, batched=True, batch_size=500, num_proc=workers,
+                       remove_columns=raw.column_names, fn_kwargs={"columns": columns, "source": source},
+                       new_fingerprint=key + "-rows", desc="Normalising rows")
+        rows_format = data_format or majority_format(Counter(shape for shape in rows["shape"] if shape))
+        return rows.map(_tokenise_sft_batch, batched=True, batch_size=500, num_proc=workers,
+                        fn_kwargs={"tokenizer": tokenizer, "data_format": rows_format, "max_length": max_length,
+                                   "overlong": overlong},
+                        new_fingerprint=key + "-tokens", desc="Tokenising")
+
+    dataset = cached_dataset(key, build, source)
+    found = data_format or majority_format(Counter(shape for shape in column(dataset, "shape") if shape))
+    return PreparedSFT(source, dataset, found, max_skipped_fraction, max_length, overlong)
+
+
+def eval_source(config) -> tuple[str, str] | None:
+    """(source, split) of separate eval data (eval_dataset_name / eval_split), or None for a seeded carve-out of
+    the training data."""
+    if not config.eval_dataset_name and not config.eval_split:
+        return None
+    source = config.eval_dataset_name or config.dataset_name
+    split = config.eval_split or config.dataset_split
+    if not config.eval_dataset_name and _local_path(source) is not None:
+        raise ConfigError(f"eval_split: {source} is a local file, which has no splits; set eval_dataset_name to "
+                          "the eval file")
+    if source == config.dataset_name and split == config.dataset_split:
+        raise ConfigError(f"eval_dataset_name/eval_split name the training data itself ({source}, split {split})")
+    return source, split
+
+
+def iter_rows(source: str, split: str, columns: dict[str, str]):
+    """(row number, row) of a local file read line by line, or of a streamed hub dataset: memory does not grow
+    with the data."""
+    path = _local_path(source)
+    if path is None:
+        stream = _load_hub(source, split, streaming=True)
+        for number, row in enumerate(stream, start=1):
+            yield number, apply_columns(row, columns)
+        return
+    if LOCAL_FORMATS[_data_suffix(path)] != "json":
+        raise ConfigError(f"streaming reads jsonl files and hub datasets; {source} is {_data_suffix(path)}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8-sig") as file:
+        try:
+            for number, line in enumerate(file, start=1):
+                if line.strip():
+                    row = _parse_line(source, line, number)
+                    if not isinstance(row, dict):
+                        raise DataError(f"{source}: row {number}: expected an object, found {type(row).__name__}")
+                    yield number, apply_columns(row, columns)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{source}: not UTF-8 text (byte {error.start}); re-save the file as UTF-8") from error
+
+
+def streamed_sft(source: str, split: str, tokenizer, max_length: int, overlong: str, columns: dict,
+                 skips: SkipLog, data_format: str | None = None, skip_rows: int = 0, take_rows: int | None = None,
+                 probe_rows: int = 200):
+    """(IterableDataset of input_ids/labels tokenised as training reads it, prompt format). The format follows
+    the first `probe_rows` rows; skips are recorded into `skips` as they are met."""
+    from datasets import IterableDataset
+
+    from common.preferences import PromptFormatError
+
+    check_overlong(overlong)
+    if data_format is None:
+        shapes = Counter()
+        for _, row in zip(range(probe_rows), iter_rows(source, split, columns)):
+            shapes[row_shape(row[1])] += 1
+        data_format = majority_format(shapes)
+
+    def examples():
+        for index, (number, row) in enumerate(iter_rows(source, split, columns)):
+            if index < skip_rows:
+                continue
+            if take_rows is not None and index >= skip_rows + take_rows:
+                return
+            try:
+                example = to_format(sft_example(row, f"{source}: row {number}"), data_format)
+            except RowError as error:
+                skips.add(source, number, error.field, error.reason)
+                continue
+            except PromptFormatError as error:
+                skips.add(source, number, None, str(error), UNUSABLE)
+                continue
+            item, reason = fit_length(tokenize_example(example, tokenizer, f"{source}: row {number}"), max_length,
+                                      overlong)
+            if reason:
+                skips.add(source, number, None, reason, UNUSABLE)
+                continue
+            yield item
+
+    return IterableDataset.from_generator(examples), data_format

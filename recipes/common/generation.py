@@ -71,6 +71,31 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, do_sample
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stop_token_ids(tokenizer, model),
-            streamer=streamer,
+            streamer=whole_character_streamer(streamer),
         )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return decode_whole_characters(tokenizer, output[0, inputs["input_ids"].shape[1]:].tolist()).strip()
+
+
+def decode_whole_characters(tokenizer, ids: list[int]) -> str:
+    """The text of `ids` without a character cut in half: byte-level tokens can end mid-way through a UTF-8
+    character when generation stops at max_new_tokens, which decodes to U+FFFD; those last tokens are dropped."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for cut in range(1, 4):  # a UTF-8 character is at most 4 bytes, so at most 3 tokens hold a partial one
+        if not text.endswith("\ufffd") or cut > len(ids):
+            break
+        text = tokenizer.decode(ids[:-cut], skip_special_tokens=True)
+    return text
+
+
+def whole_character_streamer(streamer):
+    """A TextStreamer whose last flush (the text after the final space) drops a trailing half character; the
+    flushes before it end at a space, a newline or a whole CJK character, as TextStreamer prints them."""
+    if streamer is None or getattr(streamer, "_whole_characters", False):
+        return streamer
+    print_text = streamer.on_finalized_text
+
+    def on_finalized_text(text: str, stream_end: bool = False):
+        print_text(text.rstrip("\ufffd") if stream_end else text, stream_end=stream_end)
+
+    streamer.on_finalized_text, streamer._whole_characters = on_finalized_text, True
+    return streamer

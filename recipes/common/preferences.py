@@ -23,7 +23,11 @@ from itertools import combinations
 from math import comb
 from pathlib import Path
 
-from common.data import DataError, SkipCounter, normalize_messages
+from datasets import Dataset
+
+from common.data import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset, check_overlong,
+                         column, kept_indices, normalize_messages, num_proc_for, raw_dataset, rows_of_batch,
+                         skips_of, source_fingerprint, tokenizer_fingerprint)
 from common.templates import alpaca_prompt
 
 PROMPT_FORMATS = ("alpaca", "chat", "plain")  # as common.data.prompt_format names SFT's
@@ -106,89 +110,117 @@ def _response_text(value, where: str, field: str) -> str:
     elif isinstance(value, list):  # a conversational completion: one assistant turn
         turns = [t for t in value if isinstance(t, dict)]
         if len(turns) != 1 or turns[0].get("role", turns[0].get("from")) not in ("assistant", "gpt"):
-            raise DataError(f"{where}: field '{field}' must hold one assistant turn")
+            raise RowError(where, field, f"field '{field}' must hold one assistant turn")
         value = turns[0].get("content", turns[0].get("value"))
+    if value is None:
+        raise RowError(where, field, f"field '{field}' is null")
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}' must be text, found {type(value).__name__}")
+        raise RowError(where, field, f"field '{field}' must be text, found {type(value).__name__}")
     if not value.strip():
-        raise DataError(f"{where}: field '{field}' is an empty response")
+        raise RowError(where, field, f"field '{field}' is an empty response")
     return value
 
 
 def split_hh_transcript(text: str, where: str, field: str) -> tuple[list[dict], str]:
-    """An Anthropic HH-RLHF transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." as (prompt turns, final answer)."""
+    """An Anthropic HH-RLHF transcript "\\n\\nHuman: ...\\n\\nAssistant: ..." as (prompt turns, final answer).
+    Consecutive turns of one speaker (HH has "Assistant: ...\\n\\nAssistant: ...") are one turn."""
     turns = []
     for part in text.split("\n\nHuman:")[1:]:
         human, *assistant = part.split("\n\nAssistant:")
-        turns.append({"role": "user", "content": human.strip()})
-        turns += [{"role": "assistant", "content": answer.strip()} for answer in assistant]
+        for role, content in [("user", human)] + [("assistant", answer) for answer in assistant]:
+            if turns and turns[-1]["role"] == role:
+                turns[-1]["content"] = (turns[-1]["content"] + "\n\n" + content.strip()).strip()
+            else:
+                turns.append({"role": role, "content": content.strip()})
     if not turns or turns[-1]["role"] != "assistant":
-        raise DataError(f"{where}: field '{field}' is an HH transcript with no final Assistant turn")
+        raise RowError(where, field, f"field '{field}' is an HH transcript with no final Assistant turn")
     if not turns[-1]["content"]:
-        raise DataError(f"{where}: field '{field}' has an empty final Assistant turn")
+        raise RowError(where, field, f"field '{field}' has an empty final Assistant turn")
     return turns[:-1], turns[-1]["content"]
 
 
-def _pair_of(row: dict, where: str) -> tuple[object, list[str]]:
-    """(prompt, [chosen, rejected]) of a pairwise row in any known shape."""
+def shared_prompt(prompts: list[list[dict]]) -> list[dict]:
+    """The longest common prefix of several conversations that ends with a user turn (may be empty)."""
+    common = 0
+    while all(len(p) > common and p[common] == prompts[0][common] for p in prompts):
+        common += 1
+    while common and prompts[0][common - 1]["role"] != "user":
+        common -= 1
+    return prompts[0][:common]
+
+
+def _pair_of(row: dict, where: str) -> tuple[object, list[str], list | None]:
+    """(prompt, [chosen, rejected], per-response prompts or None) of a pairwise row in any known shape. The
+    per-response prompts are set when the two transcripts differ before their final answer: each answer is then
+    scored after its own conversation (whole transcripts, as TRL's RewardTrainer scores HH)."""
     chosen, rejected = row["chosen"], row["rejected"]
     if "conversations" in row:  # ShareGPT
         prompt = normalize_messages(row["conversations"], where, "conversations")
-        return prompt, [_response_text(chosen, where, "chosen"), _response_text(rejected, where, "rejected")]
+        return prompt, [_response_text(chosen, where, "chosen"), _response_text(rejected, where, "rejected")], None
     if isinstance(chosen, str) and "prompt" not in row and "\n\nHuman:" in chosen:  # HH-RLHF
         prompt, chosen_text = split_hh_transcript(chosen, where, "chosen")
         rejected_prompt, rejected_text = split_hh_transcript(_response_text(rejected, where, "rejected"), where,
                                                              "rejected")
         if rejected_prompt != prompt:
-            raise DataError(f"{where}: 'chosen' and 'rejected' transcripts differ before the final Assistant turn")
-        return prompt, [chosen_text, rejected_text]
+            return (shared_prompt([prompt, rejected_prompt]), [chosen_text, rejected_text],
+                    [prompt, rejected_prompt])
+        return prompt, [chosen_text, rejected_text], None
     if isinstance(chosen, list) and "prompt" not in row:  # conversational, implicit prompt
         chosen_turns = normalize_messages(chosen, where, "chosen")
         rejected_turns = normalize_messages(rejected, where, "rejected")
-        if chosen_turns[:-1] != rejected_turns[:-1] or chosen_turns[-1]["role"] != "assistant":
-            raise DataError(f"{where}: 'chosen' and 'rejected' must share every turn but a final assistant answer")
-        return chosen_turns[:-1], [_response_text(chosen_turns[-1], where, "chosen"),
-                                   _response_text(rejected_turns[-1], where, "rejected")]
+        if chosen_turns[-1]["role"] != "assistant" or rejected_turns[-1]["role"] != "assistant":
+            raise RowError(where, "chosen", "'chosen' and 'rejected' must each end with an assistant answer")
+        answers = [_response_text(chosen_turns[-1], where, "chosen"), _response_text(rejected_turns[-1], where,
+                                                                                       "rejected")]
+        if chosen_turns[:-1] != rejected_turns[:-1]:
+            return (shared_prompt([chosen_turns[:-1], rejected_turns[:-1]]), answers,
+                    [chosen_turns[:-1], rejected_turns[:-1]])
+        return chosen_turns[:-1], answers, None
     if "prompt" not in row:
-        raise DataError(f"{where}: missing field 'prompt' (fields present: {sorted(row)})")
-    prompt = row["prompt"]
+        raise RowError(where, "prompt", f"missing field 'prompt' (fields present: {sorted(row)})")
+    return (_prompt_field(row, where), [_response_text(chosen, where, "chosen"),
+                                        _response_text(rejected, where, "rejected")], None)
+
+
+def _prompt_field(row: dict, where: str):
+    prompt = row.get("prompt")
     if isinstance(prompt, list):
-        prompt = normalize_messages(prompt, where, "prompt")
-    elif not isinstance(prompt, str) or not prompt.strip():
-        raise DataError(f"{where}: field 'prompt' must be non-empty text or a list of turns")
-    return prompt, [_response_text(chosen, where, "chosen"), _response_text(rejected, where, "rejected")]
+        return normalize_messages(prompt, where, "prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RowError(where, "prompt", "field 'prompt' must be non-empty text or a list of turns"
+                       + (f", found {type(prompt).__name__}" if not isinstance(prompt, str) else ""))
+    return prompt
 
 
 def ranking_of(row: dict, where: str) -> dict:
-    """One row as {"prompt", "responses": [best, ..., worst]}; DataError names the row and field when it is bad."""
+    """One row as {"prompt", "responses": [best, ..., worst]} (plus "response_prompts" when each answer has its own
+    conversation); RowError names the row and field when it is bad."""
     if "chosen" in row and "rejected" in row:
-        prompt, responses = _pair_of(row, where)
-        if responses[0].strip() == responses[1].strip():
-            raise DataError(f"{where}: 'chosen' and 'rejected' are the same text, so they teach no preference")
-        return {"prompt": prompt, "responses": responses}
+        prompt, responses, response_prompts = _pair_of(row, where)
+        if responses[0].strip() == responses[1].strip() and response_prompts is None:
+            raise RowError(where, "rejected", "'chosen' and 'rejected' are the same text, so they teach no preference")
+        ranking = {"prompt": prompt, "responses": responses}
+        if response_prompts is not None:
+            ranking["response_prompts"] = response_prompts
+        return ranking
     if "responses" in row:
         responses = row["responses"]
         if not isinstance(responses, list) or len(responses) < 2:
-            raise DataError(f"{where}: field 'responses' must rank at least 2 responses, found "
-                            f"{len(responses) if isinstance(responses, list) else type(responses).__name__}")
+            raise RowError(where, "responses", f"field 'responses' must rank at least 2 responses, found "
+                           f"{len(responses) if isinstance(responses, list) else type(responses).__name__}")
         texts = [_response_text(r, where, f"responses[{i}]") for i, r in enumerate(responses)]
         if "ranks" in row:
             ranks = row["ranks"]
             if not isinstance(ranks, list) or len(ranks) != len(texts):
-                raise DataError(f"{where}: field 'ranks' must give one rank per response")
+                raise RowError(where, "ranks", "field 'ranks' must give one rank per response")
             if len(set(ranks)) != len(ranks):
-                raise DataError(f"{where}: field 'ranks' has ties {ranks}; a ranking must order every response")
+                raise RowError(where, "ranks", f"field 'ranks' has ties {ranks}; a ranking must order every response")
             texts = [text for _, text in sorted(zip(ranks, texts))]
         if len({t.strip() for t in texts}) != len(texts):
-            raise DataError(f"{where}: field 'responses' ranks the same text twice (a tie)")
-        prompt = row.get("prompt")
-        if isinstance(prompt, list):
-            prompt = normalize_messages(prompt, where, "prompt")
-        elif not isinstance(prompt, str) or not prompt.strip():
-            raise DataError(f"{where}: field 'prompt' must be non-empty text or a list of turns")
-        return {"prompt": prompt, "responses": texts}
-    raise DataError(f"{where}: unknown preference row with fields {sorted(row)}; expected chosen/rejected "
-                    "(standard, conversational, ShareGPT or HH-RLHF) or prompt/responses (a K-wise ranking)")
+            raise RowError(where, "responses", "field 'responses' ranks the same text twice (a tie)")
+        return {"prompt": _prompt_field(row, where), "responses": texts}
+    raise RowError(where, None, f"unknown preference row with fields {sorted(row)}; expected chosen/rejected "
+                                "(standard, conversational, ShareGPT or HH-RLHF) or prompt/responses (a K-wise ranking)")
 
 
 def prompt_of_row(row: dict, where: str):
@@ -196,30 +228,49 @@ def prompt_of_row(row: dict, where: str):
     any), a ranking or pair (its prompt), or {"prompt"}."""
     if "instruction" in row:
         instruction = row["instruction"]
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise DataError(f"{where}: field 'instruction' is empty")
-        return {"instruction": instruction, "input": row.get("input") or ""}
+        if instruction is None or (isinstance(instruction, str) and not instruction.strip()):
+            raise RowError(where, "instruction", "field 'instruction' is " + ("null" if instruction is None else "empty"))
+        if not isinstance(instruction, str):
+            raise RowError(where, "instruction", f"field 'instruction' must be text, found {type(instruction).__name__}")
+        text_input = row.get("input") or ""
+        if not isinstance(text_input, str):
+            raise RowError(where, "input", f"field 'input' must be text, found {type(text_input).__name__}")
+        return {"instruction": instruction, "input": text_input}
     for field in ("messages", "conversations"):
         if field in row:
             turns = normalize_messages(row[field], where, field)
             while turns and turns[-1]["role"] == "assistant":
                 turns = turns[:-1]
             if not any(t["role"] == "user" for t in turns):
-                raise DataError(f"{where}: field '{field}' holds no user turn to prompt with")
+                raise RowError(where, field, f"field '{field}' holds no user turn to prompt with")
             return turns
     if "chosen" in row or "responses" in row:
-        return ranking_of(row, where)["prompt"]
-    if isinstance(row.get("prompt"), list):
-        return normalize_messages(row["prompt"], where, "prompt")
-    if isinstance(row.get("prompt"), str) and row["prompt"].strip():
-        return row["prompt"]
-    raise DataError(f"{where}: no prompt found in fields {sorted(row)} (expected instruction, messages, "
-                    "conversations or prompt)")
+        ranking = ranking_of(row, where)
+        if not ranking["prompt"]:
+            raise RowError(where, "chosen", "the two transcripts share no prompt")
+        return ranking["prompt"]
+    if "prompt" in row:
+        return _prompt_field(row, where)
+    raise RowError(where, None, f"no prompt found in fields {sorted(row)} (expected instruction, messages, "
+                                "conversations or prompt)")
 
 
-def read_rankings(rows: list[dict], source: str) -> list[dict]:
-    """Every row as a ranking; the first bad row raises DataError naming the file, row and field."""
-    return [ranking_of(row, f"{source}: row {number}") for number, row in enumerate(rows, start=1)]
+def read_rankings(rows: list[dict], source: str, max_skipped_fraction: float = 0.05,
+                  skips: SkipLog | None = None) -> list[dict]:
+    """Every usable row as a ranking. Defective rows are skipped and counted (into `skips` when given); more
+    than `max_skipped_fraction` of them is a DataError naming the first ones."""
+    skips = SkipLog() if skips is None else skips
+    rankings = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            rankings.append(ranking_of(row, f"{source}: row {number}"))
+        except RowError as error:
+            skips.add(source, number, error.field, error.reason)
+    skips.report(source, len(rows))
+    skips.check_fraction(source, len(rows), max_skipped_fraction)
+    if not rankings:
+        raise DataError(f"{source}: no usable preference rows")
+    return rankings
 
 
 # ---------------------------------------------------------------- rankings to weighted pairs
@@ -231,38 +282,50 @@ def ranking_pairs(num_responses: int) -> list[tuple[int, int, float]]:
     return [(better, worse, weight) for better, worse in combinations(range(num_responses), 2)]
 
 
+def ranking_sequences(ranking: dict, tokenizer, prompt_format: str, max_length: int | None,
+                      overlong: str) -> list[list[int]]:
+    """The token ids the reward model scores for each response of a ranking: tokens(prompt) + tokens(answer) +
+    EOS, each answer after its own conversation when it has one. Raises PromptFormatError, or SkipRanking for a
+    ranking longer than max_length (overlong: drop) or whose answers become identical when cut (truncate)."""
+    prompts = ranking.get("response_prompts") or [ranking["prompt"]] * len(ranking["responses"])
+    prompt_ids = [encode_prompt(render_prompt(p, tokenizer, prompt_format), tokenizer, prompt_format) for p in prompts]
+    sequences = [ids + encode_response(text, tokenizer) for ids, text in zip(prompt_ids, ranking["responses"])]
+    if max_length and max(len(s) for s in sequences) > max_length:
+        room = max_length - max(len(ids) for ids in prompt_ids) - 1
+        if overlong == "drop":
+            raise SkipRanking(f"longer than max_length={max_length} tokens")
+        if room < 16:
+            raise SkipRanking(f"prompt leaves fewer than 16 of max_length={max_length} tokens for the answer")
+        sequences = [s if len(s) <= max_length else s[: max_length - 1] + [tokenizer.eos_token_id] for s in sequences]
+        if len({tuple(s) for s in sequences}) < len(sequences):
+            raise SkipRanking(f"answers identical within max_length={max_length} tokens")
+    return sequences
+
+
+class SkipRanking(Exception):
+    """A ranking that is fine but does not fit this run (too long)."""
+
+
 def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_length: int | None,
-                      source: str, overlong: str = "drop") -> tuple[list[dict], SkipCounter]:
+                      source: str, overlong: str = "drop") -> tuple[list[dict], SkipLog]:
     """Reward-model rows {chosen_ids, rejected_ids, weight, group}: every pair of every ranking, `group` the index
     of its prompt. Prompts the format cannot render are skipped and counted; rankings with an answer longer than
     max_length are skipped (overlong: drop) or have their long answers cut to fit, still ending with EOS so the
     score is read where it always is (overlong: truncate); both are counted."""
-    if overlong not in ("drop", "truncate"):
-        raise DataError(f"overlong must be 'drop' or 'truncate', not {overlong!r}")
-    rows, skipped, cut = [], SkipCounter(), 0
+    check_overlong(overlong)
+    rows, skipped, cut = [], SkipLog(), 0
     for group, ranking in enumerate(rankings):
         try:
-            prompt_ids = encode_prompt(render_prompt(ranking["prompt"], tokenizer, prompt_format), tokenizer,
-                                       prompt_format)
-        except PromptFormatError as error:
-            skipped[str(error)] += 1
+            sequences = ranking_sequences(ranking, tokenizer, prompt_format, max_length, overlong)
+        except (PromptFormatError, SkipRanking) as error:
+            skipped.add(source, group + 1, None, str(error), UNUSABLE)
             continue
-        sequences = [prompt_ids + encode_response(text, tokenizer) for text in ranking["responses"]]
-        if max_length and max(len(s) for s in sequences) > max_length:
-            room = max_length - len(prompt_ids) - 1
-            if overlong == "drop" or room < 16:
-                skipped[f"longer than max_length={max_length} tokens"] += 1
-                continue
-            sequences = [s if len(s) <= max_length else s[: max_length - 1] + [tokenizer.eos_token_id]
-                         for s in sequences]
-            if len({tuple(s) for s in sequences}) < len(sequences):
-                skipped[f"answers identical within max_length={max_length} tokens"] += 1
-                continue
+        if max_length and any(s[-1] == tokenizer.eos_token_id and len(s) == max_length for s in sequences):
             cut += 1
         rows += [{"chosen_ids": sequences[better], "rejected_ids": sequences[worse], "weight": weight,
                   "group": group} for better, worse, weight in ranking_pairs(len(sequences))]
     skipped.report(source, len(rankings))
-    if cut:
+    if cut and overlong == "truncate":
         print(f"[data] {source}: {cut} of {len(rankings)} rankings had answers cut to max_length={max_length} "
               "tokens (kept, each still ending with EOS)", flush=True)
     if not rows:
@@ -270,20 +333,154 @@ def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_l
     return rows, skipped
 
 
+def dpo_pairs(ranking: dict, tokenizer, prompt_format: str) -> list[dict]:
+    """DPO rows {prompt, chosen, rejected} of one ranking as text, the prompt rendered like SFT and each answer
+    ending with EOS. When the answers follow different conversations, the prompt is their longest common prefix
+    ending with a user turn and each answer is the rest of its own transcript."""
+    responses = [text + tokenizer.eos_token for text in ranking["responses"]]
+    if ranking.get("response_prompts"):
+        prompt = render_prompt(ranking["prompt"], tokenizer, prompt_format) if ranking["prompt"] else ""
+        full = [render_prompt(p, tokenizer, prompt_format) + r for p, r in zip(ranking["response_prompts"], responses)]
+        if not all(text.startswith(prompt) for text in full):
+            raise PromptFormatError("the chat template does not render the shared prompt as a prefix of both "
+                                    "transcripts")
+        responses = [text[len(prompt):] for text in full]
+    else:
+        prompt = render_prompt(ranking["prompt"], tokenizer, prompt_format)
+    return [{"prompt": prompt, "chosen": responses[b], "rejected": responses[w]}
+            for b, w, _ in ranking_pairs(len(responses))]
+
+
 def dpo_rows(rankings: list[dict], tokenizer, prompt_format: str, source: str) -> list[dict]:
-    """DPO rows {prompt, chosen, rejected} as text, the prompt rendered like SFT and each answer ending with EOS;
-    a K-wise ranking gives its C(K,2) pairs (TRL's DPOTrainer has no pair weights)."""
-    rows, skipped = [], SkipCounter()
-    for ranking in rankings:
+    """DPO rows {prompt, chosen, rejected} of every ranking (see `dpo_pairs`); a K-wise ranking gives its C(K,2)
+    pairs (TRL's DPOTrainer has no pair weights)."""
+    rows, skipped = [], SkipLog()
+    for number, ranking in enumerate(rankings, start=1):
         try:
-            prompt = render_prompt(ranking["prompt"], tokenizer, prompt_format)
+            rows += dpo_pairs(ranking, tokenizer, prompt_format)
         except PromptFormatError as error:
-            skipped[str(error)] += 1
-            continue
-        responses = [text + tokenizer.eos_token for text in ranking["responses"]]
-        rows += [{"prompt": prompt, "chosen": responses[b], "rejected": responses[w]}
-                 for b, w, _ in ranking_pairs(len(responses))]
+            skipped.add(source, number, None, str(error), UNUSABLE)
     skipped.report(source, len(rankings))
     if not rows:
         raise DataError(f"{source}: no usable preference rows (see the skip counts above)")
     return rows
+
+
+# ---------------------------------------------------------------- prepared (cached) preference datasets
+
+def _normalise_preference_batch(batch, columns, source):
+    out = {"row": [], "ranking": [], "skip_field": [], "skip_reason": [], "skip_kind": []}
+    for number, row in rows_of_batch(batch, columns, source):
+        out["row"].append(number)
+        try:
+            out["ranking"].append(json.dumps(ranking_of(row, f"row {number}"), ensure_ascii=False))
+            out["skip_field"].append(""), out["skip_reason"].append(""), out["skip_kind"].append("")
+        except RowError as error:
+            out["ranking"].append("")
+            out["skip_field"].append(error.field or ""), out["skip_reason"].append(error.reason)
+            out["skip_kind"].append(DEFECT)
+    return out
+
+
+def _reward_batch(batch, tokenizer, prompt_format, max_length, overlong):
+    sequences, reasons, kinds = [], list(batch["skip_reason"]), list(batch["skip_kind"])
+    for i, ranking in enumerate(batch["ranking"]):
+        ids = []
+        if not reasons[i]:
+            try:
+                ids = ranking_sequences(json.loads(ranking), tokenizer, prompt_format, max_length, overlong)
+            except (PromptFormatError, SkipRanking) as error:
+                reasons[i], kinds[i] = str(error), UNUSABLE
+        sequences.append(ids)
+    return {"sequences": sequences, "skip_reason": reasons, "skip_kind": kinds}
+
+
+def _dpo_batch(batch, tokenizer, prompt_format):
+    pairs, reasons, kinds = [], list(batch["skip_reason"]), list(batch["skip_kind"])
+    for i, ranking in enumerate(batch["ranking"]):
+        rows = []
+        if not reasons[i]:
+            try:
+                rows = dpo_pairs(json.loads(ranking), tokenizer, prompt_format)
+            except PromptFormatError as error:
+                reasons[i], kinds[i] = str(error), UNUSABLE
+        pairs.append(json.dumps(rows, ensure_ascii=False))
+    return {"pairs": pairs, "skip_reason": reasons, "skip_kind": kinds}
+
+
+class PreparedRankings:
+    """A prepared preference source: every row (skips flagged) and the skips. `examples` are the rankings a
+    held-out split is drawn from (every row without a defect, as `read_rankings` returns them, so evaluation
+    reproduces the split); `fits` those this run can use (rendered in its format, within max_length)."""
+
+    def __init__(self, source: str, dataset: Dataset, max_skipped_fraction: float):
+        self.source, self.dataset, self.total = source, dataset, len(dataset)
+        self.skips = skips_of(dataset, source)
+        self.examples = [i for i, kind in enumerate(column(dataset, "skip_kind")) if kind != DEFECT]
+        self.fits = set(kept_indices(dataset))
+        self.skips.report(source, self.total)
+        self.skips.check_fraction(source, self.total, max_skipped_fraction)
+        if not self.fits:
+            raise DataError(f"{source}: no usable preference rows (see the skip counts above)")
+
+    def usable(self, indices: list[int]) -> list[int]:
+        return [i for i in indices if i in self.fits]
+
+    def reward_pairs(self, indices: list[int]) -> Dataset:
+        """{chosen_ids, rejected_ids, weight, group} of the rankings at `indices`: every pair of each, weighted
+        1/C(K,2); `group` numbers the rankings."""
+        return self.dataset.select(self.usable(indices)).map(
+            _expand_rankings, batched=True, with_indices=True, remove_columns=self.dataset.column_names,
+            desc="Pairs")
+
+    def dpo_dataset(self, indices: list[int]) -> Dataset:
+        return self.dataset.select(self.usable(indices)).map(_expand_dpo, batched=True, remove_columns=self.dataset.column_names,
+                                                desc="Pairs")
+
+
+def _expand_rankings(batch, indices):
+    out = {"chosen_ids": [], "rejected_ids": [], "weight": [], "group": []}
+    for group, sequences in zip(indices, batch["sequences"]):
+        for better, worse, weight in ranking_pairs(len(sequences)):
+            out["chosen_ids"].append(sequences[better])
+            out["rejected_ids"].append(sequences[worse])
+            out["weight"].append(weight)
+            out["group"].append(group)
+    return out
+
+
+def _expand_dpo(batch):
+    out = {"prompt": [], "chosen": [], "rejected": []}
+    for pairs in batch["pairs"]:
+        for pair in json.loads(pairs):
+            for key in out:
+                out[key].append(pair[key])
+    return out
+
+
+def prepare_rankings(source: str, split: str, tokenizer, prompt_format: str, purpose: str,
+                     max_length: int | None = None, overlong: str = "drop", columns: dict | None = None,
+                     num_proc: int | None = None, max_skipped_fraction: float = 0.05) -> PreparedRankings:
+    """Preference rows of `source` as rankings, rendered and (purpose "reward") tokenised or (purpose "dpo") as
+    text pairs, once, cached under the file's content, the tokenizer and these options."""
+    check_overlong(overlong)
+    if prompt_format not in PROMPT_FORMATS:
+        raise DataError(f"prompt_format must be one of {PROMPT_FORMATS}, not {prompt_format!r}")
+    columns = columns or {}
+    key = cache_key(purpose, source_fingerprint(source, split), tokenizer_fingerprint(tokenizer), prompt_format,
+                    max_length if purpose == "reward" else None, overlong, columns)
+
+    def build() -> Dataset:
+        raw = raw_dataset(source, split)
+        workers = num_proc_for(num_proc, len(raw))
+        rows = raw.map(_normalise_preference_batch, batched=True, batch_size=500, num_proc=workers,
+                       remove_columns=raw.column_names, fn_kwargs={"columns": columns, "source": source},
+                       new_fingerprint=key + "-rows", desc="Normalising rows")
+        if purpose == "reward":
+            return rows.map(_reward_batch, batched=True, batch_size=200, num_proc=workers, new_fingerprint=key,
+                            fn_kwargs={"tokenizer": tokenizer, "prompt_format": prompt_format,
+                                       "max_length": max_length, "overlong": overlong}, desc="Tokenising")
+        return rows.map(_dpo_batch, batched=True, batch_size=200, num_proc=workers, new_fingerprint=key,
+                        fn_kwargs={"tokenizer": tokenizer, "prompt_format": prompt_format}, desc="Rendering")
+
+    return PreparedRankings(source, cached_dataset(key, build, source), max_skipped_fraction)

@@ -11,16 +11,17 @@ import torch
 from datasets import Dataset
 
 from common.config import ConfigError
-from common.data import DataError, SkipCounter, read_rows
+from common.data import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset, kept_indices,
+                         num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint)
+from common.data_args import DataArguments
 from common.models import ModelArguments, ModelLoadError, adapter_base, load_adapter, load_model, resolve_model_path
 from common.preferences import PromptFormatError, encode_prompt, prompt_of_row, read_stage_info, render_prompt
 
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
-class RLPromptArguments:
+class RLPromptArguments(DataArguments):
     """What the RL recipes (PPO, RLOO) share: the prompts, rendered as SFT and the reward model rendered them,
     and the guard against optimising a reward model that ranks no better than chance."""
 
@@ -33,30 +34,81 @@ class RLPromptArguments:
     min_reward_model_accuracy: float = field(default=0.55, metadata={"help": "RM eval accuracy below this is weak."})
     on_weak_reward_model: str = field(default="error", metadata={"help": "error or warn on a weak reward model."})
 
-def prompt_dataset(source: str, tokenizer, prompt_format: str, max_prompt_length: int, limit: int | None = None,
-                   split: str = "train", tokenized: bool = True) -> Dataset:
-    """PPO/RLOO prompts from any row shape common.preferences reads, rendered exactly as SFT renders them.
-    tokenized: {"input_ids"} (PPO); else {"prompt": text} (RLOO tokenises itself). Prompts the format cannot
-    render or longer than max_prompt_length tokens are skipped and counted."""
-    rows = read_rows(source, split)
-    examples, skipped = [], SkipCounter()
-    for number, row in enumerate(rows, start=1):
+
+def _prompt_batch(batch, columns, source, tokenizer, prompt_format, max_prompt_length):
+    out = {"row": [], "input_ids": [], "prompt": [], "skip_field": [], "skip_reason": [], "skip_kind": []}
+    for number, row in rows_of_batch(batch, columns, source):
+        out["row"].append(number)
+        ids, text, field, reason, kind = [], "", "", "", ""
         try:
-            text = render_prompt(prompt_of_row(row, f"{source}: row {number}"), tokenizer, prompt_format)
+            text = render_prompt(prompt_of_row(row, f"row {number}"), tokenizer, prompt_format)
+            ids = encode_prompt(text, tokenizer, prompt_format)
+            if len(ids) > max_prompt_length:
+                reason, kind = f"prompt longer than max_prompt_length={max_prompt_length} tokens", UNUSABLE
         except PromptFormatError as error:
-            skipped[str(error)] += 1
-            continue
-        ids = encode_prompt(text, tokenizer, prompt_format)
-        if len(ids) > max_prompt_length:
-            skipped[f"prompt longer than max_prompt_length={max_prompt_length} tokens"] += 1
-            continue
-        examples.append({"input_ids": ids} if tokenized else {"prompt": text})
-        if limit and len(examples) >= limit:
-            break
-    skipped.report(source, len(rows))
-    if not examples:
+            reason, kind = str(error), UNUSABLE
+        except RowError as error:
+            field, reason, kind = error.field or "", error.reason, DEFECT
+        for name, value in (("input_ids", ids), ("prompt", text), ("skip_field", field), ("skip_reason", reason),
+                            ("skip_kind", kind)):
+            out[name].append(value)
+    return out
+
+
+def prompt_dataset(source: str, tokenizer, prompt_format: str, max_prompt_length: int, limit: int | None = None,
+                   split: str = "train", tokenized: bool = True, columns: dict | None = None,
+                   num_proc: int | None = None, max_skipped_fraction: float = 0.05,
+                   skips: SkipLog | None = None) -> Dataset:
+    """PPO/RLOO prompts from any row shape common.preferences reads, rendered exactly as SFT renders them, prepared
+    once and cached (common.data.cached_dataset). tokenized: {"input_ids"} (PPO); else {"prompt": text} (RLOO
+    tokenises itself). Defective rows, prompts the format cannot render and prompts longer than max_prompt_length
+    tokens are skipped and counted (into `skips` when given)."""
+    columns = columns or {}
+    key = cache_key("prompts", source_fingerprint(source, split), tokenizer_fingerprint(tokenizer), prompt_format,
+                    max_prompt_length, columns)
+
+    def build() -> Dataset:
+        raw = raw_dataset(source, split)
+        return raw.map(_prompt_batch, batched=True, batch_size=500, num_proc=num_proc_for(num_proc, len(raw)),
+                       remove_columns=raw.column_names, new_fingerprint=key, desc="Rendering prompts",
+                       fn_kwargs={"columns": columns, "source": source, "tokenizer": tokenizer,
+                                  "prompt_format": prompt_format, "max_prompt_length": max_prompt_length})
+
+    dataset = cached_dataset(key, build, source)
+    found = skips_of(dataset, source)
+    found.report(source, len(dataset))
+    found.check_fraction(source, len(dataset), max_skipped_fraction)
+    if skips is not None:
+        skips.extend(found)
+    kept = kept_indices(dataset)
+    if limit:
+        kept = kept[:limit]
+    if not kept:
         raise DataError(f"{source}: no usable prompts (see the skip counts above)")
-    return Dataset.from_list(examples)
+    return dataset.select(kept).select_columns(["input_ids"] if tokenized else ["prompt"])
+
+
+def rl_prompts(config, tokenizer, tokenized: bool) -> tuple[Dataset, Dataset, SkipLog]:
+    """(training prompts, held-out prompts, skips) of a PPO/RLOO config: the held-out prompts are the first
+    eval_prompts of eval_dataset_name / eval_split when set, else of the training prompts (then not trained on)."""
+    from common.data import eval_source
+
+    skips = SkipLog()
+    options = dict(tokenized=tokenized, columns=config.columns, num_proc=config.dataset_num_proc,
+                   max_skipped_fraction=config.max_skipped_fraction, skips=skips)
+    args = (tokenizer, config.prompt_format, config.max_prompt_length)
+    separate = eval_source(config)
+    if separate:
+        train = prompt_dataset(config.dataset_name, *args, config.max_train_prompts, config.dataset_split, **options)
+        held_out = prompt_dataset(separate[0], *args, config.eval_prompts, separate[1], **options)
+        return train, held_out, skips
+    limit = config.max_train_prompts and config.max_train_prompts + config.eval_prompts
+    prompts = prompt_dataset(config.dataset_name, *args, limit, config.dataset_split, **options)
+    if len(prompts) <= config.eval_prompts:
+        raise DataError(f"{config.dataset_name}: {len(prompts)} usable prompts leave none to train on after "
+                        f"eval_prompts={config.eval_prompts}")
+    return (prompts.select(range(config.eval_prompts, len(prompts))), prompts.select(range(config.eval_prompts)),
+            skips)
 
 
 def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: str, reward_path: str,
