@@ -1,0 +1,248 @@
+"""recipes/self_instruct.py: the parser on fixed completions, each filter rule, sequential ROUGE-L dedup, the
+output file after an interrupted write, the seed-file errors, and the OpenAI-compatible client against a real HTTP
+server on 127.0.0.1 that serves a tiny model's completions in the OpenAI wire format."""
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from common.data import DataError
+from common.instruction_generators import Decoding, OpenAICompatibleGenerator
+from common.self_instruct import (RougeDeduplicator, RougeTokenizer, SelfInstructError, Task, build_request_prompt,
+                                  filter_reason, new_scorer, parse_completion, read_output_rows, read_seed_tasks)
+from conftest import REPO
+
+SEEDS = REPO / "data" / "alpaca_seed_tasks.jsonl"
+
+
+def test_request_prompt_numbers_the_examples_and_ends_with_the_next_instruction():
+    prompt = build_request_prompt("PROMPT", [Task("Name a colour.", "", "Blue."), Task("Add:", "2 and 3", "5")])
+    assert prompt.startswith("PROMPT\n\n###\n1. Instruction: Name a colour.\n1. Input:\n<noinput>\n1. Output:\nBlue.\n")
+    assert "###\n2. Instruction: Add\n2. Input:\n2 and 3\n2. Output:\n5\n###\n3. Instruction:" in prompt
+    assert prompt.endswith("3. Instruction:")
+
+
+def test_parser_on_fixed_completions():
+    well_formed = (" Give three tips for staying healthy.\n4. Input:\n<noinput>\n4. Output:\nEat well, sleep, move.\n"
+                   "###\n5. Instruction: Translate the sentence into French.\n5. Input:\nI am happy.\n5. Output:\n"
+                   "Je suis heureux.\n###\n")
+    tasks, rejects = parse_completion(well_formed, 4, stopped_for_length=False)
+    assert [t.row() for t in tasks] == [
+        {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well, sleep, move."},
+        {"instruction": "Translate the sentence into French.", "input": "I am happy.", "output": "Je suis heureux."}]
+    assert not rejects
+
+    truncated = well_formed + "6. Instruction: Summarize the text.\n6. Input:\nThe"
+    tasks, rejects = parse_completion(truncated, 4, stopped_for_length=True)
+    assert len(tasks) == 2 and rejects == {"truncated": 1}
+    # the same text ending normally: its last block lacks an Output and fails to parse
+    tasks, rejects = parse_completion(truncated, 4, stopped_for_length=False)
+    assert len(tasks) == 2 and rejects == {"parse": 1}
+
+    missing = (" Describe a sunset.\n4. Output:\nRed sky.\n###\n5. Instruction: List two fruits.\n5. Input:\n"
+               "<noinput>\n5. Output:\n\n###\n6. Instruction: Name a planet.\n6. Input:\n<NoInput>\n7. Output:\nMars")
+    tasks, rejects = parse_completion(missing, 4, stopped_for_length=False)
+    assert tasks == [] and rejects == {"parse": 3}  # no Input; an empty Output; numbers that disagree
+
+    chat_style = "4. Instruction: Name a planet.\n4. Input:\n<NoInput>\n4. Output:\nMars"
+    assert parse_completion(chat_style, 4, False)[0] == [Task("Name a planet.", "", "Mars")]
+
+    many = "".join(f"{n}. Instruction: Task number {n} here.\n{n}. Input:\n<noinput>\n{n}. Output:\nx\n###\n"
+                   for n in range(4, 40))
+    assert len(parse_completion(many, 4, False)[0]) == 20
+
+
+@pytest.mark.parametrize("instruction, reason", [
+    ("Name three primary colours.", None),
+    ("Name three colours.", "length"),
+    (" ".join(["word"] * 151), "length"),
+    ("Describe the image of a cat.", "blacklist"),
+    ("Describe the Pictures below carefully.", "blacklist"),
+    ("Tell me how to go to the station.", "blacklist"),
+    ("Write a program that adds two numbers.", "write a program"),
+    ("- List the three largest cities.", "punctuation start"),
+    ("Éxplain the rules of chess briefly.", "non-ascii start"),
+])
+def test_each_filter_rule(instruction, reason):
+    assert filter_reason(instruction) == reason
+
+
+def test_blacklist_matches_whole_words_and_the_ascii_rule_is_a_switch():
+    assert filter_reason("Explain the mapping between keys and values.") is None  # "map" inside a word
+    assert filter_reason("解释 这个 成语 的 意思 。", drop_non_ascii_start=False) is None
+    assert filter_reason("解释 这个 成语 的 意思 。") == "non-ascii start"
+
+
+def test_rouge_tokenizer_equals_rouge_scores_on_ascii_and_splits_chinese():
+    from rouge_score import tokenize
+
+    text = "What's the relation between 2 pairs: Night/Day, Right -- Left?"
+    assert RougeTokenizer().tokenize(text) == tokenize.tokenize(text, None)
+    assert RougeTokenizer().tokenize("解释成语 OK") == ["解", "释", "成", "语", "ok"]
+
+
+def test_dedup_is_sequential_a_near_duplicate_of_a_just_kept_instruction_is_rejected():
+    seeds = [seed.instruction for seed in read_seed_tasks(str(SEEDS))]
+    deduplicator = RougeDeduplicator(seeds, threshold=0.7)
+    first = "Suggest a name for a new coffee shop in a small mountain town."
+    near = "Suggest a name for a new coffee shop in a small seaside town."
+    other = "Explain why the sky looks blue during the day."
+    decisions = deduplicator.admit([first, near, other])
+    assert [kept for kept, _, _ in decisions] == [True, False, True]
+    assert decisions[1][1] > 0.7 and decisions[1][2] == first  # rejected against the one kept just before it
+    assert new_scorer().score(first, near)["rougeL"].fmeasure == pytest.approx(decisions[1][1])
+    # and in a later batch, against the pool
+    assert deduplicator.admit([near])[0][0] is False
+
+
+def test_parallel_scoring_gives_the_serial_scores():
+    pool = [seed.instruction for seed in read_seed_tasks(str(SEEDS))]
+    candidates = ["Is there anything I can eat for breakfast that does not include eggs, yet includes protein?", "What is the relation between pairs?",
+                  "Write a haiku about the sea."]
+    serial = RougeDeduplicator(pool, 0.7).admit(candidates)
+    parallel = RougeDeduplicator(pool, 0.7, num_workers=2, min_pairs_per_worker=10)
+    try:
+        assert parallel.admit(candidates) == serial
+    finally:
+        parallel.close()
+    assert serial[0][0] is False and serial[0][2] == pool[0]  # the breakfast seed
+
+
+def test_output_with_a_line_cut_by_a_kill_is_repaired(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps({"instruction": "A", "input": "", "output": "B"}) + "\n" + '{"instruction": "C", "in')
+    assert read_output_rows(path) == [{"instruction": "A", "input": "", "output": "B"}]
+    assert path.read_text().endswith("}\n")
+    path.write_text('{"instruction": 3}\n')
+    with pytest.raises(DataError, match=r"out.jsonl: line 1: expected an object with a text field 'instruction'"):
+        read_output_rows(path)
+
+
+def test_seed_file_with_a_missing_field(tmp_path):
+    rows = [json.loads(line) for line in SEEDS.read_text().splitlines()[:3]]
+    del rows[2]["instances"][0]["output"]
+    path = tmp_path / "seeds.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=r"seeds.jsonl: line 3: instances\[0\]: missing field 'output'"):
+        read_seed_tasks(str(path))
+    assert len(read_seed_tasks(str(SEEDS))) == 175
+
+
+# The OpenAI-compatible client against a real server ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openai_server(tiny_llama_dir):
+    """A real HTTP server on 127.0.0.1 that answers /v1/completions and /v1/chat/completions with the tiny model's
+    sampled completions in the OpenAI wire format; it records each request and what it answered."""
+    from common.models import load_for_inference
+
+    tokenizer, model = load_for_inference(tiny_llama_dir)
+    tokenizer.padding_side = "left"
+    seen = {"requests": [], "answers": []}
+
+    def sample(prompts, body):
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=True, temperature=body["temperature"], top_p=body["top_p"],
+                                 top_k=0, max_new_tokens=body["max_tokens"], pad_token_id=tokenizer.pad_token_id)
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, inputs["input_ids"].shape[1]:]]
+        seen["answers"] += texts
+        return texts
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen["requests"].append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+            if self.path == "/v1/completions":
+                prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+                choices = [{"index": i, "text": text, "finish_reason": "length"}
+                           for i, text in enumerate(sample(prompts, body))]
+                answer = {"object": "text_completion", "model": body["model"], "choices": choices}
+            elif self.path == "/v1/chat/completions":
+                prompt = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+                answer = {"object": "chat.completion", "model": body["model"], "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": sample([prompt], body)[0]},
+                     "finish_reason": "length"}]}
+            else:
+                self.send_error(404)
+                return
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+
+
+@pytest.mark.parametrize("style", ["completion", "chat"])
+def test_client_sends_the_batch_with_alpacas_sampling_and_the_key_from_the_environment(openai_server, style,
+                                                                                     monkeypatch):
+    api_base, seen = openai_server
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    seen["requests"].clear(), seen["answers"].clear()
+    generator = OpenAICompatibleGenerator(api_base, "tiny", style, Decoding(8, 1.0, 1.0))
+    completions = generator.complete(["1. Instruction: Name a colour.", "1. Instruction: Add two numbers."])
+    assert sorted(c.text for c in completions) == sorted(seen["answers"]) and len(completions) == 2
+    assert all(c.finish_reason == "length" for c in completions)
+    assert len(seen["requests"]) == (1 if style == "completion" else 2)
+    request = seen["requests"][0]
+    assert request["path"] == ("/v1/completions" if style == "completion" else "/v1/chat/completions")
+    assert request["auth"] == "Bearer test-key"
+    assert {k: request["body"][k] for k in ("model", "temperature", "top_p", "max_tokens", "stop")} == {
+        "model": "tiny", "temperature": 1.0, "top_p": 1.0, "max_tokens": 8, "stop": ["\n20", "20."]}
+
+
+def run_self_instruct(*args, timeout=300):
+    return subprocess.run([sys.executable, str(REPO / "recipes" / "self_instruct.py"), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_model_that_never_parses_stops_with_one_raw_completion(openai_server, tmp_path):
+    api_base, seen = openai_server
+    seen["answers"].clear()
+    result = run_self_instruct("--api_base", api_base, "--api_model", "tiny", "--max_new_tokens", "6",
+                               "--request_batch_size", "2", "--max_unparseable_batches", "2",
+                               "--output_dir", tmp_path / "out")
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()
+    message = "\n".join(line for line in error if not line.startswith(("INFO", "WARNING", "[")))
+    assert "returned nothing parseable for 2 batches in a row" in message
+    shown = message.split("One raw completion:\n", 1)[1]
+    assert shown in [repr(text[:1500]) for text in seen["answers"]]
+
+
+def test_unreachable_endpoint_names_the_host(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    generator = OpenAICompatibleGenerator(f"http://127.0.0.1:{port}/v1", "m", "completion", Decoding(4, 1.0, 1.0),
+                                          max_retries=1)
+    with pytest.raises(SelfInstructError, match=rf"endpoint 127.0.0.1:{port} failed: could not connect "
+                                                r"\(.*refused.*\).*2 attempt"):
+        generator.complete(["x"])
+
+
+def test_num_instructions_already_reached_says_so_and_exits_0(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "instructions.jsonl").write_text(json.dumps({"instruction": "A b c d", "input": "", "output": "x"}) + "\n")
+    result = run_self_instruct("--num_instructions", "1", "--output_dir", out, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already holds 1 instructions (num_instructions 1): nothing to generate" in result.stdout
