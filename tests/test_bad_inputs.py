@@ -34,9 +34,22 @@ def write(tmp_path: Path, name: str, content) -> str:
     return str(path)
 
 
+GOOD_SFT = [{"instruction": f"Name colour number {i}.", "input": "", "output": f"Colour {i}."} for i in range(39)]
+GOOD_PAIRS = [{"prompt": f"Name colour number {i}.", "chosen": "Blue.", "rejected": "A colour."} for i in range(39)]
+
+
 def sft_file(tmp_path, rows, name="data.json"):
     path = write(tmp_path, name, rows)
     return sft_rows(read_rows(path), path)
+
+
+def sft_odd_row(row):
+    """One defective row among 39 good ones: a counted skip (row 40), not a refused file."""
+    return lambda t, m: sft_file(t, GOOD_SFT + [row])
+
+
+def pair_odd_row(row):
+    return lambda t, m: preference_file(t, GOOD_PAIRS + [row])
 
 
 def preference_file(tmp_path, rows, name="prefs.json"):
@@ -113,6 +126,13 @@ def rl_long_prompts(tmp_path, models):
     return prompt_dataset(path, load_tokenizer(models["llama"]), "alpaca", 64)
 
 
+def rl_odd_prompt(tmp_path, models):
+    from common.rl import prompt_dataset
+
+    path = write(tmp_path, "prompts.json", GOOD_SFT + [{**ALPACA_ROW, "instruction": " "}])
+    return prompt_dataset(path, load_tokenizer(models["llama"]), "alpaca", 64)
+
+
 def rl_weak_reward_model(tmp_path, models):
     from common.preferences import save_stage_info
     from common.rl import check_reward_model_quality
@@ -146,43 +166,61 @@ CASES = [
     ("unknown-file-type", lambda t, m: read_rows(write(t, "data.txt", "hello")),
      DataError, ["data.txt", "unknown data file type"]),
     ("data-file-missing", lambda t, m: read_rows(str(t / "nope.json")), DataError, ["nope.json", "not found"]),
-    # --- SFT rows ---
-    ("sft-misnamed-fields", lambda t, m: sft_file(t, [ALPACA_ROW, {"instuction": "a", "response": "b"}]),
-     DataError, ["data.json: row 2", "instuction", "expected Alpaca"]),
-    ("sft-missing-output", lambda t, m: sft_file(t, [ALPACA_ROW, {"instruction": "a", "input": ""}]),
-     DataError, ["data.json: row 2", "missing field 'output'"]),
-    ("sft-output-not-text", lambda t, m: sft_file(t, [ALPACA_ROW, {"instruction": "a", "output": 5}]),
-     DataError, ["data.json: row 2", "'output'", "must be text"]),
-    ("sft-empty-response", lambda t, m: sft_file(t, [ALPACA_ROW, {"instruction": "a", "output": "  "}]),
-     "skip", ["data.json", "skipped 1 of 2 rows: empty output"]),
-    ("sft-empty-prompt", lambda t, m: sft_file(t, [ALPACA_ROW, {"instruction": "", "output": "b"}]),
-     "skip", ["data.json", "skipped 1 of 2 rows: empty instruction"]),
-    ("chat-roles-out-of-order", lambda t, m: sft_file(t, [{"messages": [
+    # --- SFT rows: a file mostly in no known shape is an error; one odd row is a counted skip ---
+    ("sft-misnamed-fields", lambda t, m: sft_file(t, [{"instuction": "a", "response": "b"}] * 3),
+     DataError, ["data.json", "3 of 3 rows", "row 1: unknown row shape", "instuction", "expected Alpaca", "columns"]),
+    ("sft-missing-output-in-most-rows", lambda t, m: sft_file(t, [ALPACA_ROW, {"instruction": "a", "input": ""},
+                                                                  {"instruction": "b"}]),
+     DataError, ["data.json: row 2: missing field 'output'", "max_skipped_fraction=0.05"]),
+    ("sft-one-odd-row", sft_odd_row({"instuction": "a", "response": "b"}),
+     "skip", ["data.json", "skipped 1 of 40 rows: unknown row shape"]),
+    ("sft-one-row-missing-output", sft_odd_row({"instruction": "a", "input": ""}),
+     "skip", ["data.json", "skipped 1 of 40 rows: missing field 'output'"]),
+    ("sft-output-null", sft_odd_row({"instruction": "a", "output": None}),
+     "skip", ["data.json", "skipped 1 of 40 rows: field 'output' is null"]),
+    ("sft-output-not-text", sft_odd_row({"instruction": "a", "output": 5}),
+     "skip", ["data.json", "skipped 1 of 40 rows: field 'output' must be text, found int"]),
+    ("sft-output-list", sft_odd_row({"instruction": "a", "output": ["b", "c"]}),
+     "skip", ["data.json", "skipped 1 of 40 rows: field 'output' must be text, found list"]),
+    ("sft-empty-response", sft_odd_row({"instruction": "a", "output": "  "}),
+     "skip", ["data.json", "skipped 1 of 40 rows: empty output"]),
+    ("sft-empty-prompt", sft_odd_row({"instruction": "", "output": "b"}),
+     "skip", ["data.json", "skipped 1 of 40 rows: empty instruction"]),
+    ("chat-roles-out-of-order", sft_odd_row({"messages": [
+        {"role": "assistant", "content": "hi"}, {"role": "user", "content": "hello"}]}),
+     "skip", ["data.json", "skipped 1 of 40 rows: messages[0]: roles must alternate"]),
+    ("chat-unknown-role", sft_odd_row({"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "robot", "value": "hello"}]}),
+     "skip", ["data.json", "skipped 1 of 40 rows: conversations[1]: unknown role 'robot'"]),
+    ("chat-no-assistant-turn", sft_odd_row({"messages": [{"role": "user", "content": "hi"}]}),
+     "skip", ["data.json", "skipped 1 of 40 rows: chat without an assistant turn"]),
+    ("chat-roles-out-of-order-everywhere", lambda t, m: sft_file(t, [{"messages": [
         {"role": "assistant", "content": "hi"}, {"role": "user", "content": "hello"}]}]),
      DataError, ["data.json: row 1", "messages[0]", "roles must alternate"]),
-    ("chat-unknown-role", lambda t, m: sft_file(t, [{"conversations": [
-        {"from": "human", "value": "hi"}, {"from": "robot", "value": "hello"}]}]),
-     DataError, ["data.json: row 1", "conversations[1]", "unknown role 'robot'"]),
-    ("chat-no-assistant-turn", lambda t, m: sft_file(t, [ALPACA_ROW, {"messages": [
-        {"role": "user", "content": "hi"}]}]),
-     "skip", ["data.json", "skipped 1 of 2 rows: chat without an assistant turn"]),
     ("sft-over-long-sample", long_sft, "skip", ["data.json", "1 of 2 examples are longer than max_length=64",
                                                 "dropped"]),
     # --- preference pairs and rankings (reward model, DPO) ---
-    ("pair-chosen-equals-rejected", lambda t, m: preference_file(t, [PAIR_ROW, {**PAIR_ROW, "rejected": "Blue."}]),
-     DataError, ["prefs.json: row 2", "'chosen' and 'rejected' are the same text"]),
-    ("pair-empty-chosen", lambda t, m: preference_file(t, [{**PAIR_ROW, "chosen": ""}]),
-     DataError, ["prefs.json: row 1", "field 'chosen' is an empty response"]),
+    ("pair-chosen-equals-rejected", pair_odd_row({**PAIR_ROW, "rejected": "Blue."}),
+     "skip", ["prefs.json", "skipped 1 of 40 rows: 'chosen' and 'rejected' are the same text"]),
+    ("pairs-mostly-chosen-equals-rejected", lambda t, m: preference_file(t, [PAIR_ROW, {**PAIR_ROW, "rejected": "Blue."}]),
+     DataError, ["prefs.json: row 2", "'chosen' and 'rejected' are the same text", "1 of 2 rows (50%)"]),
+    ("pair-empty-chosen", pair_odd_row({**PAIR_ROW, "chosen": ""}),
+     "skip", ["prefs.json", "skipped 1 of 40 rows: field 'chosen' is an empty response"]),
     ("pair-missing-prompt", lambda t, m: preference_file(t, [{"chosen": "a", "rejected": "b"}]),
      DataError, ["prefs.json: row 1", "missing field 'prompt'"]),
     ("pair-misnamed-field", lambda t, m: preference_file(t, [{"prompt": "p", "chosen": "a", "rejectd": "b"}]),
      DataError, ["prefs.json: row 1", "unknown preference row", "rejectd"]),
-    ("ranking-of-one", lambda t, m: preference_file(t, [{"prompt": "p", "responses": ["only one"]}]),
-     DataError, ["prefs.json: row 1", "'responses' must rank at least 2"]),
-    ("ranking-with-ties", lambda t, m: preference_file(t, [{"prompt": "p", "responses": ["a", "b"], "ranks": [1, 1]}]),
-     DataError, ["prefs.json: row 1", "'ranks' has ties"]),
+    ("ranking-of-one", pair_odd_row({"prompt": "p", "responses": ["only one"]}),
+     "skip", ["prefs.json", "skipped 1 of 40 rows: field 'responses' must rank at least 2"]),
+    ("ranking-with-ties", pair_odd_row({"prompt": "p", "responses": ["a", "b"], "ranks": [1, 1]}),
+     "skip", ["prefs.json", "skipped 1 of 40 rows: field 'ranks' has ties"]),
+    ("hh-empty-final-turn", pair_odd_row({"chosen": "\n\nHuman: hi\n\nAssistant: ",
+                                          "rejected": "\n\nHuman: hi\n\nAssistant: no"}),
+     "skip", ["prefs.json", "skipped 1 of 40 rows: field 'chosen' has an empty final Assistant turn"]),
     ("pair-over-long", long_pairs, "skip", ["prefs.json", "skipped 1 of 2 rows: longer than max_length=64"]),
     # --- PPO / RLOO prompts and reward model ---
+    ("rl-prompt-empty-instruction", rl_odd_prompt, "skip", ["prompts.json", "skipped 1 of 40 rows: field "
+                                                                       "'instruction' is empty"]),
     ("rl-prompt-over-long", rl_long_prompts, "skip", ["prompts.json", "skipped 1 of 2 rows: prompt longer than "
                                                                       "max_prompt_length=64"]),
     ("rl-weak-reward-model", rl_weak_reward_model, ConfigError, ["rm", "accuracy 0.500", "on_weak_reward_model"]),

@@ -127,16 +127,20 @@ def test_malformed_rows_name_file_row_and_field(rows, message):
         sft_rows(rows, "rows.json")
 
 
+GOOD = [{"instruction": f"Name colour number {i}.", "output": f"Colour {i} is blue."} for i in range(40)]
+
+
 def test_empty_responses_are_counted_skips(capsys):
-    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "  "},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}]
-    examples, skipped = sft_rows(rows, "rows.json")
-    assert len(examples) == 1 and skipped == {"empty output": 1, "empty assistant turn": 1}
+    rows = GOOD + [{"instruction": "c", "output": "  "},
+                   {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}]
+    examples, skipped = sft_rows(rows, "rows.json", max_skipped_fraction=0.1)
+    assert len(examples) == 40 and skipped == {"empty output": 1, "empty assistant turn": 1}
+    assert [(r["row"], r["field"]) for r in skipped.records] == [(41, "output"), (42, "messages")]
     out = capsys.readouterr().out
-    assert "rows.json: skipped 1 of 3 rows: empty output" in out
-    assert "rows.json: skipped 1 of 3 rows: empty assistant turn" in out
+    assert "rows.json: skipped 1 of 42 rows: empty output" in out
+    assert "rows.json: skipped 1 of 42 rows: empty assistant turn" in out
     with pytest.raises(DataError, match="no usable rows"):
-        sft_rows([{"instruction": "c", "output": ""}], "rows.json")
+        sft_rows([{"instruction": "c", "output": ""}], "rows.json", max_skipped_fraction=1.0)
 
 
 def test_non_json_line_in_jsonl(tmp_path):
@@ -167,3 +171,122 @@ def test_overlong_examples_are_counted(tokenizer, capsys):
     assert "were truncated" in capsys.readouterr().out
     with pytest.raises(DataError, match="every example is longer than max_length=5"):
         tokenize_sft(examples, tokenizer, max_length=5, source="rows.json")
+
+
+# --- the row-level policy on prepared (cached) datasets: every quirk a counted skip with its row recorded ---
+
+QUIRKS = [  # (row, field, reason) for rows 41.. of a file whose first 40 rows are good
+    ({"instruction": "a", "output": None}, "output", "field 'output' is null"),
+    ({"instruction": "a", "output": ["x", "y"]}, "output", "field 'output' must be text, found list"),
+    ({"instruction": "a", "output": 7}, "output", "field 'output' must be text, found int"),
+    ({"instruction": "a", "output": ""}, "output", "empty output"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}, "messages",
+     "roles must alternate"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]}, "messages",
+     "empty assistant turn"),
+    ({"text": "an odd row"}, None, "unknown row shape"),
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture
+def data_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECIPES_DATA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_prepared_sft_skips_every_quirk_and_records_it(tiny_llama_dir, tmp_path, data_cache):
+    from common.data import prepare_sft
+
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    path = write_jsonl(tmp_path / "rows.jsonl", GOOD + [row for row, _, _ in QUIRKS])
+    prepared = prepare_sft(path, "train", tokenizer, 256, max_skipped_fraction=0.2)
+    assert len(prepared.fits) == 40 and prepared.total == 47
+    log = prepared.skips.write(str(tmp_path / "out"))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["row"], r["field"]) for r in records] == [(41 + i, field) for i, (_, field, _) in enumerate(QUIRKS)]
+    for record, (_, _, reason) in zip(records, QUIRKS):
+        assert reason in record["reason"] and record["source"] == path and record["kind"] == "defect"
+    with pytest.raises(DataError, match=r"7 of 47 rows \(15%\) are defective, more than max_skipped_fraction=0.05.*"
+                                        r"row 41: field 'output' is null"):
+        prepare_sft(path, "train", tokenizer, 256)  # the default guard; the cache does not hide it
+
+
+def test_mixed_file_takes_the_majority_format(tiny_llama_dir, tmp_path, data_cache):
+    from common.data import prepare_sft
+
+    single = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]}
+    multi = {"messages": single["messages"] * 2}
+    path = write_jsonl(tmp_path / "mixed.jsonl", GOOD + [single, multi])
+    prepared = prepare_sft(path, "train", load_tokenizer(tiny_llama_dir), 256)
+    assert prepared.prompt_format == "alpaca" and prompt_format(GOOD + [single, multi]) == "alpaca"
+    last = prepared.example(max(prepared.fits))  # the single-turn chat, as an Alpaca prompt
+    assert last["prompt"].endswith("### Instruction:\nSay hi.\n\n### Response:\n") and last["completion"] == "Hi."
+    assert [(r["row"], r["kind"]) for r in prepared.skips.records] == [(42, "unusable")]
+    assert "multi-turn" in prepared.skips.records[0]["reason"]
+
+
+def test_rerun_reads_the_cache_without_tokenising(tiny_llama_dir, tmp_path, data_cache, monkeypatch, capsys):
+    import common.data
+    from common.data import prepare_sft
+
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    path = write_jsonl(tmp_path / "rows.jsonl", GOOD)
+    first = prepare_sft(path, "train", tokenizer, 256)
+    assert "prepared and cached" in capsys.readouterr().out
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(common.data, "tokenize_examples", no_tokenising)
+    again = prepare_sft(path, "train", tokenizer, 256)
+    assert "read from the cache" in capsys.readouterr().out
+    assert list(again.dataset["input_ids"]) == list(first.dataset["input_ids"])
+    with pytest.raises(AssertionError, match="tokenised again"):  # other options: another key, tokenised anew
+        prepare_sft(path, "train", tokenizer, 128)
+    write_jsonl(tmp_path / "rows.jsonl", GOOD[:-1])  # other content: another key
+    with pytest.raises(AssertionError, match="tokenised again"):
+        prepare_sft(path, "train", tokenizer, 256)
+
+
+def test_num_proc_gives_the_same_dataset(tiny_llama_dir, tmp_path, data_cache):
+    from common.data import prepare_sft
+
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    rows = [{"instruction": f"Add {i} and {i + 1}.", "output": f"{2 * i + 1}"} for i in range(2100)]
+    one = prepare_sft(write_jsonl(tmp_path / "a.jsonl", rows), "train", tokenizer, 128)
+    two = prepare_sft(write_jsonl(tmp_path / "b.jsonl", rows + [GOOD[0]]), "train", tokenizer, 128, num_proc=2)
+    assert list(two.dataset["input_ids"])[:2100] == list(one.dataset["input_ids"])
+
+
+def test_column_mapping(tiny_llama_dir, tmp_path, data_cache):
+    from common.data import prepare_sft
+    from common.data_args import parse_columns
+
+    columns = parse_columns("instruction=question,output=answer")
+    assert columns == parse_columns({"instruction": "question", "output": "answer"})
+    rows = [{"question": row["instruction"], "answer": row["output"]} for row in GOOD]
+    prepared = prepare_sft(write_jsonl(tmp_path / "qa.jsonl", rows), "train", load_tokenizer(tiny_llama_dir), 256,
+                           columns=columns)
+    assert len(prepared.fits) == 40 and prepared.prompt_format == "alpaca"
+    assert prepared.example(0)["completion"] == "Colour 0 is blue."
+    with pytest.raises(DataError, match=r"missing column 'question' \(read as field 'instruction'"):
+        prepare_sft(write_jsonl(tmp_path / "plain.jsonl", GOOD), "train", load_tokenizer(tiny_llama_dir), 256,
+                    columns=columns)
+
+
+def test_long_rows_report_tokens_per_character(tiny_llama_dir, tmp_path, data_cache, capsys):
+    from common.data import prepare_sft
+
+    chinese = [{"instruction": f"请用中文写一段关于春天的短文，第{i}篇。", "output": "春天来了，万物复苏。" * (8 + i % 30)}
+               for i in range(60)]
+    prepare_sft(write_jsonl(tmp_path / "zh.jsonl", chinese), "train", load_tokenizer(tiny_llama_dir), 256)
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "examples are longer than max_length=256" in line)
+    ratio = float(line.split("spends ")[1].split(" tokens per character")[0])
+    suggested = int(line.split("max_length=")[-1].split(" keeps")[0])
+    assert ratio > 0.6 and suggested > 256 and "keeps 95% of the rows" in line

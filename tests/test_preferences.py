@@ -7,8 +7,9 @@ from math import comb
 import pytest
 
 from common.data import DataError, read_rows, tokenize_example
-from common.preferences import (PromptFormatError, encode_prompt, encode_response, ranking_of, ranking_pairs,
-                                read_rankings, render_prompt, split_hh_transcript, tokenize_rankings)
+from common.preferences import (PromptFormatError, dpo_pairs, encode_prompt, encode_response, ranking_of,
+                                ranking_pairs, ranking_sequences, read_rankings, render_prompt, split_hh_transcript,
+                                tokenize_rankings)
 from common.reward import PromptGroupedBatchSampler
 from conftest import REPO
 
@@ -63,9 +64,30 @@ def test_hh_transcript_split():
     assert ranking["prompt"] == [{"role": "user", "content": "Hi there"},
                                  {"role": "assistant", "content": "Hello! How can I help?"},
                                  {"role": "user", "content": "Name a fruit"}]
+    assert ranking["responses"] == ["Apple.", "No."] and "response_prompts" not in ranking
+
+
+def test_hh_transcripts_that_differ_before_the_last_turn_are_scored_whole(tokenizer):
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit\n\nAssistant: Apple."
+    rejected = "\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Name a fruit\n\nAssistant: No."
+    ranking = ranking_of({"chosen": chosen, "rejected": rejected}, "hh: row 2")
+    assert ranking["prompt"] == [{"role": "user", "content": "Hi"}]  # the longest common prefix ending with a user turn
     assert ranking["responses"] == ["Apple.", "No."]
-    with pytest.raises(DataError, match="hh: row 2: 'chosen' and 'rejected' transcripts differ"):
-        ranking_of({"chosen": chosen, "rejected": "\n\nHuman: Other\n\nAssistant: No."}, "hh: row 2")
+    assert [p[1]["content"] for p in ranking["response_prompts"]] == ["Hello!", "Go away."]
+    chosen_ids, rejected_ids = ranking_sequences(ranking, tokenizer, "chat", None, "drop")
+    assert tokenizer.decode(chosen_ids) == tokenizer.apply_chat_template(
+        [*ranking["response_prompts"][0], {"role": "assistant", "content": "Apple."}], tokenize=False).rstrip("\n")
+    (pair,) = dpo_pairs(ranking, tokenizer, "chat")
+    assert pair["prompt"] == render_prompt(ranking["prompt"], tokenizer, "chat")
+    assert pair["chosen"].startswith("Hello!") and pair["chosen"].endswith("Apple." + tokenizer.eos_token)
+    assert pair["rejected"].startswith("Go away.") and pair["rejected"].endswith("No." + tokenizer.eos_token)
+
+
+def test_hh_consecutive_assistant_turns_are_one_turn():
+    text = "\n\nHuman: Key?\n\nAssistant: Here it is:\n\nAssistant:  ABC.\n\nHuman: Thanks\n\nAssistant: Bye."
+    prompt, answer = split_hh_transcript(text, "hh: row 1", "chosen")
+    assert [t["role"] for t in prompt] == ["user", "assistant", "user"] and answer == "Bye."
+    assert prompt[1]["content"] == "Here it is:\n\nABC."
 
 
 def test_all_pair_shapes_and_real_sharegpt_file(tokenizer):
@@ -99,23 +121,34 @@ def test_rendering_matches_sft(tokenizer):
                       tokenizer, "alpaca")
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "Q", "chosen": "same", "rejected": "same"}, "row 3: 'chosen' and 'rejected' are the same text"),
-    ({"prompt": "Q", "chosen": "ok", "rejected": "  "}, "row 3: field 'rejected' is an empty response"),
-    ({"prompt": "Q", "responses": ["only one"]}, "row 3: field 'responses' must rank at least 2 responses"),
-    ({"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [1, 2, 2]}, "row 3: field 'ranks' has ties"),
-    ({"prompt": "Q", "responses": ["a", "a"]}, "row 3: field 'responses' ranks the same text twice"),
+@pytest.mark.parametrize("row, field, message", [
+    ({"prompt": "Q", "chosen": "same", "rejected": "same"}, "rejected", "'chosen' and 'rejected' are the same text"),
+    ({"prompt": "Q", "chosen": "ok", "rejected": "  "}, "rejected", "field 'rejected' is an empty response"),
+    ({"prompt": "Q", "chosen": None, "rejected": "no"}, "chosen", "field 'chosen' is null"),
+    ({"prompt": "Q", "chosen": 3, "rejected": "no"}, "chosen", "field 'chosen' must be text, found int"),
+    ({"prompt": "Q", "responses": ["only one"]}, "responses", "field 'responses' must rank at least 2 responses"),
+    ({"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [1, 2, 2]}, "ranks", "field 'ranks' has ties"),
+    ({"prompt": "Q", "responses": ["a", "a"]}, "responses", "field 'responses' ranks the same text twice"),
     ({"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: more?", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
-     "row 3: field 'chosen' is an HH transcript with no final Assistant turn"),
-    ({"question": "Q", "answer": "A"}, "row 3: unknown preference row"),
+     "chosen", "field 'chosen' is an HH transcript with no final Assistant turn"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
+     "chosen", "field 'chosen' has an empty final Assistant turn"),
+    ({"question": "Q", "answer": "A"}, None, "unknown preference row"),
 ])
-def test_bad_preference_rows(tmp_path, row, message):
+def test_bad_preference_row_is_a_recorded_skip_and_a_mostly_bad_file_an_error(tmp_path, row, field, message):
+    from common.data import SkipLog
+
     path = tmp_path / "prefs.jsonl"
-    good = {"prompt": "Q", "chosen": "yes", "rejected": "no"}
-    path.write_text("\n".join(json.dumps(r) for r in [good, good, row]) + "\n")
-    with pytest.raises(DataError, match=message) as error:
+    good = [{"prompt": f"Q{i}", "chosen": "yes", "rejected": "no"} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in good + [row]) + "\n")
+    skips = SkipLog()
+    assert len(read_rankings(read_rows(str(path)), str(path), skips=skips)) == 40
+    (record,) = skips.records
+    assert (record["row"], record["field"], record["kind"]) == (41, field, "defect") and message in record["reason"]
+    path.write_text("\n".join(json.dumps(r) for r in good[:2] + [row]) + "\n")
+    with pytest.raises(DataError, match="row 3: " + message.replace("[", r"\[")) as error:
         read_rankings(read_rows(str(path)), str(path))
-    assert str(path) in str(error.value)
+    assert str(path) in str(error.value) and "max_skipped_fraction=0.05" in str(error.value)
 
 
 def test_split_hh_without_assistant():

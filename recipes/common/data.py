@@ -267,10 +267,7 @@ def apply_columns(row: dict, columns: dict[str, str]) -> dict:
         return row
     row = dict(row)
     for name, column in columns.items():
-        if column in row:
-            row[name] = row.pop(column)
-        elif name not in row:
-            row[name] = _MappedMissing(column)
+        row[name] = row.pop(column) if column in row else _MappedMissing(column)
     return row
 
 
