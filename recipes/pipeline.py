@@ -33,8 +33,9 @@ from common.config import RECIPES_DIR, ConfigError, run
 from common.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
 
 DONE, STARTED = "STAGE_DONE.json", "STAGE_STARTED.json"
-SCRIPTS = {"pretrain": "pretrain.py", "sft": "sft_lora.py", "reward_model": "reward_model.py", "ppo": "ppo.py",
-           "rloo": "rloo.py", "dpo": "dpo.py", "evaluate": "evaluate_model.py"}
+SCRIPTS = {"self_instruct": "self_instruct.py", "pretrain": "pretrain.py", "sft": "sft_lora.py",
+           "reward_model": "reward_model.py", "ppo": "ppo.py", "rloo": "rloo.py", "dpo": "dpo.py",
+           "evaluate": "evaluate_model.py"}
 POLICIES = ("ppo", "rloo", "dpo")  # stages whose output is an aligned policy
 
 
@@ -48,6 +49,8 @@ class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["sft", "reward_model", "ppo", "evaluate"],
                               metadata={"help": f"In order, from {list(SCRIPTS)}."})
     accelerate_config: str | None = field(default=None, metadata={"help": "accelerate launch --config_file."})
+    self_instruct: dict = field(default_factory=dict, metadata={"help": "Options of recipes/self_instruct.py; its "
+                                "output becomes the SFT data (opt-in: list it first in `stages`)."})
     pretrain: dict = field(default_factory=dict, metadata={"help": "Options of recipes/pretrain.py (YAML only)."})
     sft: dict = field(default_factory=dict, metadata={"help": "Options of recipes/sft_lora.py (YAML only)."})
     reward_model: dict = field(default_factory=dict, metadata={"help": "Options of recipes/reward_model.py."})
@@ -63,7 +66,11 @@ def stage_paths(config: PipelineConfig) -> dict[str, dict]:
     out = {stage: os.path.join(config.output_dir, stage) for stage in config.stages}
     base = out.get("pretrain", config.base_model)
     sft = out.get("sft", base)
-    wiring = {"pretrain": {}, "sft": {"model_name_or_path": base}, "reward_model": {"model_name_or_path": sft},
+    generated = (os.path.join(out["self_instruct"], config.self_instruct.get("output_name", "instructions.jsonl"))
+                 if "self_instruct" in out else None)
+    wiring = {"self_instruct": {}, "pretrain": {},
+              "sft": {"model_name_or_path": base, "dataset_name": generated},
+              "reward_model": {"model_name_or_path": sft},
               "ppo": {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")},
               "rloo": {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")},
               "dpo": {"model_name_or_path": sft}}

@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.config import ConfigError, run
-from common.instruction_generators import (PROMPT_STYLES, Decoding, LocalGenerator, OpenAICompatibleGenerator)
+from common.instruction_generators import PROMPT_STYLES, Decoding, LocalGenerator, OpenAICompatibleGenerator
 from common.self_instruct import (REJECT_REASONS, RougeDeduplicator, SelfInstructError, append_generation_log,
                                   append_output_rows, filter_reason, parse_completion, read_generation_log,
                                   read_instruction_prompt, read_output_rows, read_seed_tasks, sample_request_prompts,
@@ -41,7 +41,7 @@ class SelfInstructConfig:
     """Where the seed tasks come from, which model writes new ones, how they are filtered, where they go."""
 
     seed_tasks: str = field(default="data/alpaca_seed_tasks.jsonl",
-                            metadata={"help": "Seed tasks: self-instruct JSONL {instruction, instances} or Alpaca rows."})
+                            metadata={"help": "Seed tasks: JSONL {instruction, instances} or Alpaca rows."})
     prompt_file: str = field(default="data/alpaca_self_instruct_prompt.txt",
                              metadata={"help": "The instruction prompt that opens every request."})
     output_dir: str = field(default="outputs/self-instruct-smollm2")
@@ -78,7 +78,8 @@ class SelfInstructConfig:
 def check_config(config: SelfInstructConfig) -> None:
     if config.prompt_style not in PROMPT_STYLES:
         raise ConfigError(f"prompt_style must be one of {PROMPT_STYLES}, got {config.prompt_style!r}")
-    if Path(config.output_name).suffix not in (".json", ".jsonl") or Path(config.output_name).name != config.output_name:
+    name = Path(config.output_name)
+    if name.suffix not in (".json", ".jsonl") or name.name != config.output_name:
         raise ConfigError(f"output_name must be a file name ending in .json or .jsonl, got {config.output_name!r}")
     for name in ("num_instructions", "num_prompt_instructions", "request_batch_size", "max_new_tokens",
                  "max_unparseable_batches"):

@@ -102,8 +102,8 @@ def test_dedup_is_sequential_a_near_duplicate_of_a_just_kept_instruction_is_reje
 
 def test_parallel_scoring_gives_the_serial_scores():
     pool = [seed.instruction for seed in read_seed_tasks(str(SEEDS))]
-    candidates = ["Is there anything I can eat for breakfast that does not include eggs, yet includes protein?", "What is the relation between pairs?",
-                  "Write a haiku about the sea."]
+    candidates = ["Is there anything I can eat for breakfast that does not include eggs, yet includes protein?",
+                  "What is the relation between pairs?", "Write a haiku about the sea."]
     serial = RougeDeduplicator(pool, 0.7).admit(candidates)
     parallel = RougeDeduplicator(pool, 0.7, num_workers=2, min_pairs_per_worker=10)
     try:
@@ -246,3 +246,14 @@ def test_num_instructions_already_reached_says_so_and_exits_0(tmp_path):
     result = run_self_instruct("--num_instructions", "1", "--output_dir", out, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "already holds 1 instructions (num_instructions 1): nothing to generate" in result.stdout
+
+
+def test_pipeline_self_instruct_stage_is_opt_in_and_feeds_sft():
+    from pipeline import PipelineConfig, stage_paths
+
+    wiring = stage_paths(PipelineConfig(output_dir="out", stages=["self_instruct", "sft"],
+                                        self_instruct={"output_name": "rows.json"}))
+    assert wiring["sft"]["dataset_name"] == "out/self_instruct/rows.json"
+    assert wiring["self_instruct"] == {"output_dir": "out/self_instruct"}
+    assert "self_instruct" not in PipelineConfig().stages
+    assert "dataset_name" not in stage_paths(PipelineConfig())["sft"]

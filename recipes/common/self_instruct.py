@@ -259,7 +259,8 @@ class RougeDeduplicator:
         size = -(-len(self.pool) // workers)
         chunks = [(candidates, self.pool[start:start + size], start) for start in range(0, len(self.pool), size)]
         results = list(self._executor.map(_best_matches, *zip(*chunks)))
-        return [max(per_chunk, key=lambda match: (match[0], -match[1])) for per_chunk in zip(*results)]  # first best, as serially
+        # the first best match, as serial scoring finds it
+        return [max(per_chunk, key=lambda match: (match[0], -match[1])) for per_chunk in zip(*results)]
 
     def admit(self, candidates: list[str]) -> list[tuple[bool, float, str]]:
         """For each candidate in order: kept or not, its highest ROUGE-L against the pool, the instruction that
