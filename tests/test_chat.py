@@ -44,7 +44,7 @@ def test_interactive_chat_keeps_the_conversation(tiny_gpt2_dir, tmp_path, monkey
     assert first.strip() and second != without_history  # so the check below can tell history from none
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("Name a color.\nAnother one.\n/reset\nAnother one.\n/exit\n"))
-    main(ChatArguments(model_name_or_path=str(adapter), max_new_tokens=6))
+    main(ChatArguments(model_name_or_path=str(adapter), max_new_tokens=6, dtype="float32"))  # as generate() above
     out = capsys.readouterr().out
     assert "prompt format: alpaca" in out
     answers = [part.split("\n")[0].strip() for part in out.split("assistant> ")[1:]]
@@ -80,9 +80,9 @@ def test_chat_prompts_match_what_sft_trained_on(tiny_llama_dir, tiny_gpt2_dir):
 
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name a color."}]
-    (chat_example, alpaca_example), _ = sft_rows(
-        [{"messages": turns + [{"role": "assistant", "content": "Blue."}]},
-         {"instruction": "Name a color.", "input": "", "output": "Blue."}], "rows.json")
+    # one file per shape: a mixed file renders every row in its majority format
+    (chat_example,), _ = sft_rows([{"messages": turns + [{"role": "assistant", "content": "Blue."}]}], "chat.json")
+    (alpaca_example,), _ = sft_rows([{"instruction": "Name a color.", "input": "", "output": "Blue."}], "alpaca.json")
     for tokenizer in (load_tokenizer(tiny_llama_dir), load_tokenizer(tiny_gpt2_dir)):
         assert build_prompt(tokenizer, turns, "chat") == prompt_of(chat_example, tokenizer)
         assert build_prompt(tokenizer, turns[-1:], "alpaca") == prompt_of(alpaca_example, tokenizer)

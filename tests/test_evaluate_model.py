@@ -42,7 +42,7 @@ def independent_score(model, tokenizer, prompt: str, answer: str) -> float:
 def run(tmp_path, **overrides) -> dict:
     settings = dict(output_dir=str(tmp_path / "eval"), eval_split_size=8, num_prompts=8, max_new_tokens=8,
                     batch_size=8, preference_dataset=None, max_length=256)
-    return main(EvaluationConfig(**{**settings, **overrides}))
+    return main(EvaluationConfig(**{"dtype": "float32", **settings, **overrides}))  # fp32: compared with fp32 scores
 
 
 def test_reward_model_accuracy_and_margin_match_independent_scores(tmp_path, tiny_llama_dir, tiny_reward_model):

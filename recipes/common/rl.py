@@ -178,9 +178,17 @@ def merged_model(model, model_args: ModelArguments, tokenizer, num_labels: int |
         return model.merge_and_unload()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        full = replace(model_args, load_in_4bit=False, load_in_8bit=False, dtype="auto")
+        full = replace(model_args, load_in_4bit=False, load_in_8bit=False, dtype=checkpoint_dtype(model_args))
         base = load_model(full, tokenizer, num_labels=num_labels)
         return load_adapter(base, tmp).merge_and_unload()
+
+
+def checkpoint_dtype(model_args: ModelArguments) -> str:
+    """The dtype the model's checkpoint is stored in (its config.json), float32 when it does not say."""
+    config_file = Path(resolve_model_path(model_args.model_name_or_path)) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("bfloat16", "float16", "float32") else "float32"
 
 
 def save_json(path: str | Path, data: dict) -> None:
