@@ -19,10 +19,9 @@ from trl import DPOConfig, DPOTrainer
 
 from common.callbacks import train_with_resume
 from common.config import run
-from common.data import SkipLog, eval_source, split_train_eval
 from common.data_args import DataArguments
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from common.preferences import check_prompt_format, prepare_rankings, save_stage_info
+from common.preferences import check_prompt_format, prepare_train_eval_rankings, save_stage_info
 from common.reporting import write_training_report
 from common.rl import check_policy_path, merged_model
 
@@ -48,20 +47,8 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
     options = dict(columns=config.columns, num_proc=config.dataset_num_proc,
                    max_skipped_fraction=config.max_skipped_fraction)
-    train_data = prepare_rankings(config.dataset_name, config.dataset_split, tokenizer, config.prompt_format, "dpo",
-                                  **options)
-    separate = eval_source(config)
-    if separate:
-        eval_data = prepare_rankings(*separate, tokenizer, config.prompt_format, "dpo", **options)
-        train_rankings, eval_rankings = train_data.examples, eval_data.examples
-    else:
-        eval_data = train_data
-        train_rankings, eval_rankings = split_train_eval(train_data.examples, config.eval_split_size, config.seed)
-    if config.max_train_samples:
-        train_rankings = train_rankings[: config.max_train_samples]
-    skips = SkipLog().extend(train_data.skips)
-    if eval_data is not train_data:
-        skips.extend(eval_data.skips)
+    train_data, eval_data, train_rankings, eval_rankings, skips, separate = prepare_train_eval_rankings(
+        config, tokenizer, "dpo", **options)
     train_dataset = train_data.dpo_dataset(train_rankings)
     eval_dataset = eval_data.dpo_dataset(eval_rankings) if eval_rankings else None
     print(f"[data] {len(train_dataset)} training pairs, {len(eval_dataset) if eval_dataset is not None else 0} eval "

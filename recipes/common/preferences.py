@@ -26,8 +26,8 @@ from pathlib import Path
 from datasets import Dataset
 
 from common.data import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset, check_overlong,
-                         column, kept_indices, normalize_messages, num_proc_for, raw_dataset, rows_of_batch,
-                         skips_of, source_fingerprint, tokenizer_fingerprint)
+                         column, eval_source, kept_indices, normalize_messages, num_proc_for, raw_dataset,
+                         rows_of_batch, skips_of, source_fingerprint, split_train_eval, tokenizer_fingerprint)
 from common.templates import alpaca_prompt
 
 PROMPT_FORMATS = ("alpaca", "chat", "plain")  # as common.data.prompt_format names SFT's
@@ -484,3 +484,25 @@ def prepare_rankings(source: str, split: str, tokenizer, prompt_format: str, pur
                         fn_kwargs={"tokenizer": tokenizer, "prompt_format": prompt_format}, desc="Rendering")
 
     return PreparedRankings(source, cached_dataset(key, build, source), max_skipped_fraction)
+
+
+def prepare_train_eval_rankings(config, tokenizer, purpose: str, **options):
+    """The training and held-out rankings of a reward-model or DPO run: the eval file's own split when the config
+    names one (`eval_dataset_name`), else a seeded carve-out of the training file; `max_train_samples` applied.
+    Returns (train data, eval data, train rankings, eval rankings, the skips of both files, the eval source or
+    None)."""
+    train_data = prepare_rankings(config.dataset_name, config.dataset_split, tokenizer, config.prompt_format,
+                                  purpose, **options)
+    separate = eval_source(config)
+    if separate:
+        eval_data = prepare_rankings(*separate, tokenizer, config.prompt_format, purpose, **options)
+        train_rankings, eval_rankings = train_data.examples, eval_data.examples
+    else:
+        eval_data = train_data
+        train_rankings, eval_rankings = split_train_eval(train_data.examples, config.eval_split_size, config.seed)
+    if config.max_train_samples:
+        train_rankings = train_rankings[: config.max_train_samples]
+    skips = SkipLog().extend(train_data.skips)
+    if eval_data is not train_data:
+        skips.extend(eval_data.skips)
+    return train_data, eval_data, train_rankings, eval_rankings, skips, separate
