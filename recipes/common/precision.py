@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 FORCE_ENV = "RECIPES_NATIVE_BF16"
@@ -128,8 +130,6 @@ def choose_precision(capability: Capability, bf16: bool | None = None, fp16: boo
     """The precision for `capability`. `bf16`/`fp16`: the user's explicit setting, or None for auto."""
     if bf16 or fp16:
         if bf16 and fp16:
-            from common.config import ConfigError
-
             raise ConfigError("bf16 and fp16 are both set to true: choose one (or set both to auto)")
         what = "bf16" if bf16 else "fp16"
         if bf16 and not capability.native_bf16:
@@ -159,8 +159,6 @@ def parse_flag(value) -> bool | None:
         return True
     if text in ("false", "0", "no"):
         return False
-    from common.config import ConfigError
-
     raise ConfigError(f"expected true, false or auto, got {value!r}")
 
 
