@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import DPOConfig, DPOTrainer
 
-from common.callbacks import train_with_resume
+from common.callbacks import TimeBudgetArguments, train_with_resume
 from common.config import run
 from common.data_args import DataArguments
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
@@ -27,7 +27,7 @@ from common.rl import check_policy_path, merged_model
 
 
 @dataclass
-class DPORecipeConfig(DataArguments, DPOConfig):
+class DPORecipeConfig(DataArguments, TimeBudgetArguments, DPOConfig):
     """TRL's DPOConfig (beta, loss_type, max_length, dataset_num_proc, ...) plus where the data comes from
     (DataArguments: columns, max_skipped_fraction, separate eval data)."""
 

@@ -27,7 +27,7 @@ from peft import get_peft_model
 from transformers import (AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer,
                           TrainingArguments)
 
-from common.callbacks import train_with_resume
+from common.callbacks import TimeBudgetArguments, train_with_resume
 from common.config import ConfigError, run
 from common.generation import generate
 from common.models import (ModelArguments, check_context_length, load_model, load_tokenizer, lora_config,
@@ -45,7 +45,7 @@ MODEL_PRESETS = {
 
 
 @dataclass
-class PretrainConfig(TrainingArguments):
+class PretrainConfig(TimeBudgetArguments, TrainingArguments):
     """transformers' TrainingArguments plus the corpus, the tokenizer and the fresh model's architecture."""
 
     dataset_name: str = field(default="data/wiki_demo.txt", metadata={

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import RewardConfig
 
-from common.callbacks import train_with_resume
+from common.callbacks import TimeBudgetArguments, train_with_resume
 from common.config import run
 from common.data_args import DataArguments
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
@@ -35,7 +35,7 @@ from common.rl import merged_model
 
 
 @dataclass
-class RewardRecipeConfig(DataArguments, RewardConfig):
+class RewardRecipeConfig(DataArguments, TimeBudgetArguments, RewardConfig):
     """TRL's RewardConfig plus where the data comes from (DataArguments: columns, max_skipped_fraction, separate
     eval data) and how prompts are rendered."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import RLOOConfig, RLOOTrainer
 
-from common.callbacks import train_with_resume
+from common.callbacks import TimeBudgetArguments, train_with_resume
 from common.config import run
 from common.data_args import NumProcArguments
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
@@ -29,7 +29,7 @@ from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_
 
 
 @dataclass
-class RLOORecipeConfig(RLPromptArguments, NumProcArguments, RLOOConfig):
+class RLOORecipeConfig(RLPromptArguments, NumProcArguments, TimeBudgetArguments, RLOOConfig):
     """TRL's RLOOConfig (num_generations, max_completion_length, beta, temperature, ...) plus prompts and guards."""
 
     reward_model_path: str = field(default="outputs/rm-smollm2-dpo-demo",
