@@ -2,8 +2,12 @@
 output file after an interrupted write, the seed-file errors, and the OpenAI-compatible client against a real HTTP
 server on 127.0.0.1 that serves a tiny model's completions in the OpenAI wire format."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import time
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,10 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from common.config import parse_config
 from common.data import DataError
 from common.instruction_generators import Decoding, OpenAICompatibleGenerator
 from common.self_instruct import (RougeDeduplicator, RougeTokenizer, SelfInstructError, Task, build_request_prompt,
                                   filter_reason, new_scorer, parse_completion, read_output_rows, read_seed_tasks)
+from common.models import ModelArguments
 from conftest import REPO
 
 SEEDS = REPO / "data" / "alpaca_seed_tasks.jsonl"
@@ -257,3 +263,222 @@ def test_pipeline_self_instruct_stage_is_opt_in_and_feeds_sft():
     assert wiring["self_instruct"] == {"output_dir": "out/self_instruct"}
     assert "self_instruct" not in PipelineConfig().stages
     assert "dataset_name" not in stage_paths(PipelineConfig())["sft"]
+
+
+# Whole runs of the recipe against a scripted OpenAI-compatible server -----------------------------------------
+
+# Distinct tasks (ROUGE-L <= 0.7 against each other and the seeds) for a server that answers well
+GOOD_TASKS = [
+    ("Suggest three names for a bakery that sells only vegan pastries.", "", "Green Crumb, Leaf & Loaf, Oat Oven."),
+    ("Explain why the moon looks larger near the horizon.", "", "It is an illusion of the brain's size judgement."),
+    ("Classify the following animals as mammals or reptiles.", "Snake, dog, lizard, whale",
+     "Mammals: dog, whale. Reptiles: snake, lizard."),
+    ("Rewrite this sentence in the passive voice.", "The chef cooked a delicious meal.",
+     "A delicious meal was cooked by the chef."),
+    ("What are the main causes of inflation in an economy?", "", "Demand outpacing supply, rising costs, money supply."),
+    ("Convert the temperature from Celsius to Fahrenheit.", "25 degrees Celsius", "77 degrees Fahrenheit."),
+    ("Summarize the story of Romeo and Juliet in one sentence.", "", "Two young lovers from feuding families die."),
+    ("Name the largest desert on Earth and its area.", "", "Antarctica, about 14 million square kilometres."),
+    ("Offer some advice to a student nervous before an exam.", "", "Sleep well, review key points, breathe."),
+    ("Find the grammatical error in this sentence and correct it.", "She don't like apples.",
+     "She doesn't like apples."),
+    ("How does a vaccine train the immune system?", "", "It shows the body a harmless piece of a pathogen."),
+    ("Compose a haiku about autumn leaves falling.", "", "Red leaves drift slowly / the wind hums a tune / earth "
+     "sleeps."),
+    ("List four renewable sources of energy with one advantage each.", "", "Solar, wind, hydro, geothermal."),
+    ("Estimate how many minutes a person sleeps in a year.", "", "About 175,000 minutes at eight hours a night."),
+    ("Propose a weekend itinerary for visiting Rome on a budget.", "", "Day 1: Colosseum; day 2: Vatican."),
+    ("Is a tomato a fruit or a vegetable? Justify your answer.", "", "Botanically a fruit: it holds seeds."),
+]
+
+
+def task_block(number: int, instruction: str, task_input: str, output: str) -> str:
+    return (f"{number}. Instruction: {instruction}\n{number}. Input:\n{task_input or '<noinput>'}\n"
+            f"{number}. Output:\n{output}\n###\n")
+
+
+def completion_text(tasks, first_number: int = 4, end: str = "") -> str:
+    """A completion of a prompt that ends in `4. Instruction:`: the first task continues that line."""
+    text = "".join(task_block(first_number + i, *task) for i, task in enumerate(tasks)) + end
+    return text[len(f"{first_number}. Instruction:"):]
+
+
+@contextlib.contextmanager
+def scripted_server():
+    """A real HTTP server on 127.0.0.1 speaking the OpenAI completions API: `state["answer"](prompt)` gives each
+    prompt's (text, finish_reason); the request numbered `state["hang_at"]` (0-based) is held open, unanswered,
+    until `state["release"]` is set. Every request is recorded."""
+    state = {"answer": None, "requests": [], "hang_at": None, "hanging": threading.Event(),
+             "release": threading.Event()}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            number = len(state["requests"])
+            state["requests"].append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+            if number == state["hang_at"]:
+                state["hanging"].set()
+                state["release"].wait(120)
+                return  # no answer: the client is gone by now
+            if self.path != "/v1/completions":
+                self.send_error(404)
+                return
+            prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+            choices = []
+            for index, prompt in enumerate(prompts):
+                text, finish_reason = state["answer"](prompt)
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason})
+            data = json.dumps({"id": f"cmpl-{number}", "object": "text_completion", "created": 0,
+                               "model": body["model"], "choices": choices}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
+    finally:
+        state["release"].set()
+        server.shutdown()
+        server.server_close()
+
+
+def self_instruct_command(*args):
+    return [sys.executable, str(REPO / "recipes" / "self_instruct.py"), *map(str, args)]
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """One whole API run, shared with the SFT test: 2 prompts per request, one completion of well-formed tasks
+    that each filter must reject but three, the other cut for length."""
+    seeds = read_seed_tasks(str(SEEDS))
+    first = [GOOD_TASKS[0],
+             ("Name two rivers.", "", "Nile, Amazon."),  # length: 3 words
+             ("Describe the image of the city skyline at night.", "", "Tall towers glow."),  # blacklist
+             ("Write a program that reverses a string in Python.", "", "print(s[::-1])"),  # write a program
+             ("* Explain the difference between weather and climate.", "", "Time scale."),  # punctuation start
+             ("Éxplain how a rainbow forms after the rain.", "", "Light refracts in drops."),  # non-ascii start
+             (seeds[0].instruction.replace("700-1000", "500-800"), "", "Tofu scramble."),  # similarity: a seed
+             GOOD_TASKS[1]]
+    first_text = completion_text(first, end="12. Instruction: List the planets in order.\n12. Input:\n<noinput>\n"
+                                              "###\n")  # parse: no Output
+    # stopped for length: its last task looks whole but may not be, and is dropped
+    second_text = completion_text([GOOD_TASKS[2], ("Translate the sentence into Spanish.", "The cat sleeps.",
+                                                   "El gato duerme.")])[:-len("\n###\n")]
+    answers = iter([(first_text, "stop"), (second_text, "length")])
+    out = tmp_path_factory.mktemp("self-instruct") / "api"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPENAI_API_KEY", "sk-test-from-env")
+        patch.setenv("OMP_NUM_THREADS", "1")
+        with scripted_server() as (api_base, state):
+            state["answer"] = lambda prompt: next(answers)
+            result = subprocess.run(self_instruct_command(
+                "--api_base", api_base, "--api_model", "served-model", "--num_instructions", "3",
+                "--request_batch_size", "2", "--output_dir", out), cwd=REPO, capture_output=True, text=True,
+                timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result, state["requests"]
+
+
+def test_api_run_keeps_the_good_tasks_in_alpaca_shape_and_reports_each_reject(generated):
+    out, result, requests = generated
+    assert len(requests) == 1  # three kept from the first request reach num_instructions
+    request = requests[0]
+    assert request["path"] == "/v1/completions" and request["auth"] == "Bearer sk-test-from-env"
+    assert request["body"]["model"] == "served-model" and len(request["body"]["prompt"]) == 2
+    assert all(prompt.endswith("###\n4. Instruction:") and "###\n3. Instruction: " in prompt
+               for prompt in request["body"]["prompt"])
+
+    rows = read_rows(out / "instructions.jsonl")
+    assert rows == [{"instruction": i, "input": t, "output": o} for i, t, o in GOOD_TASKS[:3]]
+    assert all(list(row) == ["instruction", "input", "output"] for row in rows)
+
+    report = (out / "generation_report.md").read_text()
+    assert "# Self-instruct generation: 3 of 3 instructions" in report
+    assert "served-model at http://127.0.0.1:" in report
+    for reason in ("parse", "truncated", "length", "blacklist", "write a program", "punctuation start",
+                   "non-ascii start", "similarity"):
+        assert f"| rejected: {reason} | 1 |" in report, reason
+    assert "| tasks parsed from them | 9 |" in report  # 8 + 1: not the parse and truncated ones
+    assert "Mean maximum ROUGE-L of a kept instruction" in report
+    for plot in ("rouge_similarity.png", "leading_verbs.png"):
+        assert (out / plot).stat().st_size > 1000 and f"]({plot})" in report
+    log = read_rows(out / "generation_log.jsonl")
+    assert [record["kept"] for record in log] == [3] and all(0 <= s <= 0.7 for s in log[0]["max_rouge_l"])
+    assert "Rejected in this run:" in result.stdout and "similarity 1" in result.stdout
+
+
+def test_a_run_killed_mid_generation_resumes_to_the_target_without_duplicates(tmp_path):
+    """kill -9 while the third request is in flight (8 rows written), rerun the same command. The server starts
+    its tasks over, so the rerun is first offered the 8 rows it already has: only the dedup against the output
+    keeps them out."""
+    out = tmp_path / "out"
+    given = {"next": 0}
+
+    def answer(prompt):
+        tasks = GOOD_TASKS[given["next"]:given["next"] + 2]
+        given["next"] += 2
+        return completion_text(tasks), "stop"
+
+    with scripted_server() as (api_base, state):
+        state.update(answer=answer, hang_at=2)
+        command = self_instruct_command("--api_base", api_base, "--api_model", "m", "--num_instructions", "12",
+                                        "--request_batch_size", "2", "--max_retries", "0", "--output_dir", out)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(tmp_path / "first.log", "w") as log:
+            process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+            try:
+                assert state["hanging"].wait(120), (tmp_path / "first.log").read_text()[-3000:]
+                time.sleep(0.2)
+                process.send_signal(signal.SIGKILL)
+            finally:
+                process.kill()
+                process.wait(30)
+        assert process.returncode == -signal.SIGKILL
+        killed_at = read_rows(out / "instructions.jsonl")
+        assert [row["instruction"] for row in killed_at] == [task[0] for task in GOOD_TASKS[:8]]
+        assert not (out / "generation_report.md").exists()
+
+        given["next"], state["hang_at"] = 0, None
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming: " in result.stdout and "holds 8 of 12 instructions" in result.stdout
+    instructions = [row["instruction"] for row in read_rows(out / "instructions.jsonl")]
+    assert len(instructions) == 12 and len(set(instructions)) == 12
+    assert instructions == [task[0] for task in GOOD_TASKS[:12]]
+    assert len(state["requests"]) == 3 + 3  # 2 answered and the hung one; then 8 offered again, and 4 new
+    assert "| rejected: similarity | 8 |" in (out / "generation_report.md").read_text()
+
+
+def test_the_generated_file_trains_with_sft_lora_for_2_steps(generated, tiny_llama_dir):
+    """sft_lora.py's main with the output as --dataset_name, unchanged: the rows read as Alpaca rows and train
+    (in this process: `accelerate launch` of sft_lora is tested in test_sft_lora.py and would cost 20 s more)."""
+    from sft_lora import SFTRecipeConfig, main
+
+    out, _, _ = generated
+    args = ["--model_name_or_path", tiny_llama_dir, "--dataset_name", str(out / "instructions.jsonl"),
+            "--eval_split_size", "0", "--eval_strategy", "no", "--max_length", "256", "--max_steps", "2",
+            "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none",
+            "--logging_steps", "1", "--sample_max_new_tokens", "2", "--output_dir", str(out / "sft")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a busy 2-core CPU
+    try:
+        main(*parse_config((SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml", args))
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((out / "sft" / "prompt_format.json").read_text()) == {"prompt_format": "alpaca"}
+    history = json.loads((out / "sft" / "log_history.json").read_text())
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert (out / "sft" / "adapter_model.safetensors").is_file()
