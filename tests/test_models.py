@@ -126,3 +126,19 @@ def test_qlora_keeps_bf16_norms_and_embeddings(tiny_llama_dir, dtype, norm_dtype
     assert model.get_input_embeddings().weight.dtype == norm_dtype
     assert model.model.norm.weight.dtype == norm_dtype
     assert not any(param.requires_grad for param in model.parameters())
+
+
+def test_4bit_layers_stay_trainable_and_a_bitsandbytes_rename_is_refused(tiny_llama_dir, monkeypatch):
+    """load_model turns off bitsandbytes' CPU repacking of 4-bit weights (it would stop gradients after an eval-mode
+    forward); a bitsandbytes without that switch, or another version, is refused rather than silently ignored."""
+    import bitsandbytes as bnb
+
+    from common.compat import LibraryMismatchError
+
+    args = ModelArguments(model_name_or_path=tiny_llama_dir, load_in_4bit=True)
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    layers = [m for m in load_model(args, tokenizer).modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(layer.support_avx512bf16_for_cpu is False for layer in layers)
+    monkeypatch.setattr(bnb, "__version__", "0.51.0")
+    with pytest.raises(LibraryMismatchError, match="bitsandbytes 0.51.0 is installed: pin bitsandbytes==0.50.2"):
+        load_model(args, tokenizer)

@@ -1,20 +1,41 @@
 """common.speed: the packed attention and the fused loss give what the code they replace gives."""
 
+import types
+
 import pytest
 import torch
 import trl.trainer.sft_trainer as trl_sft
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from common import speed
+from conftest import REPO
+
+STOCK_TRL_LOSS = trl_sft._chunked_cross_entropy_loss
+
+
+def assert_stock_trl_loss():
+    """TRL's own loss is installed: nothing earlier in this process left the fused one behind."""
+    loss = trl_sft._chunked_cross_entropy_loss
+    assert loss is STOCK_TRL_LOSS and isinstance(loss, types.FunctionType) and loss.__module__ == trl_sft.__name__
 
 
 @pytest.fixture
-def restore_trl_loss(monkeypatch):
-    """enable_fast_training swaps TRL's loss function; put it back after the test."""
-    monkeypatch.setattr(trl_sft, "_chunked_cross_entropy_loss", trl_sft._chunked_cross_entropy_loss)
+def count_fused_loss(monkeypatch):
+    """Counts the calls of the fused loss that enable_fast_training installs (it looks it up when called)."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    fused = speed.fused_linear_cross_entropy
+    monkeypatch.setattr(speed, "fused_linear_cross_entropy", counted)
+    return calls
 
 
 def tiny_llama(attn: str = "sdpa") -> LlamaForCausalLM:
+    if attn == speed.PACKED_SDPA:
+        speed.register_packed_attention()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -60,7 +81,8 @@ def test_fused_loss_matches_trl_chunked_loss(dtype, autocast, weight_trains):
     labels[:, :50] = -100
     labels[1, 300:420] = -100
     results = []
-    for loss_function in (speed.fused_linear_cross_entropy, speed._trl_chunked_cross_entropy):
+    assert_stock_trl_loss()
+    for loss_function in (speed.fused_linear_cross_entropy, trl_sft._chunked_cross_entropy_loss):
         hidden.grad = weight.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss, correct, entropy, valid = loss_function(hidden, weight, 256, labels=labels, num_items_in_batch=1000)
@@ -79,9 +101,10 @@ def test_fused_loss_matches_trl_chunked_loss(dtype, autocast, weight_trains):
         torch.testing.assert_close(weight_grad.float(), reference[5].float(), atol=1e-4, rtol=5e-2)
 
 
-def test_enable_fast_training_in_sft_trainer(tmp_path, restore_trl_loss, smollm2_dir):
+def test_enable_fast_training_in_sft_trainer(tmp_path, count_fused_loss, smollm2_dir):
     """Through SFTTrainer with packing: the fast model uses packed attention and the fused loss, and its loss on a
-    packed batch equals that of TRL's stock path."""
+    packed batch equals that of TRL's stock path; the fused loss is installed only inside that trainer's
+    compute_loss."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -102,11 +125,32 @@ def test_enable_fast_training_in_sft_trainer(tmp_path, restore_trl_loss, smollm2
         if fast:
             speed.enable_fast_training(trainer)
             assert model.config._attn_implementation == speed.PACKED_SDPA
-            assert trl_sft._chunked_cross_entropy_loss is speed.fused_linear_cross_entropy
+        assert_stock_trl_loss()
         batch = next(iter(trainer.get_train_dataloader()))
         assert "position_ids" in batch and batch["input_ids"].shape[0] == 1  # padding-free packed row
         losses.append(trainer.compute_loss(trainer.model, batch))
+        assert len(count_fused_loss) == fast
+        assert_stock_trl_loss()
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sft_recipe_in_process_leaves_trl_stock(tiny_llama_dir, tmp_path, count_fused_loss):
+    """sft_lora.main trains and evaluates with the fused loss, and afterwards TRL's own loss is back, so a later
+    "stock TRL" comparison in the same process really is stock."""
+    from common.config import parse_config
+    from common.models import ModelArguments
+    from sft_lora import SFTRecipeConfig, main
+
+    args = ["--model_name_or_path", tiny_llama_dir, "--dataset_name", str(REPO / "data" / "alpaca_en_demo.json"),
+            "--max_train_samples", "4", "--eval_split_size", "2", "--eval_strategy", "steps", "--eval_steps", "1",
+            "--max_length", "256", "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--save_strategy", "no", "--report_to", "none", "--sample_max_new_tokens", "1",
+            "--output_dir", str(tmp_path / "sft")]
+    config, model_args = parse_config((SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml", args)
+    assert_stock_trl_loss()
+    main(config, model_args)
+    assert len(count_fused_loss) >= 2  # a training step and an evaluation
+    assert_stock_trl_loss()
 
 
 def test_fast_dropout_is_dropout():

@@ -320,11 +320,9 @@ def keep_4bit_layers_trainable(model) -> None:
     its first eval-mode forward; that kernel has no backward, so after a generation before training (the demo
     answer, a PPO rollout) gradients silently stop at every 4-bit layer and only the LoRA layers next to the
     output learn. Turning the repacking off keeps QLoRA training correct."""
-    import bitsandbytes as bnb
+    from common.compat import turn_off_4bit_cpu_repacking
 
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    turn_off_4bit_cpu_repacking(model)
 
 
 def load_adapter(model, adapter_path: str, is_trainable: bool = False):

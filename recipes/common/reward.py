@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from trl import RewardTrainer
-from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from common import compat
 from common.metrics import reward_scores
 from common.models import ModelLoadError, lora_config, torch_dtype
 
@@ -41,11 +41,14 @@ class PromptGroupedBatchSampler:
             yield [row for group in groups[start:start + self.prompts_per_batch] for row in self.rows_of[group]]
 
 
-class WeightedPreferenceCollator(DataCollatorForPreference):
+class WeightedPreferenceCollator:
     """TRL's preference collator plus each pair's weight."""
 
-    def torch_call(self, examples):
-        batch = super().torch_call(examples)
+    def __init__(self, pad_token_id: int):
+        self.collate = compat.trl_preference_collator(pad_token_id)
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
         batch["weight"] = torch.tensor([example.get("weight", 1.0) for example in examples], dtype=torch.float)
         return batch
 
@@ -55,13 +58,18 @@ class KWiseRewardTrainer(RewardTrainer):
     over a batch by the 1/C(K,2)-weighted mean, so each prompt counts once however many answers it ranks, and
     (2) the shuffled per-pair sampler by one that keeps all pairs of a prompt in the same step."""
 
-    def _set_signature_columns_if_needed(self):
-        self._signature_columns = ["chosen_ids", "rejected_ids", "weight"]
+    COLUMNS = ["chosen_ids", "rejected_ids", "weight"]  # what the collator reads; the rest is dropped
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        compat.keep_dataset_columns(self, self.COLUMNS)  # for the eval dataloader, which transformers builds
 
     def get_train_dataloader(self):
         sampler = PromptGroupedBatchSampler(self.train_dataset["group"], self.args.per_device_train_batch_size,
                                             self.args.seed)
-        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        dataset = self.train_dataset
+        if self.args.remove_unused_columns:
+            dataset = dataset.select_columns([name for name in dataset.column_names if name in self.COLUMNS])
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)
         return self.accelerator.prepare(loader)
@@ -93,7 +101,7 @@ def apply_reward_offset(model, offset: float):
     with torch.no_grad():
         centred.weight.copy_(head.weight)
         centred.bias.fill_(-offset)
-    model.score = centred
+    compat.replace_score_head(model, centred)
     return model
 
 
@@ -134,7 +142,4 @@ def load_value_model(path: str, model_args):
     for param in adapted.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    model = adapted.base_model.model
-    # TRL feeds the backbone's last hidden state (in that dtype when not under autocast) straight to the fp32 head
-    model.score.register_forward_pre_hook(lambda head, inputs: tuple(x.float() for x in inputs))
-    return model
+    return compat.value_model_for_trl_ppo(adapted)

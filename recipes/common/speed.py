@@ -17,18 +17,18 @@
 
 `enable_fast_training(trainer)` turns them on for an SFT run; the recipe calls it once the trainer is built.
 PPO (common/ppo_trainer.py) uses the LoRA-input switch too, and samples through `lora_folded_for_sampling`.
+What these touch inside the libraries is in common/compat.py, checked against the versions it was written for.
 """
 
-from contextlib import contextmanager
+from contextlib import ExitStack
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import AttentionInterface, TrainerCallback
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-from trl.trainer import sft_trainer as _trl_sft
+from peft.helpers import disable_input_dtype_casting
+from transformers import TrainerCallback
+
+from common import compat
+from common.compat import lora_folded_for_sampling  # noqa: F401 (common/ppo_trainer.py imports it from here)
 
 PACKED_SDPA = "sdpa_packed"
 _INT16_MIN = -(2**15)
@@ -47,25 +47,34 @@ def packed_segment_bounds(position_ids: torch.Tensor | None) -> list[int] | None
     return [0, *starts.tolist(), positions.numel()]
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Causal SDPA per packed example (query/key/value: [1, heads, tokens, head_dim]); else transformers' sdpa."""
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """[batch, kv_heads, tokens, dim] -> [batch, kv_heads * groups, tokens, dim], each head repeated in place."""
+    if groups == 1:
+        return states
+    batch, heads, tokens, dim = states.shape
+    return states[:, :, None].expand(batch, heads, groups, tokens, dim).reshape(batch, heads * groups, tokens, dim)
+
+
+def packed_sdpa_attention(sdpa, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal SDPA per packed example (query/key/value: [1, heads, tokens, head_dim]); else `sdpa`, transformers'
+    sdpa attention."""
     bounds = packed_segment_bounds(kwargs.get("position_ids"))
     if bounds is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:  # not packed, or cached decoding
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     # split (not slicing): its backward is one concatenation, a slice's is a zero-filled full-size tensor per example
-    parts = zip(query.split(lengths, dim=2), repeat_kv(key, groups).split(lengths, dim=2),
-                repeat_kv(value, groups).split(lengths, dim=2))
+    parts = zip(query.split(lengths, dim=2), _repeat_kv(key, groups).split(lengths, dim=2),
+                _repeat_kv(value, groups).split(lengths, dim=2))
     outputs = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
                for q, k, v in parts]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
-# The mask is only used when the input is not packed (the sdpa fallback), so it is sdpa's mask.
-ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+def register_packed_attention() -> None:
+    """Make `attn_implementation="sdpa_packed"` available (with sdpa's mask, used only when the input is not
+    packed, the sdpa fallback). A name of its own: registering changes no other attention."""
+    compat.register_sdpa_variant(PACKED_SDPA, packed_sdpa_attention)
 
 
 class FastDropout(torch.nn.Dropout):
@@ -84,14 +93,8 @@ class FastDropout(torch.nn.Dropout):
 
 def use_fast_lora_dropout(model) -> int:
     """Swap every LoRA dropout (nn.Dropout with p > 0) of a PEFT model for FastDropout; returns how many."""
-    swapped = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name, dropout in module.lora_dropout.items():
-                if type(dropout) is torch.nn.Dropout and dropout.p > 0:
-                    module.lora_dropout[name] = FastDropout(dropout.p)
-                    swapped += 1
-    return swapped
+    return compat.replace_lora_dropouts(
+        model, lambda dropout: FastDropout(dropout.p) if type(dropout) is torch.nn.Dropout and dropout.p > 0 else None)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -136,12 +139,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def fused_linear_cross_entropy(hidden_states, lm_head_weight, chunk_size=None, labels=None, shift_labels=None,
                                num_items_in_batch=None, logit_scale=1.0, final_logit_softcapping=None,
-                               lm_head_bias=None):
+                               lm_head_bias=None, stock=None):
     """Drop-in for `trl.trainer.sft_trainer._chunked_cross_entropy_loss` (same arguments and results: loss, number
-    of correct tokens, entropy sum, number of valid tokens). `chunk_size` is ignored (LOSS_CHUNK_TOKENS is used)."""
+    of correct tokens, entropy sum, number of valid tokens). `chunk_size` is ignored (LOSS_CHUNK_TOKENS is used).
+    Scaled, soft-capped or biased heads go to `stock`, TRL's function (compat.trl_sft_loss passes it)."""
     if logit_scale != 1.0 or final_logit_softcapping is not None or lm_head_bias is not None:
-        return _trl_chunked_cross_entropy(hidden_states, lm_head_weight, chunk_size, labels, shift_labels,
-                                          num_items_in_batch, logit_scale, final_logit_softcapping, lm_head_bias)
+        if stock is None:
+            raise ValueError("fused_linear_cross_entropy: a scaled, soft-capped or biased head needs `stock`")
+        return stock(hidden_states, lm_head_weight, chunk_size, labels, shift_labels, num_items_in_batch,
+                     logit_scale, final_logit_softcapping, lm_head_bias)
     if shift_labels is not None:
         hidden, labels = hidden_states.reshape(-1, hidden_states.shape[-1]), shift_labels.reshape(-1)
     else:
@@ -161,19 +167,17 @@ def fused_linear_cross_entropy(hidden_states, lm_head_weight, chunk_size=None, l
     return loss, correct, entropy, n_valid
 
 
-_trl_chunked_cross_entropy = _trl_sft._chunked_cross_entropy_loss
-
-
 def enable_fast_training(trainer) -> None:
     """Speed-ups for an SFTTrainer built with TRL's defaults: packed attention when it packs without padding (and
-    the model uses sdpa), the fused loss in place of TRL's chunked_nll (its patched forward looks the loss up by
-    name at each call), under autocast LoRA inputs left in the compute dtype (see below), and FastDropout."""
+    the model uses sdpa), the fused loss in place of TRL's chunked_nll during this trainer's compute_loss only,
+    under autocast LoRA inputs left in the compute dtype (see below), and FastDropout."""
     args, model = trainer.args, trainer.model
     packs = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
-    if packs and getattr(model.config, "_attn_implementation", None) == "sdpa":
+    if packs and compat.attn_implementation(model) == "sdpa":
+        register_packed_attention()
         model.set_attn_implementation(PACKED_SDPA)
     if args.loss_type == "chunked_nll":
-        _trl_sft._chunked_cross_entropy_loss = fused_linear_cross_entropy
+        compat.use_trl_sft_loss(trainer, fused_linear_cross_entropy)
     if args.bf16 or args.fp16:
         trainer.add_callback(LoraInputsInComputeDtype(model))
     use_fast_lora_dropout(model)
@@ -185,47 +189,11 @@ class LoraInputsInComputeDtype(TrainerCallback):
     It is switched back on after training, for generation without autocast."""
 
     def __init__(self, model):
-        self.layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+        self.model, self.casts_off = model, ExitStack()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        for layer in self.layers:
-            layer.cast_input_dtype_enabled = False
+        self.casts_off.close()  # a train() that raised never reached on_train_end
+        self.casts_off.enter_context(disable_input_dtype_casting(self.model))  # PEFT's public switch
 
     def on_train_end(self, args, state, control, **kwargs):
-        for layer in self.layers:
-            layer.cast_input_dtype_enabled = True
-
-
-@contextmanager
-def lora_folded_for_sampling(model):
-    """Sampling (one token per forward) with each LoRA layer's update folded into a temporary copy of its base
-    weight, so every projection is one matmul instead of three plus casts (PPO's rollouts: see
-    benchmarks/RESULTS.md). The original base weights are put back untouched afterwards, so there is no
-    merge/unmerge rounding and the adapter-disabled reference stays exact; the copy costs the adapted weights' size
-    while sampling. Layers that cannot be folded (4/8-bit or Conv1D bases, DoRA, sharded weights) run their adapter,
-    with PEFT's input casts on (sampling runs outside autocast)."""
-    folded, casts = [], []
-    try:
-        for module in model.modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            casts.append((module, module.cast_input_dtype_enabled))
-            module.cast_input_dtype_enabled = True
-            base, active = module.base_layer, [name for name in module.active_adapters if name in module.lora_A]
-            if (type(base) is not torch.nn.Linear or module.merged or module.disable_adapters or not active
-                    or any(name in module.lora_variant for name in active) or base.weight.numel() == 0):
-                continue
-            original = base.weight.data
-            folded_weight = original
-            for name in active:  # W + scaling * B @ A, one new tensor in W's dtype
-                folded_weight = torch.addmm(folded_weight, module.lora_B[name].weight.to(original.dtype),
-                                            module.lora_A[name].weight.to(original.dtype), alpha=module.scaling[name])
-            base.weight.data = folded_weight
-            module.merged_adapters = active  # PEFT's forward then runs the base layer alone
-            folded.append((module, original))
-        yield
-    finally:
-        for module, original in folded:
-            module.base_layer.weight.data, module.merged_adapters = original, []
-        for module, enabled in casts:
-            module.cast_input_dtype_enabled = enabled
+        self.casts_off.close()

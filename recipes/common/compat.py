@@ -1,0 +1,255 @@
+"""Every place the recipes touch a library's internals: a private function replaced, a private attribute read or
+set, a class imported from a module the library does not export, an assumption about what a library does inside.
+
+Each touch checks, when it is applied (never at import), that the installed library is in the range it was written
+and tested for (the versions below, as pinned in requirements.txt, up to the next minor release) and that the
+attributes it relies on exist. A mismatch raises LibraryMismatchError naming the library, its version and the pin;
+nothing falls back silently to something that would change results. Patches are scoped (a context manager, or
+local to one trainer or model) and undone afterwards.
+"""
+
+import functools
+import importlib
+import inspect
+from contextlib import contextmanager
+
+import torch
+from packaging.version import Version
+
+from common.config import RecipeError
+
+# The versions every touch below was written and tested against (requirements.txt)
+TRANSFORMERS = "5.23.0"
+TRL = "1.12.0"
+PEFT = "0.21.2"
+BITSANDBYTES = "0.50.2"
+
+
+class LibraryMismatchError(RecipeError, RuntimeError):
+    """An installed library is not the one a touch of its internals was written for."""
+
+
+def installed(library: str) -> str:
+    return importlib.import_module(library).__version__
+
+
+def check_version(library: str, tested: str, touch: str) -> None:
+    """Refuse `library` outside [tested, next minor release): `touch` (what relies on it) was written for it."""
+    version, low = Version(installed(library)), Version(tested)
+    if not low <= version < Version(f"{low.major}.{low.minor + 1}"):
+        raise LibraryMismatchError(
+            f"{touch} relies on internals of {library} {low.major}.{low.minor}.x (tested with {tested}), but "
+            f"{library} {version} is installed: pin {library}=={tested} (requirements.txt), or port "
+            "recipes/common/compat.py to the new version")
+
+
+def require(owner, names: list[str], library: str, tested: str, touch: str) -> None:
+    """Refuse when `owner` (a module, class or object) lacks one of the attributes `touch` reads or sets."""
+    missing = [name for name in names if not hasattr(owner, name)]
+    if missing:
+        what = getattr(owner, "__name__", type(owner).__name__)
+        raise LibraryMismatchError(
+            f"{touch}: {library} {installed(library)}'s {what} has no {', '.join(missing)}; it was written for "
+            f"{library} {tested}: pin {library}=={tested} (requirements.txt), or port recipes/common/compat.py")
+
+
+# --- TRL: the SFT loss (common/speed.py's fused loss) -------------------------------------------------------------
+
+_TRL_LOSS = "the fused SFT loss (replaces trl.trainer.sft_trainer._chunked_cross_entropy_loss)"
+_TRL_LOSS_PARAMETERS = ["hidden_states", "lm_head_weight", "chunk_size", "labels", "shift_labels",
+                        "num_items_in_batch", "logit_scale", "final_logit_softcapping", "lm_head_bias"]
+
+
+def _trl_sft_module():
+    from trl.trainer import sft_trainer
+
+    check_version("trl", TRL, _TRL_LOSS)
+    require(sft_trainer, ["_chunked_cross_entropy_loss", "_patch_chunked_ce_lm_head"], "trl", TRL, _TRL_LOSS)
+    parameters = list(inspect.signature(sft_trainer._chunked_cross_entropy_loss).parameters)
+    if parameters != _TRL_LOSS_PARAMETERS:
+        raise LibraryMismatchError(
+            f"{_TRL_LOSS}: trl {installed('trl')} calls it with ({', '.join(parameters)}), not "
+            f"({', '.join(_TRL_LOSS_PARAMETERS)}): pin trl=={TRL} (requirements.txt)")
+    return sft_trainer
+
+
+@contextmanager
+def trl_sft_loss(loss):
+    """Inside, TRL's `chunked_nll` forward (sft_trainer._patch_chunked_ce_lm_head, which looks
+    `_chunked_cross_entropy_loss` up by name at every call) calls `loss` with TRL's arguments plus `stock=` TRL's
+    own function; afterwards TRL's function is back."""
+    module = _trl_sft_module()
+    stock = module._chunked_cross_entropy_loss
+    module._chunked_cross_entropy_loss = functools.partial(loss, stock=stock)
+    try:
+        yield
+    finally:
+        module._chunked_cross_entropy_loss = stock
+
+
+def use_trl_sft_loss(trainer, loss) -> None:
+    """Trainer-local: every compute_loss of this SFTTrainer (training and evaluation) runs inside trl_sft_loss(loss);
+    other trainers, and everything outside compute_loss, see TRL's stock loss."""
+    _trl_sft_module()  # refuse now, not at the first step
+    compute_loss = trainer.compute_loss
+
+    def compute_loss_with(*args, **kwargs):
+        with trl_sft_loss(loss):
+            return compute_loss(*args, **kwargs)
+
+    trainer.compute_loss = compute_loss_with
+
+
+# --- transformers: attention and config ----------------------------------------------------------------------------
+
+def register_sdpa_variant(name: str, attention) -> None:
+    """Register `attention(sdpa, module, query, key, value, attention_mask, **kwargs)` under `name`, where `sdpa` is
+    transformers' sdpa attention (for the inputs it leaves to it), with sdpa's mask function. Registering is public
+    API and adds a name without changing any other; the sdpa functions come from modules transformers does not
+    export, and the attention relies on models passing `position_ids` down to it (LLaMA-style models do)."""
+    touch = f"the '{name}' attention"
+    check_version("transformers", TRANSFORMERS, touch)
+    from transformers import AttentionInterface, AttentionMaskInterface, masking_utils
+    from transformers.integrations import sdpa_attention
+
+    require(sdpa_attention, ["sdpa_attention_forward"], "transformers", TRANSFORMERS, touch)
+    require(masking_utils, ["sdpa_mask"], "transformers", TRANSFORMERS, touch)
+    AttentionInterface.register(name, functools.partial(attention, sdpa_attention.sdpa_attention_forward))
+    AttentionMaskInterface.register(name, masking_utils.sdpa_mask)
+
+
+def attn_implementation(model) -> str | None:
+    """The attention a transformers model runs (its config's private `_attn_implementation`)."""
+    check_version("transformers", TRANSFORMERS, "reading a model's attention implementation")
+    require(model.config, ["_attn_implementation"], "transformers", TRANSFORMERS, "reading the attention")
+    return model.config._attn_implementation
+
+
+# --- PEFT: LoRA layers -----------------------------------------------------------------------------------------------
+
+def _lora_layers(model, attributes: list[str], touch: str) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    check_version("peft", PEFT, touch)
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    for layer in layers:
+        require(layer, attributes, "peft", PEFT, touch)
+    return layers
+
+
+def replace_lora_dropouts(model, replace) -> int:
+    """Put `replace(dropout)` in place of each LoRA dropout module (entries of a LoraLayer's `lora_dropout`) for
+    which it returns a module; returns how many. Local to `model`."""
+    swapped = 0
+    for layer in _lora_layers(model, ["lora_dropout"], "replacing LoRA dropouts"):
+        for name, dropout in layer.lora_dropout.items():
+            new = replace(dropout)
+            if new is not None:
+                layer.lora_dropout[name] = new
+                swapped += 1
+    return swapped
+
+
+_FOLD = "folding LoRA into the base weights for sampling (common.compat.lora_folded_for_sampling)"
+_FOLD_ATTRIBUTES = ["base_layer", "lora_A", "lora_B", "scaling", "active_adapters", "merged", "merged_adapters",
+                    "disable_adapters", "lora_variant", "cast_input_dtype_enabled"]
+
+
+@contextmanager
+def lora_folded_for_sampling(model):
+    """Sampling (one token per forward) with each LoRA layer's update folded into a temporary copy of its base
+    weight, so every projection is one matmul instead of three plus casts (PPO's rollouts: see
+    benchmarks/RESULTS.md). The original base weights are put back untouched afterwards, so there is no
+    merge/unmerge rounding and the adapter-disabled reference stays exact; the copy costs the adapted weights' size
+    while sampling. Layers that cannot be folded (4/8-bit or Conv1D bases, DoRA, sharded weights) run their adapter,
+    with PEFT's input casts on (sampling runs outside autocast).
+
+    PEFT internals: a layer whose `merged_adapters` is non-empty reports `merged` and runs its base layer alone
+    (peft 0.21). Were that to change, the folded update would be applied twice, hence the checks."""
+    folded, casts = [], []
+    try:
+        for module in _lora_layers(model, _FOLD_ATTRIBUTES, _FOLD):
+            casts.append((module, module.cast_input_dtype_enabled))
+            module.cast_input_dtype_enabled = True
+            base, active = module.base_layer, [name for name in module.active_adapters if name in module.lora_A]
+            if (type(base) is not torch.nn.Linear or module.merged or module.disable_adapters or not active
+                    or any(name in module.lora_variant for name in active) or base.weight.numel() == 0):
+                continue
+            original = base.weight.data
+            folded_weight = original
+            for name in active:  # W + scaling * B @ A, one new tensor in W's dtype
+                folded_weight = torch.addmm(folded_weight, module.lora_B[name].weight.to(original.dtype),
+                                            module.lora_A[name].weight.to(original.dtype), alpha=module.scaling[name])
+            base.weight.data = folded_weight
+            folded.append((module, original))
+            module.merged_adapters = active  # PEFT's forward then runs the base layer alone
+            if not module.merged:
+                raise LibraryMismatchError(f"{_FOLD}: peft {installed('peft')} no longer "
+                                           f"reads `merged` from `merged_adapters`: pin peft=={PEFT}")
+        yield
+    finally:
+        for module, original in folded:
+            module.base_layer.weight.data, module.merged_adapters = original, []
+        for module, enabled in casts:
+            module.cast_input_dtype_enabled = enabled
+
+
+# --- bitsandbytes ---------------------------------------------------------------------------------------------------
+
+def turn_off_4bit_cpu_repacking(model) -> None:
+    """Set bitsandbytes' `support_avx512bf16_for_cpu` off on every 4-bit layer of `model` (see
+    common.models.keep_4bit_layers_trainable for why). Were it renamed, setting the old name would do nothing and
+    the no-gradient bug would be back, hence the checks."""
+    touch = "keeping 4-bit layers trainable after an eval-mode forward (support_avx512bf16_for_cpu)"
+    check_version("bitsandbytes", BITSANDBYTES, touch)
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            require(module, ["support_avx512bf16_for_cpu"], "bitsandbytes", BITSANDBYTES, touch)
+            module.support_avx512bf16_for_cpu = False
+
+
+# --- TRL and transformers: reward models -----------------------------------------------------------------------------
+
+def trl_preference_collator(pad_token_id: int):
+    """TRL's RewardTrainer collator (chosen_ids/rejected_ids -> one padded batch, chosen first), from
+    trl.trainer.reward_trainer, which trl does not export."""
+    touch = "the reward model's collator (trl.trainer.reward_trainer.DataCollatorForPreference)"
+    check_version("trl", TRL, touch)
+    from trl.trainer import reward_trainer
+
+    require(reward_trainer, ["DataCollatorForPreference"], "trl", TRL, touch)
+    return reward_trainer.DataCollatorForPreference(pad_token_id=pad_token_id)
+
+
+def keep_dataset_columns(trainer, columns: list[str]) -> None:
+    """Trainer-local: transformers' Trainer drops every dataset column not in its private `_signature_columns`
+    (filled once by `_set_signature_columns_if_needed`, which RewardTrainer sets to chosen/rejected/margin when
+    unset); these `columns` are kept instead, for training and evaluation."""
+    touch = "keeping extra dataset columns (transformers' Trainer._signature_columns)"
+    check_version("transformers", TRANSFORMERS, touch)
+    require(trainer, ["_signature_columns", "_set_signature_columns_if_needed", "_remove_unused_columns"],
+            "transformers", TRANSFORMERS, touch)
+    trainer._signature_columns = list(columns)
+
+
+def replace_score_head(model, head: torch.nn.Module) -> None:
+    """Put `head` in place of a sequence classifier's `score` head: TRL's get_reward (PPO, RLOO) and PPO's value
+    model read `model.score` directly, not through forward."""
+    touch = "replacing a reward model's score head, read directly by TRL's get_reward"
+    check_version("trl", TRL, touch)
+    require(model, ["score"], "transformers", TRANSFORMERS, touch)
+    model.score = head
+
+
+def value_model_for_trl_ppo(peft_model):
+    """The transformers model inside a PEFT-wrapped value model, as TRL's PPOTrainer wants it (it reads the backbone
+    and `score` directly), its `score` head fed fp32 inputs: TRL hands it the backbone's last hidden state in the
+    backbone's dtype, outside autocast."""
+    touch = "PPO's value model (TRL reads its backbone and score head directly)"
+    check_version("trl", TRL, touch)
+    model = peft_model.get_base_model()
+    require(model, ["score"], "transformers", TRANSFORMERS, touch)
+    model.score.register_forward_pre_hook(lambda head, inputs: tuple(x.float() for x in inputs))
+    return model
