@@ -29,11 +29,12 @@ from transformers import (AutoConfig, AutoModelForCausalLM, DataCollatorForLangu
 
 from common.callbacks import TimeBudgetArguments, train_with_resume
 from common.config import ConfigError, run
+from common.data import SkipLog
 from common.generation import generate
 from common.models import (ModelArguments, check_context_length, load_model, load_tokenizer, lora_config,
                            resolve_model_path)
 from common.reporting import record_metrics, write_training_report
-from common.text_data import block_dataset, load_documents, split_documents
+from common.text_data import block_dataset, document_skips, load_documents, split_documents
 from common.tokenizer_training import check_vocab_size, train_bpe_tokenizer
 
 # GPT-2 architecture sizes for a fresh model; the vocabulary comes from the tokenizer.
@@ -57,6 +58,9 @@ class PretrainConfig(TimeBudgetArguments, TrainingArguments):
         "help": "A .txt file's documents: one per line, paragraph (blank-line separated) or document (file)."})
     streaming: bool = field(default=False, metadata={
         "help": "Stream the corpus (memory does not grow with it); needs max_steps."})
+    max_skipped_fraction: float = field(default=0.05, metadata={
+        "help": "A corpus whose non-text documents (skipped, listed in skipped_rows.jsonl) exceed this share is an "
+                "error."})
     eval_documents: int = field(default=2, metadata={"help": "Hold out the first N documents for perplexity."})
     block_size: int = field(default=512, metadata={"help": "Tokens per training block."})
     tokenizer_name: str | None = field(default=None, metadata={
@@ -120,6 +124,13 @@ def main(config: PretrainConfig, model_args: ModelArguments):
     # Data: documents, the first eval_documents held out
     documents = load_documents(config.dataset_name, config.dataset_text_field, config.dataset_split,
                                config.dataset_config, config.streaming, config.txt_sample_by)
+    skips = SkipLog()
+    if not config.streaming:  # a streamed corpus counts its blank and non-text documents as training reads it
+        skips = document_skips(documents, config.dataset_name)
+        skips.report(config.dataset_name, len(documents))
+        skips.check_fraction(config.dataset_name, len(documents), config.max_skipped_fraction)
+        if config.should_save:
+            skips.write(config.output_dir)
     train_documents, eval_documents = split_documents(documents, config.eval_documents, config.dataset_name)
 
     # Tokenizer and model: an existing model trained further, or a fresh one (with a tokenizer trained here)
@@ -139,7 +150,7 @@ def main(config: PretrainConfig, model_args: ModelArguments):
         else:
             print(f"Training a byte-level BPE tokenizer (vocab_size={config.vocab_size}) on {config.dataset_name}",
                   flush=True)
-            texts = (row["text"] for row in train_documents if row["text"])
+            texts = (row["text"] for row in train_documents if isinstance(row["text"], str) and row["text"])
             tokenizer = train_bpe_tokenizer(islice(texts, config.tokenizer_max_documents), config.vocab_size,
                                             config.block_size)
         model_config = fresh_model_config(config, tokenizer)
@@ -160,7 +171,8 @@ def main(config: PretrainConfig, model_args: ModelArguments):
     else:
         print(f"{len(train_dataset)} training blocks of {config.block_size} tokens", flush=True)
 
-    held_out = next(iter(eval_documents if eval_documents is not None else train_documents))["text"]
+    held_out = next(row["text"] for row in (eval_documents if eval_documents is not None else train_documents)
+                    if isinstance(row["text"], str) and row["text"].strip())
     sample_prompt = " ".join(held_out.split()[:12])
 
     def sample() -> str:
@@ -198,7 +210,7 @@ def main(config: PretrainConfig, model_args: ModelArguments):
             config.output_dir, "Continued pretraining" if continued else "Pretraining", trainer.state.log_history,
             metrics, {"Held-out perplexity (before -> after)": perplexities,
                       "Prompt": f"```\n{sample_prompt}\n```", "Continuation before training": sample_before,
-                      "Continuation after training": sample_after},
+                      "Continuation after training": sample_after, "Skipped rows": skips.markdown()},
             plot_keys=("loss", "eval_loss", "eval_perplexity"))
         print(f"\n=== Held-out perplexity: {perplexities} ===\n=== Prompt ===\n{sample_prompt}\n"
               f"=== Before training ===\n{sample_before}\n=== After training ===\n{sample_after}\n\n"

@@ -47,7 +47,8 @@ def run_pretrain(*args: str):
 
 def test_blocks_cover_the_corpus_once_with_eos_between_documents(tokenizer, wiki_articles, capsys):
     documents = [{"text": article[:700]} for article in wiki_articles[:8]] + [{"text": "  "}]
-    blocks = [block["input_ids"] for block in token_blocks(documents, tokenizer, 64, "corpus", batch_size=3)]
+    blocks = [block["input_ids"] for block in token_blocks(documents, tokenizer, 64, "corpus", batch_size=3,
+                                                           streamed=True)]
 
     expected = []
     for document in documents[:-1]:
@@ -56,7 +57,7 @@ def test_blocks_cover_the_corpus_once_with_eos_between_documents(tokenizer, wiki
     assert all(len(block) == 64 for block in blocks[:-1]) and 0 < len(blocks[-1]) < 64
     flat = torch.tensor(expected)
     assert (flat == tokenizer.eos_token_id).sum() == 8  # one EOS per document, the blank one skipped ...
-    assert "skipped 1 blank documents" in capsys.readouterr().out  # ... and counted
+    assert "skipped 1 blank or non-text documents" in capsys.readouterr().out  # ... and counted
     ends = torch.nonzero(flat == tokenizer.eos_token_id).flatten()
     decoded = [tokenizer.decode(expected[start + 1:end]) for start, end in zip([-1] + ends[:-1].tolist(), ends)]
     assert decoded == [document["text"] for document in documents[:-1]]
@@ -180,3 +181,24 @@ def test_continued_pretraining_changes_weights_and_keeps_the_tokenizer(tmp_path,
 
     _, model = load_for_inference(str(tmp_path / "lora"))  # as SFT, chat and evaluation load it
     assert any("lora_" in name for name, _ in model.named_parameters())
+
+
+def test_non_text_and_blank_documents_are_counted_skips_not_errors(tmp_path, wiki_articles):
+    """The row policy of every loader: one odd row does not refuse the corpus; it is skipped, counted and listed."""
+    corpus = tmp_path / "mixed.jsonl"
+    rows = [{"text": article} for article in wiki_articles[:10]]
+    rows[3], rows[6] = {"text": 5}, {"text": "   "}
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    run_pretrain("--dataset_name", str(corpus), "--output_dir", str(out), "--max_steps", "2",
+                 "--block_size", "64", "--vocab_size", "300", "--eval_documents", "1", "--max_skipped_fraction", "0.2")
+    skipped = [json.loads(line) for line in (out / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["field"], r["kind"]) for r in skipped] == [(4, "text", "defect"), (7, "text", "unusable")]
+    assert "must be text, found int" in skipped[0]["reason"]
+    assert "## Skipped rows" in (out / "report.md").read_text()
+
+    rows[1] = rows[2] = {"text": None}
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=r"3 of 10 rows \(30%\) are defective, more than max_skipped_fraction=0.2"):
+        run_pretrain("--dataset_name", str(corpus), "--output_dir", str(tmp_path / "out2"), "--max_steps", "1",
+                     "--max_skipped_fraction", "0.2")

@@ -10,7 +10,7 @@ from datasets import Dataset, IterableDataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 
-from common.data import DataError
+from common.data import DEFECT, UNUSABLE, DataError, SkipLog
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ def split_documents(documents, eval_documents: int, source: str):
 
 
 def token_blocks(documents: Iterable[dict], tokenizer, block_size: int, source: str, first_row: int = 1,
-                 batch_size: int = 256) -> Iterator[dict]:
+                 batch_size: int = 256, streamed: bool = False) -> Iterator[dict]:
     """Blocks of exactly `block_size` token ids (the last one may be shorter) cut from the documents' tokens
-    with EOS after each document: every token of the corpus lands in exactly one block, in order. Blank
-    documents are skipped and counted."""
+    with EOS after each document: every token of the corpus lands in exactly one block, in order. Blank and
+    non-text documents are skipped (counted here when streamed, else by `document_skips`)."""
     eos = tokenizer.eos_token_id
     buffer, total_tokens, blank, row = [], 0, 0, first_row - 1
 
@@ -94,9 +94,7 @@ def token_blocks(documents: Iterable[dict], tokenizer, block_size: int, source: 
     for document in documents:
         row += 1
         text = document["text"]
-        if text is not None and not isinstance(text, str):
-            raise DataError(f"{source}: row {row}: the text must be a string, found {type(text).__name__}")
-        if text is None or not text.strip():
+        if not isinstance(text, str) or not text.strip():  # counted by document_skips (in memory)
             blank += 1
             continue
         batch.append(text)
@@ -110,8 +108,8 @@ def token_blocks(documents: Iterable[dict], tokenizer, block_size: int, source: 
         buffer += ids + [eos]
         total_tokens += len(ids) + 1
     yield from cut(buffer)
-    if blank:
-        print(f"[data] {source}: skipped {blank} blank documents", flush=True)
+    if blank and streamed:
+        print(f"[data] {source}: skipped {blank} blank or non-text documents", flush=True)
     if total_tokens == 0:
         raise DataError(f"{source}: the corpus holds no text")
     if total_tokens < block_size:
@@ -121,12 +119,24 @@ def token_blocks(documents: Iterable[dict], tokenizer, block_size: int, source: 
         yield {"input_ids": buffer}
 
 
+def document_skips(documents: Dataset, source: str, first_row: int = 1) -> SkipLog:
+    """The row policy for an in-memory corpus: a non-text value is a defect (counted towards
+    max_skipped_fraction), a blank document an unusable row; both are skipped, not errors."""
+    skips = SkipLog()
+    for row, text in enumerate(documents["text"], start=first_row):
+        if not isinstance(text, str):
+            skips.add(source, row, "text", f"field 'text' must be text, found {type(text).__name__}", DEFECT)
+        elif not text.strip():
+            skips.add(source, row, "text", "blank document", UNUSABLE)
+    return skips
+
+
 def block_dataset(documents, tokenizer, block_size: int, source: str, first_row: int = 1):
     """`token_blocks` as a Dataset (built once, cached on disk under a fingerprint of the documents, tokenizer
     and block size) or, for streamed documents, as an IterableDataset that tokenizes as training reads it."""
     kwargs = dict(documents=documents, tokenizer=tokenizer, block_size=block_size, source=source, first_row=first_row)
     if isinstance(documents, IterableDataset):
-        return IterableDataset.from_generator(token_blocks, gen_kwargs=kwargs)
+        return IterableDataset.from_generator(token_blocks, gen_kwargs=dict(kwargs, streamed=True))
     fingerprint = Hasher.hash([documents._fingerprint, tokenizer.backend_tokenizer.to_str(),
                                tokenizer.eos_token_id, block_size, source, first_row])
     try:
