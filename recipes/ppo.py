@@ -16,7 +16,9 @@ with use_peft trained the same way (frozen backbone + LoRA, score head trained).
 reward model, value backbone) are stored in `dtype`; the loop runs under bf16 autocast (`bf16: true`).
 Rewards: the reward model's score at the answer's EOS, centred by the offset stored with it. Prompts are rendered
 like SFT (prompt_format) and the reward model must use the policy's tokenizer. Rerunning the same command
-resumes from the newest complete checkpoint (policy, value model, optimizer, scheduler, RNG, update count).
+resumes from the newest complete checkpoint (policy, value model, optimizer, scheduler, RNG, update count) and
+replays: prompts come in a seeded order per epoch (common.ppo_trainer.SeededPromptOrder), so the resumed updates
+see the prompts, and end with the weights, of an uninterrupted run.
 """
 
 import os

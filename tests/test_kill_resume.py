@@ -80,10 +80,7 @@ RECIPES = {
     "dpo.py": dict(args=_dpo_args, weights=None, marker="'loss': ", metric="loss"),
     "rloo.py": dict(args=_rloo_args, weights=None, marker="'loss': ", metric="loss"),
     "ppo.py": dict(args=_ppo_args, weights="model.safetensors", marker="'objective/kl': ",
-                   metric="objective/scores", extra_files=("value_model.safetensors", "ppo_state.json"),
-                   replay_gap="PPO resumes weights, value model, optimizer, scheduler, RNG and update count, but TRL's "
-                              "PPOTrainer.train() starts a fresh shuffled pass over the prompts, so the updates "
-                              "after a resume see other prompts than the uninterrupted run did"),
+                   metric="objective/scores", extra_files=("value_model.safetensors", "ppo_state.json")),
 }
 RECIPES = {script: recipe for script, recipe in RECIPES.items() if (REPO / "recipes" / script).is_file()}
 KILL_TESTS = sorted(RECIPES)
@@ -254,8 +251,6 @@ def test_kill_at_random_step_then_rerun_matches_uninterrupted_run(script, tiny_m
                   if resumed_losses[step] != pytest.approx(loss, rel=TOLERANCE, abs=TOLERANCE)]
     mismatches += [f"weights {name}" for name, tensor in reference.items()
                    if not torch.allclose(resumed[name], tensor, rtol=TOLERANCE, atol=TOLERANCE)]
-    if mismatches and recipe.get("replay_gap"):
-        pytest.xfail(f"known limit: {recipe['replay_gap']}; differs: {mismatches[:3]}")
     assert not mismatches, mismatches[:5]
 
 

@@ -1,6 +1,7 @@
 """TRL's PPOTrainer (trl.experimental.ppo, TRL 1.12) with what the PPO recipe needs and TRL lacks: PPO-ptx, the
-per-update logs and guards, sample generations, and checkpoints that resume (TRL's PPOTrainer.train() always
-starts from update 0 and its checkpoints hold the policy but not the value model)."""
+per-update logs and guards, sample generations, and checkpoints that resume and replay (TRL's PPOTrainer.train()
+always starts from update 0 with a fresh shuffle of the prompts, and its checkpoints hold the policy but not the
+value model)."""
 
 import json
 import random
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl.experimental.ppo import PPOTrainer
 
+from common.config import ConfigError
 from common.speed import LoraInputsInComputeDtype, lora_folded_for_sampling
 
 VALUE_WEIGHTS = "value_model.safetensors"  # written last: a checkpoint without it is never resumed
@@ -34,11 +36,21 @@ class PtxOptimizerStep:
     def __init__(self, optimizer, trainer, ptx_examples: list[dict], ptx_coef: float, batch_size: int, seed: int):
         self.optimizer, self.trainer, self.ptx_coef, self.batch_size = optimizer, trainer, ptx_coef, batch_size
         self.examples, self.rng, self.order, self.losses = ptx_examples, random.Random(seed), [], []
+        self.draws = 0  # batches taken so far: saved with a checkpoint, skipped again on resume
 
-    def _next_batch(self) -> dict:
+    def _next_indices(self) -> list[int]:
         if len(self.order) < self.batch_size:
             self.order += self.rng.sample(range(len(self.examples)), len(self.examples))
         picked, self.order = self.order[: self.batch_size], self.order[self.batch_size:]
+        self.draws += 1
+        return picked
+
+    def skip(self, draws: int) -> None:
+        while self.draws < draws:
+            self._next_indices()
+
+    def _next_batch(self) -> dict:
+        picked = self._next_indices()
         batch = pad_batch([self.examples[i] for i in picked], self.trainer.processing_class.pad_token_id)
         return {key: value.to(self.trainer.accelerator.device) for key, value in batch.items()}
 
@@ -51,6 +63,40 @@ class PtxOptimizerStep:
 
     def __getattr__(self, name):
         return getattr(self.optimizer, name)
+
+
+class SeededPromptOrder:
+    """The training prompts in place of TRL's shuffled DataLoader: epoch e visits them in the order of
+    randperm(seed + e), one global batch of batch_size prompts per update, each process taking its slice (last
+    partial batch dropped, as TRL's drop_last). The order depends on the seed and the update count only, not on
+    the global RNG, so a resumed run (`start` = updates done) sees the prompts the uninterrupted run saw.
+    Iterating never ends: TRL's train() pulls one batch per update."""
+
+    def __init__(self, dataset, collate, local_batch_size: int, num_processes: int, process_index: int, seed: int):
+        self.dataset, self.collate, self.local_batch_size, self.seed = dataset, collate, local_batch_size, seed
+        self.num_processes, self.process_index, self.start = num_processes, process_index, 0
+        self.batches_per_epoch = len(dataset) // (local_batch_size * num_processes)
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"{len(dataset)} training prompts make no batch of {local_batch_size * num_processes} "
+                              "(per_device_train_batch_size x gradient_accumulation_steps x processes)")
+
+    def order(self, epoch: int) -> list[int]:
+        return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def indices(self, update: int) -> list[int]:
+        """Dataset rows of this process's slice of the batch of `update` (counted from 0)."""
+        epoch, batch = divmod(update, self.batches_per_epoch)
+        first = (batch * self.num_processes + self.process_index) * self.local_batch_size
+        return self.order(epoch)[first: first + self.local_batch_size]
+
+    def __iter__(self):
+        update = self.start
+        while True:
+            yield self.collate([self.dataset[i] for i in self.indices(update)])
+            update += 1
+
+    def __len__(self):
+        return self.batches_per_epoch
 
 
 class _ResumeState(TrainerCallback):
@@ -78,6 +124,9 @@ class RecipePPOTrainer(PPOTrainer):
                  sample_every=0, on_log=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.policy = self.accelerator.unwrap_model(self.model).policy
+        self.dataloader = SeededPromptOrder(self.train_dataset, self.data_collator, self.args.local_batch_size,
+                                            self.accelerator.num_processes, self.accelerator.process_index,
+                                            self.args.seed)
         if ptx_coef > 0:
             self.optimizer = PtxOptimizerStep(self.optimizer, self, ptx_examples, ptx_coef, ptx_batch_size,
                                               self.args.seed)
@@ -146,17 +195,28 @@ class RecipePPOTrainer(PPOTrainer):
                 print(f"[sample @ update {step}] {prompt[-80:]!r}\n  -> {answer[:300]!r}", flush=True)
         self._sampling = False
 
+    def generate_completions(self, sampling: bool = False):
+        """TRL's sample table (every num_total_batches // num_sample_generations updates), on a forked RNG: TRL
+        calls it after the checkpoint's RNG state is saved, so sampling from the global RNG would make the
+        updates after a resume draw other rollouts than the uninterrupted run did."""
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.accelerator.device.type):
+            super().generate_completions(sampling)
+
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         if self.accelerator.is_main_process:
             value_model = self.accelerator.unwrap_model(self.model).value_model
             save_file({k: v.contiguous() for k, v in value_model.state_dict().items()}, str(folder / VALUE_WEIGHTS))
-            (folder / "ppo_state.json").write_text(json.dumps({"episode": self.state.episode}))
+            ptx_draws = self.optimizer.draws if isinstance(self.optimizer, PtxOptimizerStep) else 0
+            (folder / "ppo_state.json").write_text(json.dumps({"episode": self.state.episode,
+                                                              "ptx_draws": ptx_draws}))
 
     def resume_from(self, checkpoint: str) -> None:
         """Load the policy (adapter or full), value model, optimizer, scheduler and RNG states of a checkpoint and
-        make train() run only the updates that remain."""
+        make train() run only the updates that remain, on the prompts (and PPO-ptx batches) that the uninterrupted
+        run would have used."""
         from peft import PeftModel, set_peft_model_state_dict
 
         folder = Path(checkpoint)
@@ -170,9 +230,13 @@ class RecipePPOTrainer(PPOTrainer):
         self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         self._load_rng_state(str(folder))
         state = json.loads((folder / "trainer_state.json").read_text())
+        ppo_state = json.loads((folder / "ppo_state.json").read_text())
         done = state["global_step"]
+        self.dataloader.start = done
+        if isinstance(self.optimizer, PtxOptimizerStep):
+            self.optimizer.skip(ppo_state.get("ptx_draws", 0))
         self.add_callback(_ResumeState({
-            "global_step": done, "episode": json.loads((folder / "ppo_state.json").read_text())["episode"],
+            "global_step": done, "episode": ppo_state["episode"],
             "max_steps": self.args.num_total_batches, "log_history": state["log_history"]}))
         self.args.num_total_batches -= done  # train() loops over range(1, num_total_batches + 1)
 
