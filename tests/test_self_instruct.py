@@ -19,7 +19,8 @@ from common.config import parse_config
 from common.data import DataError
 from common.instruction_generators import Decoding, OpenAICompatibleGenerator
 from common.self_instruct import (RougeDeduplicator, RougeTokenizer, SelfInstructError, Task, build_request_prompt,
-                                  filter_reason, new_scorer, parse_completion, read_output_rows, read_seed_tasks)
+                                  filter_reason, leading_word, new_scorer, parse_completion, read_output_rows,
+                                  read_seed_tasks)
 from common.models import ModelArguments
 from conftest import REPO
 
@@ -61,6 +62,38 @@ def test_parser_on_fixed_completions():
     many = "".join(f"{n}. Instruction: Task number {n} here.\n{n}. Input:\n<noinput>\n{n}. Output:\nx\n###\n"
                    for n in range(4, 40))
     assert len(parse_completion(many, 4, False)[0]) == 20
+
+
+def test_parser_reads_alpacas_numbered_blocks_and_a_chat_preamble():
+    # as text-davinci-003 continued Alpaca's prompt: a numbered list inside an output, "6.Instruction:" unspaced
+    alpaca = (" Give three tips for staying healthy.\n4. Input:\n<noinput>\n4. Output:\n1. Eat a balanced diet.\n"
+              "2. Exercise regularly.\n3. Sleep well.\n\n###\n5. Instruction: Identify the odd one out.\n5. Input:\n"
+              "Twitter, Instagram, Telegram\n5. Output:\nTelegram\n###\n6.Instruction: Convert 25 km to miles.\n"
+              "6.Input:\n<noinput>\n6.Output:\n15.5 miles\n###\n")
+    assert [t.row() for t in parse_completion(alpaca, 4, False)[0]] == [
+        {"instruction": "Give three tips for staying healthy.", "input": "",
+         "output": "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep well."},
+        {"instruction": "Identify the odd one out.", "input": "Twitter, Instagram, Telegram", "output": "Telegram"},
+        {"instruction": "Convert 25 km to miles.", "input": "", "output": "15.5 miles"}]
+    # a chat model's preamble before its restated first task costs nothing
+    chat = "Here are more tasks:\n\n4. Instruction: Name a planet.\n4. Input:\n<noinput>\n4. Output:\nMars\n###\n"
+    assert parse_completion(chat, 4, False) == ([Task("Name a planet.", "", "Mars")], {})
+
+
+@pytest.mark.parametrize("instruction, verb", [
+    ("Generate a list of five fruits.", "generate"),
+    ("Please summarize the text.", "summarize"),
+    ("Given a sentence, classify its sentiment.", "classify"),
+    ("Using the facts given, write a question-answer pair.", "write"),
+    ("In this task, you are given a sentence, you need to suggest a better word.", "suggest"),
+    ("You are given a list of features of a product, and you need to create its description.", "create"),
+    ("You need to write a creative opening scene for a horror movie.", "write"),
+    ("Can you give me some suggestions for a gift?", "give"),
+    ("What is the capital of France?", "what"),
+    ("In your opinion, how would you explain gravity?", "how"),
+])
+def test_leading_verb_skips_what_comes_before_the_verb(instruction, verb):
+    assert leading_word(instruction) == verb
 
 
 @pytest.mark.parametrize("instruction, reason", [
@@ -275,7 +308,8 @@ GOOD_TASKS = [
      "Mammals: dog, whale. Reptiles: snake, lizard."),
     ("Rewrite this sentence in the passive voice.", "The chef cooked a delicious meal.",
      "A delicious meal was cooked by the chef."),
-    ("What are the main causes of inflation in an economy?", "", "Demand outpacing supply, rising costs, money supply."),
+    ("What are the main causes of inflation in an economy?", "",
+     "Demand outpacing supply, rising costs, money supply."),
     ("Convert the temperature from Celsius to Fahrenheit.", "25 degrees Celsius", "77 degrees Fahrenheit."),
     ("Summarize the story of Romeo and Juliet in one sentence.", "", "Two young lovers from feuding families die."),
     ("Name the largest desert on Earth and its area.", "", "Antarctica, about 14 million square kilometres."),

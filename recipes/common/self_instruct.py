@@ -28,7 +28,8 @@ BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file"
 _BLACKLIST_RE = re.compile(r"\b(" + "|".join(re.escape(word) for word in BLACKLIST) + r")\b", re.IGNORECASE)
 # "4. Instruction:", "4. Input:", "4. Output:" (any task number, any spacing)
 _FIELD_RE = re.compile(r"(\d+)\s*\.\s*(Instruction|Input|Output)\s*:")
-_STARTS_WITH_INSTRUCTION_RE = re.compile(r"\s*\d+\s*\.\s*Instruction\s*:")
+_INSTRUCTION_RE = re.compile(r"\d+\s*\.\s*Instruction\s*:")
+_STARTS_WITH_INSTRUCTION_RE = re.compile(r"\s*" + _INSTRUCTION_RE.pattern)
 # Why a candidate task was dropped, in the order the report lists them
 REJECT_REASONS = {
     "parse": "a block without exactly one Instruction, Input and Output (or with an empty instruction or output)",
@@ -133,10 +134,12 @@ def sample_request_prompts(instruction_prompt: str, seeds: list[Task], examples_
 
 def parse_completion(text: str, first_number: int, stopped_for_length: bool) -> tuple[list[Task], Counter]:
     """Tasks from a completion of a request prompt ending in `{first_number}. Instruction:`, at most 20, and the
-    count of blocks that did not parse. A chat model that restates `N. Instruction:` is read the same way."""
+    count of blocks that did not parse. A chat model that restates `N. Instruction:` is read the same way, and
+    a preamble it writes before that first `N. Instruction:` ("Here are more tasks:") is skipped."""
     rejects = Counter()
     if not _STARTS_WITH_INSTRUCTION_RE.match(text):
-        text = f"{first_number}. Instruction:{text}"
+        restated = _INSTRUCTION_RE.search(text.split("###", 1)[0])
+        text = text[restated.start():] if restated else f"{first_number}. Instruction:{text}"
     blocks = text.split("###")
     if stopped_for_length:
         if blocks[-1].strip():
@@ -356,13 +359,38 @@ def append_generation_log(path: Path, record: dict) -> None:
 
 # The report ---------------------------------------------------------------------------------------------------
 
+# Openings that come before an instruction's verb: an introductory phrase ending in a comma ("Given a list of
+# numbers, find ...", "Using the facts given, write ...", "In this task, ...") and words in front of the verb
+_INTRODUCTORY_WORDS = {"given", "using", "in", "based", "as", "to", "for", "with", "from", "after", "according",
+                       "considering", "if", "when"}
+_BEFORE_THE_VERB = [("please",), ("you", "need", "to"), ("you", "have", "to"), ("you", "should"), ("you", "must"),
+                    ("you", "will"), ("you", "are", "asked", "to"), ("can", "you"), ("could", "you"),
+                    ("would", "you")]
+_WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+
+
 def leading_word(instruction: str) -> str:
-    """The first word, lower-cased: the verb of an imperative instruction ("Generate ..."), the question word of a
-    question. A leading "Please" is skipped."""
-    words = re.findall(r"[^\W_]+(?:'[^\W_]+)?", instruction.lower())
-    if words and words[0] == "please" and len(words) > 1:
-        words = words[1:]
-    return words[0] if words else ""
+    """The instruction's leading verb, lower-cased, as far as words alone tell it (Self-Instruct's paper used a
+    parser): the first word, after an introductory phrase ending in a comma ("Given a sentence, classify ..." ->
+    "classify"; "You are given ..., and you need to create ..." -> "create") and after "please", "you need to",
+    "can you" and the like. A question keeps its question word ("what", "how"); a statement its first word."""
+    text = instruction.lower()
+    for _ in range(4):  # "In this task, you are given ..., you need to suggest ..."
+        words = _WORD_RE.findall(text)
+        if not words:
+            return ""
+        introduced = words[0] in _INTRODUCTORY_WORDS or words[:2] in (["you", "are"], ["you", "will"])
+        if introduced and "," in text and _WORD_RE.search(text.split(",", 1)[1]):
+            text = text.split(",", 1)[1]
+            continue
+        while words[0] in ("and", "then") and len(words) > 1:
+            words = words[1:]
+        for phrase in _BEFORE_THE_VERB:
+            if tuple(words[:len(phrase)]) == phrase and len(words) > len(phrase):
+                words = words[len(phrase):]
+                break
+        return words[0]
+    return _WORD_RE.findall(text)[0]
 
 
 def _plot_similarity(scores: list[float], threshold: float, path: Path) -> None:
@@ -392,7 +420,7 @@ def _plot_leading_words(counts: list[tuple[str, int]], total: int, path: Path) -
     ax.invert_yaxis()
     ax.margins(x=0.2)
     ax.set_xlabel("kept instructions")
-    ax.set_title(f"Most common leading verbs (first word) of {total} instructions", fontsize=10)
+    ax.set_title(f"Most common leading verbs of {total} instructions", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
