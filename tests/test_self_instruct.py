@@ -1,6 +1,7 @@
 """recipes/self_instruct.py: the parser on fixed completions, each filter rule, sequential ROUGE-L dedup, the
-output file after an interrupted write, the seed-file errors, and the OpenAI-compatible client against a real HTTP
-server on 127.0.0.1 that serves a tiny model's completions in the OpenAI wire format."""
+output file after an interrupted write, the seed-file errors, the OpenAI-compatible client against a real HTTP
+server on 127.0.0.1 that serves a tiny model's completions in the OpenAI wire format, and whole runs of the recipe
+against a scripted server of the same kind: the report's reject counts, kill -9 and resume, SFT on the output."""
 
 import contextlib
 import json
