@@ -6,22 +6,23 @@
     python recipes/chat.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct             # a hub id (or a .gguf file)
     python recipes/chat.py --model_name_or_path outputs/sft-smollm2-alpaca-lora --prompt "Name three colors."
 
-Prompts are written the way the model was tuned: sft_lora.py saves prompt_format.json next to its output
-("alpaca" for Alpaca data, "chat" for chat data, "plain" for prompt/completion data) and `--prompt_format auto`
-reads it; without one the tokenizer's chat template is used (the fallback template for tokenizers without).
+Prompts are written the way the model was tuned: every stage records its prompt format in stage_info.json next
+to its output ("alpaca" for Alpaca data, "chat" for chat data, "plain" for prompt/completion data) and
+`--prompt_format auto` reads it; without one the tokenizer's chat template is used (the fallback template for
+tokenizers without).
 In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TextStreamer
 
 from common.config import run
-from common.generation import PROMPT_FORMATS, build_prompt, generate
+from common.generation import generate
 from common.models import load_adapter, load_for_inference
 from common.precision import inference_dtype
+from common.templates import PROMPT_FORMATS, check_format, read_stage_info, render_conversation
 
 
 @dataclass
@@ -30,7 +31,8 @@ class ChatArguments:
         default="outputs/sft-smollm2-alpaca-lora",
         metadata={"help": "Model directory, LoRA adapter directory, hub id, .gguf file or offline model name."})
     adapter_path: str | None = field(default=None, metadata={"help": "A LoRA adapter to put on the model."})
-    prompt_format: str = field(default="auto", metadata={"help": f"auto (read prompt_format.json) or {PROMPT_FORMATS}"})
+    prompt_format: str = field(default="auto",
+                               metadata={"help": f"auto (read stage_info.json) or one of {PROMPT_FORMATS}"})
     prompt: str | None = field(default=None, metadata={"help": "Answer this one message, print it and exit."})
     system: str | None = field(default=None, metadata={"help": "A system message opening the conversation."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest answer in tokens."})
@@ -41,18 +43,18 @@ class ChatArguments:
 
 
 def saved_prompt_format(*model_paths: str | None) -> str:
-    """The prompt format an SFT run saved next to the model (or next to the checkpoint's run), else "chat"."""
+    """The prompt format a run recorded next to the model (or next to the checkpoint's run), else "chat"."""
     for path in filter(None, model_paths):
         for folder in (Path(path), Path(path).parent):
-            saved = folder / "prompt_format.json"
-            if saved.is_file():
-                return json.loads(saved.read_text())["prompt_format"]
+            recorded = read_stage_info(folder).get("prompt_format")
+            if recorded:
+                return recorded
     return "chat"
 
 
 def main(args: ChatArguments):
-    if args.prompt_format not in ("auto", *PROMPT_FORMATS):
-        raise SystemExit(f"--prompt_format must be auto or one of {PROMPT_FORMATS}, not {args.prompt_format!r}")
+    if args.prompt_format != "auto":
+        check_format(args.prompt_format)
     tokenizer, model = load_for_inference(args.model_name_or_path, args.trust_remote_code, inference_dtype(args.dtype))
     if args.adapter_path:
         model = load_adapter(model, args.adapter_path).eval()
@@ -62,7 +64,7 @@ def main(args: ChatArguments):
     system = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(turns: list[dict]) -> str:
-        prompt = build_prompt(tokenizer, turns, prompt_format)
+        prompt = render_conversation(turns, tokenizer, prompt_format)
         return generate(model, tokenizer, prompt, args.max_new_tokens, do_sample=args.temperature > 0,
                         temperature=args.temperature, streamer=streamer)
 

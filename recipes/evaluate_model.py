@@ -29,16 +29,16 @@ import evaluate
 import torch
 
 from common.config import ConfigError, run
-from common.data import prompt_of, read_rows, sft_rows, split_train_eval, tokenize_example
+from common.data import read_rows, sft_rows, split_train_eval, tokenize_example
 from common.generation import stop_token_ids
 from common.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores, sample_answers,
                             win_rate)
 from common.models import load_for_inference, load_tokenizer
 from common.precision import inference_dtype
-from common.preferences import (encode_prompt, encode_response, read_rankings, read_stage_info,
-                                tokenize_rankings)
+from common.preferences import encode_response, read_rankings, tokenize_rankings
 from common.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
 from common.reward import load_reward_model
+from common.templates import example_prompt, example_prompt_ids, read_stage_info
 from common.text_data import load_documents, token_blocks
 
 
@@ -61,7 +61,7 @@ class EvaluationConfig:
                                            metadata={"help": "Preference pairs/rankings for RM accuracy."})
     preference_eval_split_size: float = field(default=40, metadata={"help": "Held-out rankings; the RM's value."})
     prompt_format: str = field(default="alpaca", metadata={"help": "How the RM renders preference prompts, "
-                                                           "unless its stage_info.json says: alpaca or chat."})
+                                                           "unless its stage_info.json says: alpaca, chat or plain."})
     num_prompts: int = field(default=24, metadata={"help": "Held-out prompts answered by every model."})
     max_new_tokens: int = field(default=64)
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 is greedy."})
@@ -126,7 +126,7 @@ def main(config: EvaluationConfig):
     answered = [e["completion"] if "completion" in e else e["messages"][-1]["content"] for e in prompt_examples]
 
     def prompts_of(tokenizer):
-        return [prompt_of(e, tokenizer) for e in prompt_examples]
+        return [example_prompt(e, tokenizer) for e in prompt_examples]
 
     # Each model: perplexity, samples, diversity (one model in memory at a time)
     results, answers = {"models": {}, "win_rates": {}}, {}
@@ -152,9 +152,8 @@ def main(config: EvaluationConfig):
             print(f"[reward model] held-out accuracy {results['reward_model_accuracy']['accuracy']:.1%}", flush=True)
         scores = {}
         for name in models:
-            sequences = [encode_prompt(prompt, rm_tokenizer, "chat" if "messages" in example else "alpaca")
-                         + encode_response(answer, rm_tokenizer)
-                         for prompt, example, answer in zip(prompts_of(rm_tokenizer), prompt_examples, answers[name])]
+            sequences = [example_prompt_ids(example, rm_tokenizer) + encode_response(answer, rm_tokenizer)
+                         for example, answer in zip(prompt_examples, answers[name])]
             scores[name] = reward_scores(reward_model, sequences, rm_tokenizer.pad_token_id, config.batch_size)
             results["models"][name]["rm_score_mean"] = sum(scores[name]) / len(scores[name])
         for earlier, later in combinations(models, 2):

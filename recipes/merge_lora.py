@@ -1,5 +1,6 @@
-"""Merge a LoRA (or QLoRA) adapter into its base model and save a plain model: safetensors weights and the
-tokenizer, loadable with `AutoModelForCausalLM.from_pretrained(output_dir)` with no PEFT installed.
+"""Merge a LoRA (or QLoRA) adapter into its base model and save a plain model: safetensors weights, the
+tokenizer and the adapter's stage_info.json (its prompt format), loadable with
+`AutoModelForCausalLM.from_pretrained(output_dir)` with no PEFT installed.
 
     python recipes/merge_lora.py --adapter_path outputs/sft-smollm2-alpaca-lora
     python recipes/merge_lora.py --adapter_path outputs/sft-qwen-qlora --output_dir outputs/qwen-merged --dtype bfloat16
@@ -8,7 +9,6 @@ The base named in the adapter's adapter_config.json is loaded at 16/32-bit, neve
 merging into quantized weights would round the merged weights to 4 bits and change the model's outputs.
 """
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 
 from common.config import run
 from common.models import ModelLoadError, adapter_base, load_for_inference
+from common.templates import read_stage_info, save_stage_info
 
 
 @dataclass
@@ -42,9 +43,9 @@ def main(args: MergeArguments) -> str:
 
     merged.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    saved_format = Path(args.adapter_path) / "prompt_format.json"
-    if saved_format.is_file():  # so that chat.py prompts the merged model the way it was tuned
-        shutil.copy(saved_format, output_dir / "prompt_format.json")
+    stage_info = read_stage_info(args.adapter_path)
+    if stage_info:  # so that chat.py and the next stage prompt the merged model the way it was tuned
+        save_stage_info(str(output_dir), **stage_info)
     print(f"Merged model saved to {output_dir}", flush=True)
     return str(output_dir)
 

@@ -28,10 +28,11 @@ from common.callbacks import TimeBudgetArguments, train_with_resume
 from common.config import run
 from common.data_args import DataArguments
 from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from common.preferences import check_prompt_format, prepare_train_eval_rankings, save_stage_info
+from common.preferences import prepare_train_eval_rankings
 from common.reporting import write_training_report
 from common.reward import REWARD_OFFSET_KEY, KWiseRewardTrainer, WeightedPreferenceCollator, mean_reward
 from common.rl import merged_model
+from common.templates import check_prompt_format, save_stage_info
 
 
 @dataclass

@@ -6,16 +6,16 @@
     accelerate launch recipes/sft_lora.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name tatsu-lab/alpaca
     # a YAML recipe; a DeepSpeed launcher
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/sft_lora.py \
-        --config recipes/configs/sft/alpaca_qlora.yaml
+        --config recipes/configs/sft/qwen2.5_alpaca_qlora.yaml
 
-The prompt format follows the data, row by row: Alpaca rows {instruction, input, output} are rendered with the
+The prompt format follows the shape of most rows: Alpaca rows {instruction, input, output} are rendered with the
 Alpaca prompt (stanford_alpaca's with-input / no-input variants); chat rows {messages} or ShareGPT {conversations}
 with the tokenizer's chat template (a fallback one for tokenizers without, e.g. gpt2); {prompt, completion} rows as
-they are. The format is printed at start and saved as prompt_format.json, which chat.py reads.
+they are (common.templates). Rows of another shape are rendered in that format, or skipped and counted if they
+cannot be. The format is printed at start and recorded in stage_info.json, which the later stages and chat.py read.
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -25,12 +25,13 @@ from trl import SFTConfig, SFTTrainer
 
 from common.callbacks import TimeBudgetArguments, train_with_resume
 from common.config import ConfigError, run
-from common.data import DataError, SkipLog, eval_source, prepare_sft, prompt_of, split_train_eval, streamed_sft
+from common.data import DataError, SkipLog, eval_source, prepare_sft, split_train_eval, streamed_sft
 from common.data_args import DataArguments
 from common.generation import generate
 from common.models import ModelArguments, check_context_length, load_model, load_tokenizer, lora_config
 from common.reporting import record_metrics, write_training_report
 from common.speed import enable_fast_training
+from common.templates import example_prompt, save_stage_info
 
 
 FORMAT_HELP = {
@@ -83,7 +84,7 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
         train_dataset = train_data.select(train_rows)
         eval_dataset = eval_data.select(eval_rows) if eval_rows else None
         demo = eval_data.example(eval_rows[0]) if eval_rows else train_data.example(train_rows[0])
-        demo_prompt = prompt_of(demo, tokenizer)
+        demo_prompt = example_prompt(demo, tokenizer)
         print(f"[data] {config.dataset_name}: {len(train_dataset)} training examples, "
               f"{len(eval_dataset) if eval_dataset is not None else 0} eval examples"
               f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}, prompt format '{data_format}' "
@@ -110,8 +111,7 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
     # Save: adapter or full model, tokenizer, metrics, model card
     trainer.save_model(config.output_dir)
     if trainer.accelerator.is_main_process:
-        with open(os.path.join(config.output_dir, "prompt_format.json"), "w") as file:
-            json.dump({"prompt_format": data_format}, file)
+        save_stage_info(config.output_dir, "sft", data_format)
         skips.write(config.output_dir)
     metrics = record_metrics(trainer, train_result, evaluate=eval_dataset is not None)
     # Report: the same held-out prompt answered before and after tuning (on every rank: sharded weights under

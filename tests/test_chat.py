@@ -1,5 +1,5 @@
 """recipes/chat.py: `--prompt` answers, the interactive chat keeps the conversation, and prompts are written the
-way the model was tuned (the format sft_lora.py saved)."""
+way the model was tuned (the format its stage_info.json records)."""
 
 import io
 import os
@@ -11,9 +11,11 @@ import pytest
 from peft import get_peft_model
 
 from chat import ChatArguments, main, saved_prompt_format
-from common.generation import build_prompt, generate, stop_token_ids
+from common.config import ConfigError
+from common.data import sft_rows
+from common.generation import generate, stop_token_ids
 from common.models import ModelArguments, load_for_inference, load_model, load_tokenizer, lora_config
-from common.templates import alpaca_prompt
+from common.templates import alpaca_prompt, example_prompt, render_conversation, save_stage_info
 from conftest import REPO
 from test_merge_lora import make_adapter, one_thread  # noqa: F401 (one_thread is an autouse fixture)
 
@@ -39,7 +41,7 @@ def test_interactive_chat_keeps_the_conversation(tiny_gpt2_dir, tmp_path, monkey
     first = generate(model, tokenizer, alpaca_prompt("Name a color."), 6)
     history = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": first},
                {"role": "user", "content": "Another one."}]
-    second = generate(model, tokenizer, build_prompt(tokenizer, history, "alpaca"), 6)
+    second = generate(model, tokenizer, render_conversation(history, tokenizer, "alpaca"), 6)
     without_history = generate(model, tokenizer, alpaca_prompt("Another one."), 6)
     assert first.strip() and second != without_history  # so the check below can tell history from none
 
@@ -55,14 +57,15 @@ def test_prompt_formats(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     chat_tokenizer, fallback_tokenizer = load_tokenizer(tiny_llama_dir), load_tokenizer(tiny_gpt2_dir)
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
              {"role": "user", "content": "Name a color."}]
-    assert build_prompt(chat_tokenizer, turns, "chat").endswith("<|im_start|>user\nName a color.<|im_end|>\n"
-                                                                "<|im_start|>assistant\n")
-    assert build_prompt(fallback_tokenizer, turns, "chat").endswith("### User:\nName a color.\n\n### Assistant:\n")
-    assert build_prompt(chat_tokenizer, turns, "alpaca") == (alpaca_prompt("Hi") + "Hello\n\n"
-                                                             + alpaca_prompt("Name a color."))
-    assert build_prompt(chat_tokenizer, turns, "plain") == "Name a color."
-    with pytest.raises(ValueError, match="unknown prompt format"):
-        build_prompt(chat_tokenizer, turns, "llama2")
+    assert render_conversation(turns, chat_tokenizer, "chat").endswith(
+        "<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n")
+    assert render_conversation(turns, fallback_tokenizer, "chat").endswith(
+        "### User:\nName a color.\n\n### Assistant:\n")
+    assert render_conversation(turns, chat_tokenizer, "alpaca") == (alpaca_prompt("Hi") + "Hello\n\n"
+                                                                    + alpaca_prompt("Name a color."))
+    assert render_conversation(turns, chat_tokenizer, "plain") == "Name a color."
+    with pytest.raises(ConfigError, match="prompt_format must be one of"):
+        render_conversation(turns, chat_tokenizer, "llama2")
 
     assert chat_tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(chat_tokenizer)
     assert stop_token_ids(fallback_tokenizer) == [fallback_tokenizer.eos_token_id]
@@ -70,19 +73,19 @@ def test_prompt_formats(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoint-4").mkdir(parents=True)
     assert saved_prompt_format(str(run)) == "chat"  # nothing saved: the chat template
-    (run / "prompt_format.json").write_text(json.dumps({"prompt_format": "alpaca"}))
+    (run / "prompt_format.json").write_text(json.dumps({"prompt_format": "alpaca"}))  # saved before stage_info.json
     assert saved_prompt_format(str(run)) == "alpaca"
     assert saved_prompt_format(str(run / "checkpoint-4")) == "alpaca"  # a checkpoint of that run
+    save_stage_info(str(run), "sft", "plain")  # read first
+    assert saved_prompt_format(str(run)) == "plain"
 
 
 def test_chat_prompts_match_what_sft_trained_on(tiny_llama_dir, tiny_gpt2_dir):
-    from common.data import prompt_of, sft_rows
-
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Name a color."}]
     # one file per shape: a mixed file renders every row in its majority format
     (chat_example,), _ = sft_rows([{"messages": turns + [{"role": "assistant", "content": "Blue."}]}], "chat.json")
     (alpaca_example,), _ = sft_rows([{"instruction": "Name a color.", "input": "", "output": "Blue."}], "alpaca.json")
     for tokenizer in (load_tokenizer(tiny_llama_dir), load_tokenizer(tiny_gpt2_dir)):
-        assert build_prompt(tokenizer, turns, "chat") == prompt_of(chat_example, tokenizer)
-        assert build_prompt(tokenizer, turns[-1:], "alpaca") == prompt_of(alpaca_example, tokenizer)
+        assert render_conversation(turns, tokenizer, "chat") == example_prompt(chat_example, tokenizer)
+        assert render_conversation(turns[-1:], tokenizer, "alpaca") == example_prompt(alpaca_example, tokenizer)

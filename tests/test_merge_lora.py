@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.models import ModelArguments, ModelLoadError, load_for_inference, load_model, load_tokenizer, lora_config
+from common.templates import read_stage_info, save_stage_info
 from merge_lora import MergeArguments, main
 
 
@@ -32,12 +33,14 @@ def make_adapter(base_dir: str, output_dir: Path, prompt_format: str | None = No
     get_peft_model(model, config).save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     if prompt_format:
-        (output_dir / "prompt_format.json").write_text(json.dumps({"prompt_format": prompt_format}))
+        save_stage_info(str(output_dir), "sft", prompt_format)
     return output_dir
 
 
 def test_merged_model_gives_the_logits_of_base_plus_adapter(tiny_llama_dir, tmp_path):
-    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter", prompt_format="alpaca")
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    # saved before stage_info.json existed: the merged model gets a stage_info.json all the same
+    (adapter / "prompt_format.json").write_text(json.dumps({"prompt_format": "alpaca"}))
     merged_dir = Path(main(MergeArguments(adapter_path=str(adapter))))
     assert merged_dir == tmp_path / "adapter-merged"
 
@@ -45,7 +48,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(tiny_llama_dir, tmp_
         assert not [name for name in weights.keys() if "lora" in name]
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain transformers, no PEFT
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    assert json.loads((merged_dir / "prompt_format.json").read_text()) == {"prompt_format": "alpaca"}
+    assert json.loads((merged_dir / "stage_info.json").read_text()) == {"stage": "sft", "prompt_format": "alpaca"}
 
     _, with_adapter = load_for_inference(str(adapter))
     _, base = load_for_inference(tiny_llama_dir)

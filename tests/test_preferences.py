@@ -1,16 +1,17 @@
-"""common/preferences.py: every preference shape to rankings, K-wise expansion, HH splitting, the prompt rendering
-shared by SFT/RM/PPO, and the bad rows that must fail with a message naming the row and field."""
+"""common/preferences.py: every preference shape to rankings, K-wise expansion, HH splitting, and the bad rows that
+must fail with a message naming the row and field; common/templates.py: one prompt rendering for SFT, RM and PPO."""
 
 import json
 from math import comb
 
 import pytest
 
-from common.data import DataError, read_rows, tokenize_example
-from common.preferences import (PromptFormatError, dpo_pairs, encode_prompt, encode_response, ranking_of,
-                                ranking_pairs, ranking_sequences, read_rankings, render_prompt, split_hh_transcript,
-                                tokenize_rankings)
+from common.data import DataError, read_rows, sft_rows, tokenize_example
+from common.preferences import (dpo_pairs, encode_response, ranking_of, ranking_pairs, ranking_sequences,
+                                read_rankings, split_hh_transcript, tokenize_rankings)
 from common.reward import PromptGroupedBatchSampler
+from common.rl import prompt_dataset
+from common.templates import PromptFormatError, encode_prompt, example_prompt, render_prompt
 from conftest import REPO
 
 
@@ -119,6 +120,42 @@ def test_rendering_matches_sft(tokenizer):
     with pytest.raises(PromptFormatError, match="multi-turn"):
         render_prompt(turns + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}],
                       tokenizer, "alpaca")
+
+
+SFT_ROWS = {  # one conversation, "Name a color." answered "Blue.", as a row of each format's own shape
+    "alpaca": {"instruction": "Name a color.", "input": "", "output": "Blue."},
+    "chat": {"messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]},
+    "plain": {"prompt": "Name a color.", "completion": "Blue."},
+}
+
+
+@pytest.mark.parametrize("prompt_format", sorted(SFT_ROWS))
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_gpt2_dir"])  # a chat template; the fallback template
+def test_sft_reward_model_and_ppo_render_the_same_prompt(prompt_format, model, request, tmp_path):
+    """The cross-stage promise: the prompt SFT trains after is, as text and as tokens, what the reward model
+    scores after (a preference row on the same conversation) and what PPO/RLOO generate from (the same row)."""
+    from common.models import load_tokenizer
+
+    tokenizer = load_tokenizer(request.getfixturevalue(model))
+    row = SFT_ROWS[prompt_format]
+    (example,), _ = sft_rows([row], "sft.json")
+    sft_prompt = example_prompt(example, tokenizer)
+    sft = tokenize_example(example, tokenizer)
+    sft_prompt_ids = sft["input_ids"][: next(i for i, label in enumerate(sft["labels"]) if label != -100)]
+
+    preference = {"prompt": [{"role": "user", "content": "Name a color."}], "chosen": "Blue.", "rejected": "Red."}
+    ranking = ranking_of(preference, "preferences.json: row 1")
+    (rm_pair,) = dpo_pairs(ranking, tokenizer, prompt_format)
+    rm_chosen, _ = ranking_sequences(ranking, tokenizer, prompt_format, None, "drop")
+
+    (tmp_path / "prompts.json").write_text(json.dumps([row]))
+    ppo = prompt_dataset(str(tmp_path / "prompts.json"), tokenizer, prompt_format, 128)
+    rloo = prompt_dataset(str(tmp_path / "prompts.json"), tokenizer, prompt_format, 128, tokenized=False)
+
+    assert sft_prompt == rm_pair["prompt"] == rloo[0]["prompt"]
+    assert sft_prompt_ids == rm_chosen[: len(sft_prompt_ids)] == ppo[0]["input_ids"]
+    if prompt_format == "alpaca":
+        assert sft_prompt.startswith("Below is an instruction") and sft_prompt.endswith("### Response:\n")
 
 
 @pytest.mark.parametrize("row, field, message", [

@@ -45,7 +45,7 @@ def test_end_to_end_lowers_eval_loss_and_writes_a_loadable_adapter(sft_run):
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "README.md",
                  "report.md", "eval_results.json", "checkpoint-4", "checkpoint-8", "runs"):
         assert (output_dir / name).exists(), name
-    assert json.loads((output_dir / "prompt_format.json").read_text()) == {"prompt_format": "alpaca"}
+    assert json.loads((output_dir / "stage_info.json").read_text()) == {"stage": "sft", "prompt_format": "alpaca"}
     tokenizer, model = load_for_inference(str(output_dir))  # the adapter on its base, read from adapter_config.json
     assert type(model).__name__ == "PeftModelForCausalLM"
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
@@ -126,7 +126,7 @@ def test_qlora_trains_on_cpu_with_chat_data(tiny_llama_dir, tmp_path):
 
     main(config, model_args)  # generates the base answer first, then trains
     output_dir = tmp_path / "qlora"
-    assert json.loads((output_dir / "prompt_format.json").read_text()) == {"prompt_format": "chat"}
+    assert json.loads((output_dir / "stage_info.json").read_text()) == {"stage": "sft", "prompt_format": "chat"}
     losses = [e["loss"] for e in json.loads((output_dir / "log_history.json").read_text()) if "loss" in e]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     # Every LoRA layer learned, q/k/v and gate/up too: gradients pass through the 4-bit layers even after the

@@ -29,7 +29,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset, load_from_disk
 
 from common.config import ConfigError, RecipeError
-from common.templates import alpaca_prompt
+from common.templates import PromptFormatError, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -381,8 +381,8 @@ def sft_example(row: dict, where: str) -> dict:
             raise RowError(where, "instruction", "empty instruction")
         if not output.strip():
             raise RowError(where, "output", "empty output")
-        return {"prompt": alpaca_prompt(instruction, text_input), "completion": output,
-                "alpaca": {"instruction": instruction, "input": text_input}}
+        pieces = {"instruction": instruction, "input": text_input}
+        return {"prompt": render_prompt(pieces, None, "alpaca"), "completion": output, "alpaca": pieces}
     if shape == "prompt_completion":
         prompt, completion = _text_field(row, "prompt", where), _text_field(row, "completion", where)
         if not completion.strip():
@@ -396,8 +396,6 @@ def to_format(example: dict, data_format: str) -> dict:
     """An SFT example rendered in the file's prompt format: an Alpaca or prompt/completion row becomes one user
     turn in a chat file; a single-turn chat becomes an Alpaca prompt or plain text. PromptFormatError for a
     multi-turn chat in the alpaca or plain format."""
-    from common.preferences import render_prompt
-
     if "messages" in example:
         if data_format == "chat":
             return example
@@ -406,8 +404,7 @@ def to_format(example: dict, data_format: str) -> dict:
         return {"prompt": prompt, "completion": turns[-1]["content"]}
     pieces = example.get("alpaca")
     if data_format == "chat":
-        user = (pieces["instruction"] + (f"\n\n{pieces['input']}" if pieces["input"].strip() else "")
-                if pieces else example["prompt"])
+        user = render_prompt(pieces, None, "plain") if pieces else example["prompt"]
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": example["completion"]}]}
     if pieces and data_format == "plain":
         return {"prompt": render_prompt(pieces, None, "plain"), "completion": example["completion"]}
@@ -434,8 +431,6 @@ def sft_rows(rows: list[dict], source: str, max_skipped_fraction: float = 0.05) 
         shapes[row_shape(row)] += 1
         normalised.append((number, example))
     data_format = majority_format(shapes)
-    from common.preferences import PromptFormatError
-
     for number, example in normalised:
         key = _example_key(example)
         try:
@@ -456,15 +451,6 @@ def sft_rows(rows: list[dict], source: str, max_skipped_fraction: float = 0.05) 
 
 
 # ---------------------------------------------------------------- tokenisation
-
-def prompt_of(example: dict, tokenizer) -> str:
-    """The text a model is prompted with for an SFT example: everything up to the last assistant answer."""
-    if "prompt" in example:
-        return example["prompt"]
-    turns = example["messages"]
-    last_answer = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-    return tokenizer.apply_chat_template(turns[:last_answer], tokenize=False, add_generation_prompt=True)
-
 
 def _chat_text_and_spans(turns: list[dict], tokenizer, where: str) -> tuple[str, list[tuple[int, int]]]:
     text = tokenizer.apply_chat_template(turns, tokenize=False)
@@ -712,8 +698,6 @@ def _normalise_sft_batch(batch, columns, source):
 
 
 def _tokenise_sft_batch(batch, tokenizer, data_format, max_length, overlong):
-    from common.preferences import PromptFormatError
-
     size = len(batch["row"])
     out = {"input_ids": [[] for _ in range(size)], "labels": [[] for _ in range(size)], "length": [0] * size,
            "chars": [0] * size, "skip_reason": list(batch["skip_reason"]), "skip_kind": list(batch["skip_kind"])}
@@ -855,8 +839,6 @@ def streamed_sft(source: str, split: str, tokenizer, max_length: int, overlong: 
     """(IterableDataset of input_ids/labels tokenised as training reads it, prompt format). The format follows
     the first `probe_rows` rows; skips are recorded into `skips` as they are met."""
     from datasets import IterableDataset
-
-    from common.preferences import PromptFormatError
 
     check_overlong(overlong)
     if data_format is None:

@@ -1,30 +1,8 @@
-"""Text generation shared by the demo answers, chat, evaluation and the pipeline."""
+"""Text generation shared by the demo answers, chat, evaluation and the pipeline (prompts: common.templates)."""
 
 import contextlib
 
 import torch
-
-from common.templates import alpaca_prompt
-
-PROMPT_FORMATS = ("chat", "alpaca", "plain")
-
-
-def build_prompt(tokenizer, turns: list[dict], prompt_format: str = "chat") -> str:
-    """The prompt text for the next assistant answer after `turns` ([{role, content}], ending with a user turn),
-    written the way the model was tuned: "chat" uses the tokenizer's chat template, "alpaca" the Alpaca template
-    (earlier exchanges are prepended as answered Alpaca prompts; Alpaca data itself has one turn), "plain" the
-    last user text as is."""
-    if prompt_format == "chat":
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    if prompt_format == "alpaca":
-        system = "".join(t["content"] + "\n\n" for t in turns if t["role"] == "system")
-        pairs = [t for t in turns if t["role"] != "system"]
-        history = "".join(alpaca_prompt(user["content"]) + answer["content"] + "\n\n"
-                          for user, answer in zip(pairs[0:-1:2], pairs[1:-1:2]))
-        return system + history + alpaca_prompt(pairs[-1]["content"])
-    if prompt_format == "plain":
-        return turns[-1]["content"]
-    raise ValueError(f"unknown prompt format {prompt_format!r}; use one of {PROMPT_FORMATS}")
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:

@@ -1,6 +1,6 @@
 """Preference data for the reward model and DPO: every known shape normalised into rankings (a prompt and K >= 2
-responses ordered best to worst), rankings expanded into weighted pairs, and the one prompt rendering that SFT,
-the reward model and PPO share.
+responses ordered best to worst), rankings expanded into weighted pairs, tokenised (reward model) or as text
+pairs (DPO).
 
 Shapes read (one row each):
   pairwise, standard        {"prompt": str, "chosen": str, "rejected": str}
@@ -12,94 +12,26 @@ Shapes read (one row each):
   Alpaca (PPO prompts only) {"instruction", "input", "output"}
 
 A prompt is kept as what it is (Alpaca pieces, chat turns or verbatim text) and rendered only once the target
-format is known: `prompt_format: alpaca` renders it exactly as SFT renders Alpaca rows (the Alpaca template),
-`prompt_format: chat` as SFT renders chat rows (the tokenizer's chat template with the generation prompt),
-`prompt_format: plain` as SFT uses prompt/completion rows (the prompt text as is).
+format is known, by common.templates.render_prompt, which renders SFT's and PPO's prompts too.
 Reward-model and PPO sequences are then tokens(prompt) + tokens(response) + EOS, tokenised separately, which is
 exactly what PPO generates (query tokens, then sampled tokens up to the EOS the SFT model learnt to emit)."""
 
 import json
 from itertools import combinations
 from math import comb
-from pathlib import Path
 
 from datasets import Dataset
 
 from common.data import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset, check_overlong,
                          column, eval_source, kept_indices, normalize_messages, num_proc_for, raw_dataset,
                          rows_of_batch, skips_of, source_fingerprint, split_train_eval, tokenizer_fingerprint)
-from common.templates import alpaca_prompt
-
-PROMPT_FORMATS = ("alpaca", "chat", "plain")  # as common.data.prompt_format names SFT's
-STAGE_INFO_FILE = "stage_info.json"
-
-
-class PromptFormatError(DataError):
-    """A prompt that the requested prompt format cannot render (a multi-turn chat in the Alpaca template)."""
-
-
-# ---------------------------------------------------------------- prompt rendering shared by SFT, RM and PPO
-
-def render_prompt(prompt, tokenizer, prompt_format: str) -> str:
-    """The text a model is prompted with. `prompt` is Alpaca pieces {instruction, input}, chat turns ending with a
-    user turn, or verbatim text (used as is in the alpaca format, as SFT uses {prompt, completion} rows)."""
-    if prompt_format not in PROMPT_FORMATS:
-        raise DataError(f"prompt_format must be one of {PROMPT_FORMATS}, not {prompt_format!r}")
-    if isinstance(prompt, dict):
-        if prompt_format == "alpaca":
-            return alpaca_prompt(prompt["instruction"], prompt.get("input", ""))
-        prompt = prompt["instruction"] + (f"\n\n{prompt['input']}" if prompt.get("input", "").strip() else "")
-    if isinstance(prompt, str):
-        if prompt_format != "chat":
-            return prompt
-        prompt = [{"role": "user", "content": prompt}]
-    if prompt_format == "chat":
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    system = [t["content"] for t in prompt if t["role"] == "system"]
-    others = [t for t in prompt if t["role"] != "system"]
-    if len(others) != 1 or others[0]["role"] != "user":
-        raise PromptFormatError(f"a multi-turn conversation cannot be rendered in the {prompt_format} format "
-                                "(use prompt_format: chat)")
-    text = "\n\n".join(system + [others[0]["content"]])
-    return alpaca_prompt(text) if prompt_format == "alpaca" else text
-
-
-def encode_prompt(text: str, tokenizer, prompt_format: str) -> list[int]:
-    """Token ids of a rendered prompt, with special tokens exactly as common.data.tokenize_example adds them."""
-    return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
+from common.templates import PromptFormatError, check_format, encode_prompt, render_prompt
+from common.templates import check_prompt_format, save_stage_info  # noqa: F401  (ppo.py, rloo.py, dpo.py, tests)
 
 
 def encode_response(text: str, tokenizer) -> list[int]:
     """A response's token ids ending with EOS: the stop token PPO truncates at and the token the RM scores."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
-
-def save_stage_info(output_dir: str, stage: str, prompt_format: str, **extra) -> None:
-    """Record how this stage rendered prompts (and what the next stage checks): stage_info.json, plus
-    prompt_format.json as sft_lora.py writes it, which chat.py and evaluation read."""
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    info = {"stage": stage, "prompt_format": prompt_format, **extra}
-    (Path(output_dir) / STAGE_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    (Path(output_dir) / "prompt_format.json").write_text(json.dumps({"prompt_format": prompt_format}) + "\n")
-
-
-def read_stage_info(model_dir: str) -> dict:
-    """stage_info.json of an RLHF stage, or the prompt_format.json that sft_lora.py saves."""
-    for name in (STAGE_INFO_FILE, "prompt_format.json"):
-        path = Path(model_dir) / name
-        if path.is_file():
-            return json.loads(path.read_text())
-    return {}
-
-
-def check_prompt_format(model_path: str, prompt_format: str, what: str) -> None:
-    """Refuse to train on prompts rendered differently from how the model at `model_path` was trained."""
-    from common.config import ConfigError
-
-    recorded = read_stage_info(model_path).get("prompt_format") if Path(model_path).is_dir() else None
-    if recorded and recorded != prompt_format:
-        raise ConfigError(f"{what} {model_path} was trained on prompts in the '{recorded}' format, but this run "
-                          f"renders them as '{prompt_format}': set prompt_format: {recorded}")
 
 
 # ---------------------------------------------------------------- rows to rankings
@@ -464,8 +396,7 @@ def prepare_rankings(source: str, split: str, tokenizer, prompt_format: str, pur
     """Preference rows of `source` as rankings, rendered and (purpose "reward") tokenised or (purpose "dpo") as
     text pairs, once, cached under the file's content, the tokenizer and these options."""
     check_overlong(overlong)
-    if prompt_format not in PROMPT_FORMATS:
-        raise DataError(f"prompt_format must be one of {PROMPT_FORMATS}, not {prompt_format!r}")
+    check_format(prompt_format)
     columns = columns or {}
     key = cache_key(purpose, source_fingerprint(source, split), tokenizer_fingerprint(tokenizer), prompt_format,
                     max_length if purpose == "reward" else None, overlong, columns)

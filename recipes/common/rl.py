@@ -15,7 +15,8 @@ from common.data import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_k
                          num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint)
 from common.data_args import DataArguments
 from common.models import ModelArguments, ModelLoadError, adapter_base, load_adapter, load_model, resolve_model_path
-from common.preferences import PromptFormatError, encode_prompt, prompt_of_row, read_stage_info, render_prompt
+from common.preferences import prompt_of_row
+from common.templates import PromptFormatError, encode_prompt, read_stage_info, render_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,21 @@
-"""Prompt templates: Alpaca's (as stanford_alpaca defines it) and the fallback chat template."""
+"""Prompts, rendered one way for every stage (SFT, the reward model, DPO, PPO/RLOO, evaluation, chat), and the
+stage_info.json that records which format a model was trained with.
+
+A prompt is Alpaca pieces {instruction, input}, chat turns ending with a user turn, or verbatim text, and
+`prompt_format` says how it is written to the model:
+  alpaca  the Alpaca template (stanford_alpaca's with-input / no-input variants);
+  chat    the tokenizer's chat template with the generation prompt (FALLBACK_CHAT_TEMPLATE for tokenizers without);
+  plain   the text as is (prompt/completion data).
+"""
+
+import json
+from pathlib import Path
+
+from common.config import ConfigError, RecipeError
+
+PROMPT_FORMATS = ("alpaca", "chat", "plain")
+STAGE_INFO_FILE = "stage_info.json"
+OLD_PROMPT_FORMAT_FILE = "prompt_format.json"  # what sft_lora.py saved before stage_info.json; still read
 
 # stanford_alpaca train.py PROMPT_DICT, verbatim.
 ALPACA_PROMPT_WITH_INPUT = (
@@ -36,3 +53,104 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
+
+
+# ---------------------------------------------------------------- rendering
+
+class PromptFormatError(RecipeError, ValueError):
+    """A prompt that the requested prompt format cannot render (a multi-turn chat in the Alpaca template)."""
+
+
+def check_format(prompt_format: str) -> None:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ConfigError(f"prompt_format must be one of {PROMPT_FORMATS}, not {prompt_format!r}")
+
+
+def render_prompt(prompt, tokenizer, prompt_format: str) -> str:
+    """The text a model is prompted with. Verbatim text is used as is in the alpaca format too, as SFT uses
+    {prompt, completion} rows; a system turn is written before the user's text inside the Alpaca instruction."""
+    check_format(prompt_format)
+    if isinstance(prompt, dict):
+        if prompt_format == "alpaca":
+            return alpaca_prompt(prompt["instruction"], prompt.get("input", ""))
+        prompt = prompt["instruction"] + (f"\n\n{prompt['input']}" if prompt.get("input", "").strip() else "")
+    if isinstance(prompt, str):
+        if prompt_format != "chat":
+            return prompt
+        prompt = [{"role": "user", "content": prompt}]
+    if prompt_format == "chat":
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    system = [t["content"] for t in prompt if t["role"] == "system"]
+    others = [t for t in prompt if t["role"] != "system"]
+    if len(others) != 1 or others[0]["role"] != "user":
+        raise PromptFormatError(f"a multi-turn conversation cannot be rendered in the {prompt_format} format "
+                                "(use prompt_format: chat)")
+    text = "\n\n".join(system + [others[0]["content"]])
+    return alpaca_prompt(text) if prompt_format == "alpaca" else text
+
+
+def encode_prompt(text: str, tokenizer, prompt_format: str) -> list[int]:
+    """Token ids of a rendered prompt, with special tokens exactly as common.data.tokenize_example adds them (a
+    chat template writes its own)."""
+    return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
+
+
+def example_prompt(example: dict, tokenizer) -> str:
+    """The prompt of an SFT example (common.data.sft_rows: {prompt, completion} already rendered, or {messages}):
+    everything up to its last assistant answer."""
+    if "prompt" in example:
+        return example["prompt"]
+    turns = example["messages"]
+    last_answer = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+    return render_prompt(turns[:last_answer], tokenizer, "chat")
+
+
+def example_prompt_ids(example: dict, tokenizer) -> list[int]:
+    """Token ids of an SFT example's prompt, as tokenize_example starts the example."""
+    return encode_prompt(example_prompt(example, tokenizer), tokenizer, "chat" if "messages" in example else "plain")
+
+
+def render_conversation(turns: list[dict], tokenizer, prompt_format: str) -> str:
+    """The prompt for the next answer in a multi-turn chat (chat.py). In the alpaca format the system text comes
+    first and the earlier exchanges follow as answered Alpaca prompts (Alpaca data itself has one turn); the plain
+    format is the last user turn alone. Unlike `render_prompt`, which SFT uses for a single-turn chat row, neither
+    puts a system turn inside the last prompt."""
+    check_format(prompt_format)
+    if prompt_format == "chat":
+        return render_prompt(turns, tokenizer, "chat")
+    if prompt_format == "plain":
+        return turns[-1]["content"]
+    system = "".join(t["content"] + "\n\n" for t in turns if t["role"] == "system")
+    exchanges = [t for t in turns if t["role"] != "system"]
+    history = "".join(alpaca_prompt(user["content"]) + answer["content"] + "\n\n"
+                      for user, answer in zip(exchanges[0:-1:2], exchanges[1:-1:2]))
+    return system + history + alpaca_prompt(exchanges[-1]["content"])
+
+
+# ---------------------------------------------------------------- stage_info.json: how a model was trained
+
+def save_stage_info(output_dir: str, stage: str, prompt_format: str, **extra) -> None:
+    """Record how this stage rendered prompts (and what the next stage checks, e.g. eval_accuracy)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    info = {"stage": stage, "prompt_format": prompt_format, **extra}
+    (Path(output_dir) / STAGE_INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def read_stage_info(model_dir: str) -> dict:
+    """The stage_info.json in `model_dir`, or {} if there is none. An older SFT output has only
+    prompt_format.json, which is read as its stage info."""
+    path = Path(model_dir) / STAGE_INFO_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    old = Path(model_dir) / OLD_PROMPT_FORMAT_FILE
+    if old.is_file():
+        return {"stage": "sft", **json.loads(old.read_text())}
+    return {}
+
+
+def check_prompt_format(model_path: str, prompt_format: str, what: str) -> None:
+    """Refuse to train on prompts rendered differently from how the model at `model_path` was trained."""
+    recorded = read_stage_info(model_path).get("prompt_format")
+    if recorded and recorded != prompt_format:
+        raise ConfigError(f"{what} {model_path} was trained on prompts in the '{recorded}' format, but this run "
+                          f"renders them as '{prompt_format}': set prompt_format: {recorded}")
