@@ -12,7 +12,7 @@ A model is `name=path` (a hub id, a directory, a LoRA adapter directory, a `.ggu
     (common.data.split_train_eval with the same seed, common.data.tokenize_example), and optionally on plain
     held-out text (`text_dataset`, blocks cut as pretraining cuts them);
   - answers sampled for the first `num_prompts` held-out prompts: distinct-1/2 and the mean per-token entropy
-    of the distributions the tokens were drawn from (the seeds' claim: RLHF lowers diversity);
+    of the distributions the tokens were drawn from (whether RLHF lowered the diversity of the answers);
 With a reward model: its pairwise accuracy and margin on held-out preference pairs, its mean score of each
 model's answers, and the win-rate of every later model against every earlier one with a 95% Wilson interval.
 Writes eval_results.json (evaluate.save), samples.md/.jsonl (prompt and every model's answer side by side),

@@ -1,6 +1,6 @@
 """The whole InstructGPT path in one command: [pretrain ->] SFT -> reward model -> PPO -> evaluation.
 
-    # the embedded demo: SmolLM2-135M-Instruct on the bundled data, offline, 2-core CPU, under 30 minutes
+    # the embedded demo: SmolLM2-135M-Instruct on the bundled data, offline, 2-core CPU, about 11 minutes
     python recipes/pipeline.py
     # a real run: bigger model and data in the YAML, stages launched on 8 GPUs with DeepSpeed
     python recipes/pipeline.py --config my_pipeline.yaml --accelerate_config accelerate_configs/deepspeed_zero2.yaml

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.data import sft_rows, tokenize_example
-from common.metrics import (dataset_perplexity, distinct_n, ngram_entropy, pairwise_accuracy, reward_scores,
+from common.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores,
                             sample_answers, token_entropies, wilson_interval, win_rate)
 from common.models import load_for_inference
 
@@ -74,16 +74,12 @@ def test_wilson_interval_matches_scipy_and_win_rate_counts_ties_half():
     assert identical["win_rate"] == 0.5 and identical["ties"] == 3
 
 
-def test_distinct_n_and_ngram_entropy_by_hand():
+def test_distinct_n_by_hand():
     texts = ["the cat sat", "The cat ran"]
     # unigrams: the, cat, sat, the, cat, ran -> 4 distinct of 6; bigrams: the-cat x2, cat-sat, cat-ran -> 3 of 4
     assert distinct_n(texts, 1) == pytest.approx(4 / 6)
     assert distinct_n(texts, 2) == pytest.approx(3 / 4)
     assert distinct_n(["word"], 2) == 0.0  # no bigram at all
-    # unigram frequencies 2/6, 2/6, 1/6, 1/6
-    expected = -(2 * (2 / 6) * math.log(2 / 6) + 2 * (1 / 6) * math.log(1 / 6))
-    assert ngram_entropy(texts, 1) == pytest.approx(expected)
-    assert ngram_entropy(["a a a a"], 1) == 0.0
 
 
 def test_token_entropy_of_hand_made_distributions():

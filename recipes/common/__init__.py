@@ -1,4 +1,6 @@
-"""Shared code of the recipes: model loading, data loading, templates, config parsing, reports.
+"""The code under the recipes: model and data loading, prompts, config parsing, training machinery, reports.
 
-Only what two or more recipes use lives here; each recipe in `recipes/` reads top to bottom.
+Most modules serve several recipes. A few serve one (metrics: evaluation; speed, ppo_trainer, self_instruct,
+instruction_generators, tokenizer_training: their recipe) and hold machinery that would bury that recipe's steps,
+so each recipe in `recipes/` still reads top to bottom.
 """

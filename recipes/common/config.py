@@ -56,7 +56,9 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
     parser = TrlParser(dataclass_types)
     try:
         *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
-    except SystemExit as error:  # argparse already printed which flag is bad
+    except SystemExit as error:  # argparse already printed which flag is bad, or the --help asked for
+        if error.code == 0:
+            raise
         raise ConfigError(f"bad command-line option or value (see above); config: {config_path}") from error
     unknown = [item[2:] for item in remaining if item.startswith("--")]
     if unknown:

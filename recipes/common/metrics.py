@@ -1,16 +1,15 @@
 """Evaluation metrics: perplexity from token losses, reward-model pairwise accuracy and margin, RM-judged
-win-rate with a Wilson interval, distinct-n, n-gram entropy of texts and per-token entropy of a policy.
+win-rate with a Wilson interval, distinct-n of texts and per-token entropy of a policy.
 
 Why these are written here and not loaded with `evaluate.load(...)`: every `evaluate` metric is a script hosted
 on the Hugging Face Hub, so none loads offline (checked with evaluate 0.4.6 and HF_HUB_OFFLINE=1: `perplexity`
 and `accuracy` both raise FileNotFoundError). Besides, its `perplexity` metric loads a hub model id itself and
 scores whole texts (no prompt masking, no adapter or in-memory model, and it averages per-text perplexities
-rather than exp of the mean token loss); distinct-n, n-gram entropy, win-rate intervals and RM pairwise
+rather than exp of the mean token loss); distinct-n, win-rate intervals and RM pairwise
 accuracy are not among its metrics. The results file is written with `evaluate.save` (see evaluate_model.py).
 """
 
 import math
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +86,6 @@ def distinct_n(texts: list[str], n: int) -> float:
     lower-cased whitespace tokens, so models with different tokenizers are measured alike."""
     grams = [gram for text in texts for gram in _ngrams(text, n)]
     return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def ngram_entropy(texts: list[str], n: int = 1) -> float:
-    """Shannon entropy (nats) of the n-gram frequency distribution over all texts (Ent-n, Zhang et al., 2018)."""
-    counts = Counter(gram for text in texts for gram in _ngrams(text, n))
-    total = sum(counts.values())
-    return -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
 
 
 def token_entropies(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> tuple[float, int]:

@@ -256,13 +256,13 @@ def quantization_config(model_args: ModelArguments):
 
 
 def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None = None,
-               trust_remote_code: bool = False, name_or_path: str | None = None):
+               trust_remote_code: bool = False):
     """A causal LM, or a sequence classifier with `num_labels` outputs (reward and value models), from a name,
     directory, `.gguf`, or LoRA adapter directory (merged into its base, so training continues on top of it).
     4-bit or 8-bit when the arguments ask for it; embeddings resized to the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    path = resolve_model_path(name_or_path or model_args.model_name_or_path)
+    path = resolve_model_path(model_args.model_name_or_path)
     base = adapter_base(path)
     loader = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
     kwargs = dict(
@@ -325,10 +325,11 @@ def keep_4bit_layers_trainable(model) -> None:
     turn_off_4bit_cpu_repacking(model)
 
 
-def load_adapter(model, adapter_path: str, is_trainable: bool = False):
+def load_adapter(model, adapter_path: str):
+    """`model` with the LoRA adapter at `adapter_path` on it, frozen: for inference and merging."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable)
+    return PeftModel.from_pretrained(model, adapter_path)
 
 
 def linear_module_names(model) -> set[str]:
