@@ -306,9 +306,9 @@ def matmul_peak(seconds: float = 6.0) -> dict:
     shapes = [(2048, 2048, 2048), (2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (4096, 4096, 4096)]
     best = {}
     for dtype in (torch.bfloat16, torch.float32):
-        deadline, top = time.perf_counter() + seconds / 2, 0.0
         # emulated bf16 (~1 GFLOP/s) would take minutes per large GEMM: its peak is measured on a small one
         dtype_shapes = shapes if dtype != torch.bfloat16 or native_bf16() else [(256, 256, 256)]
+        deadline, top = time.perf_counter() + seconds / 2, 0.0  # after the capability probe, which takes seconds
         while time.perf_counter() < deadline:
             for m, k, n in dtype_shapes:
                 a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)

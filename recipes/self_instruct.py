@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from common.config import ConfigError, run
 from common.instruction_generators import PROMPT_STYLES, Decoding, LocalGenerator, OpenAICompatibleGenerator
-from common.self_instruct import (REJECT_REASONS, RougeDeduplicator, SelfInstructError, append_generation_log,
+from common.rouge_dedup import RougeDeduplicator
+from common.self_instruct import (REJECT_REASONS, SelfInstructError, append_generation_log,
                                   append_output_rows, filter_reason, parse_completion, read_generation_log,
                                   read_instruction_prompt, read_output_rows, read_seed_tasks, sample_request_prompts,
                                   write_generation_report)

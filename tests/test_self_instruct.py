@@ -19,8 +19,9 @@ import torch
 from common.config import parse_config
 from common.data import DataError
 from common.instruction_generators import Decoding, OpenAICompatibleGenerator
-from common.self_instruct import (RougeDeduplicator, RougeTokenizer, SelfInstructError, Task, build_request_prompt,
-                                  filter_reason, leading_word, new_scorer, parse_completion, read_output_rows,
+from common.rouge_dedup import RougeDeduplicator, RougeTokenizer, new_scorer
+from common.self_instruct import (SelfInstructError, Task, build_request_prompt,
+                                  filter_reason, leading_word, parse_completion, read_output_rows,
                                   read_seed_tasks)
 from common.models import ModelArguments
 from conftest import REPO
@@ -512,7 +513,7 @@ def test_the_generated_file_trains_with_sft_lora_for_2_steps(generated, tiny_lla
         main(*parse_config((SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml", args))
     finally:
         torch.set_num_threads(threads)
-    assert json.loads((out / "sft" / "prompt_format.json").read_text()) == {"prompt_format": "alpaca"}
+    assert json.loads((out / "sft" / "stage_info.json").read_text()) == {"stage": "sft", "prompt_format": "alpaca"}
     history = json.loads((out / "sft" / "log_history.json").read_text())
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
