@@ -2,6 +2,7 @@
 template; GPT-2 with a byte-level BPE trained here and no chat template), the real SmolLM2-135M, and a
 helper that runs a recipe the way a user does, through `accelerate launch`."""
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,141 @@ def run_recipe(script: str, *args: str, num_processes: int = 1, timeout: int = 6
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-5000:]}\n{result.stderr[-8000:]}")
     return result
+
+
+# ---------------------------------------------------------------- a preference a tiny model can learn
+# Answers are 3-4 words from MARKER_WORDS; the preferred ones contain MARKER. The starting policy writes such
+# answers with the marker in about MARKER_START_RATE of them; the reward model learns the preference from pairs
+# (same answer with and without the marker); PPO, RLOO and DPO must then raise the marker rate.
+
+MARKER, MARKER_START_RATE = "apple", 0.3
+MARKER_WORDS = ("red", "blue", "green", "stone", "table", "river", "cloud", "moon")
+
+
+def marker_answer(rng, with_marker: bool) -> str:
+    words = [rng.choice(MARKER_WORDS) for _ in range(rng.randint(3, 4))]
+    if with_marker:
+        words[rng.randrange(len(words))] = MARKER
+    return " ".join(words)
+
+
+@pytest.fixture(scope="session")
+def marker_task(tmp_path_factory) -> dict:
+    """Prompts (short Alpaca instructions, used verbatim) split three ways: `train` for the policy and the RL
+    recipes, `pairs` (a file of {prompt, chosen, rejected}: the same answer with the marker and without) for the
+    reward model and DPO, and `held_out`, never trained on, for measuring the marker rate."""
+    import random
+
+    rows = json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())
+    prompts = list(dict.fromkeys(r["instruction"] for r in rows if not r.get("input") and len(r["instruction"]) < 60))
+    held_out, train = prompts[:32], prompts[32:]
+    rng = random.Random(0)
+    pairs = []
+    for prompt in train[:240]:
+        chosen = marker_answer(rng, True).split()
+        rejected = [word if word != MARKER else rng.choice(MARKER_WORDS) for word in chosen]
+        pairs.append({"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected)})
+    out = tmp_path_factory.mktemp("marker-task")
+    (out / "pairs.json").write_text(json.dumps(pairs))
+    (out / "prompts.json").write_text(json.dumps([{"prompt": prompt} for prompt in train]))
+    return {"pairs": str(out / "pairs.json"), "prompts": str(out / "prompts.json"), "train": train,
+            "held_out": held_out}
+
+
+@pytest.fixture(scope="session")
+def marker_policy_dir(tmp_path_factory, marker_task) -> str:
+    """The starting policy: a 2-layer LLaMA (width 64) with a 768-token byte-level BPE trained here on the
+    Wikipedia sample plus marker-task answers (so that each answer word is one token, and a small vocabulary keeps
+    PPO's full-vocabulary log-softmaxes cheap), taught with the next-token loss on the answer tokens (plain
+    PyTorch) to answer any prompt with 3-4 of MARKER_WORDS and EOS, the marker in MARKER_START_RATE of them."""
+    import random
+
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from common.models import load_tokenizer
+    from common.preferences import encode_prompt, encode_response, render_prompt, save_stage_info
+
+    out = tmp_path_factory.mktemp("marker-policy")
+    rng = random.Random(0)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([*(REPO / "data" / "wiki_demo.txt").read_text(encoding="utf-8").splitlines(),
+                             *(marker_answer(rng, rng.random() < 0.5) for _ in range(2000))],
+                            vocab_size=768, special_tokens=["<|endoftext|>", "<|pad|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", unk_token="<|endoftext|>", pad_token="<|pad|>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    tokenizer = load_tokenizer(str(out))  # as every recipe loads it (the fallback chat template added)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    prompts = [encode_prompt(render_prompt(p, tokenizer, "alpaca"), tokenizer, "alpaca") for p in marker_task["train"]]
+    for _ in range(120):
+        examples = [(prompt, encode_response(marker_answer(rng, rng.random() < MARKER_START_RATE), tokenizer))
+                    for prompt in rng.sample(prompts, 16)]
+        width = max(len(p) + len(a) for p, a in examples)
+        ids = torch.tensor([p + a + [tokenizer.pad_token_id] * (width - len(p) - len(a)) for p, a in examples])
+        mask = torch.tensor([[1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a)) for p, a in examples])
+        predicts = torch.tensor([[len(p) - 1 <= i < len(p) + len(a) - 1 for i in range(width)] for p, a in examples])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits[predicts], ids.roll(-1, 1)[predicts])  # answer tokens only
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_stage_info(str(out), "sft", "alpaca")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def marker_reward_model_dir(tmp_path_factory, marker_policy_dir, marker_task) -> str:
+    """A reward model trained for real by recipes/reward_model.py (full fine-tuning of the starting policy with a
+    score head, as InstructGPT starts the RM from the SFT model) on the marker pairs, 40 of them held out: it
+    records its held-out accuracy in stage_info.json, which the PPO/RLOO guard reads."""
+    import reward_model
+    from common.config import parse_config
+    from common.models import ModelArguments
+
+    out = tmp_path_factory.mktemp("marker-rm") / "rm"
+    reward_model.main(*parse_config((reward_model.RewardRecipeConfig, ModelArguments), "reward/smollm2_dpo_demo_lora.yaml", [
+        "--model_name_or_path", marker_policy_dir, "--dataset_name", marker_task["pairs"], "--eval_split_size", "40",
+        "--use_peft", "false", "--max_length", "64", "--per_device_train_batch_size", "8", "--num_train_epochs", "3",
+        "--max_steps", "-1", "--learning_rate", "1e-3", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
+        "--bf16", "false", "--dtype", "float32", "--save_strategy", "no", "--eval_strategy", "no",
+        "--logging_steps", "5", "--report_to", "none", "--centering_samples", "64", "--output_dir", str(out)]))
+    return str(out)
+
+
+def marker_rate(model_dir: str, prompts: list[str], samples: int = 8, max_new_tokens: int = 8,
+                temperature: float = 1.0, seed: int = 0) -> dict:
+    """How often a model's sampled answers (up to EOS) contain the marker (anywhere: only the marker's tokens
+    spell it, with or without the space before it): `samples` answers to each prompt, at `temperature` (PPO's and RLOO's sampling), from a fixed seed; plus the EOS rate."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.models import load_tokenizer
+    from common.preferences import encode_prompt, render_prompt
+
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(seed)
+    hits = ended = total = 0
+    with torch.no_grad():
+        for prompt in prompts:
+            query = torch.tensor([encode_prompt(render_prompt(prompt, tokenizer, "alpaca"), tokenizer, "alpaca")])
+            answers = model.generate(input_ids=query, attention_mask=torch.ones_like(query), do_sample=True,
+                                     temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                     num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id)[:, query.shape[1]:].tolist()
+            for answer in answers:
+                if tokenizer.eos_token_id in answer:
+                    answer, ended = answer[: answer.index(tokenizer.eos_token_id)], ended + 1
+                hits += MARKER in tokenizer.decode(answer, skip_special_tokens=True)
+                total += 1
+    return {"marker_rate": hits / total, "eos_rate": ended / total, "answers": total}

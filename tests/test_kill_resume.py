@@ -61,6 +61,14 @@ def _ppo_args(models):
             "--local_rollout_forward_batch_size", "2", "--sample_every", "0"]
 
 
+def _pretrain_args(models):
+    """A fresh 2-layer GPT (dropout on) and its 512-token BPE, both trained from scratch on a small corpus."""
+    return ["--dataset_name", models["corpus"], "--vocab_size", "512", "--block_size", "64",
+            "--model_config_overrides", "n_layer=2,n_embd=64,n_positions=64", "--per_device_train_batch_size", "4",
+            "--warmup_steps", "2", "--learning_rate", "1e-2", "--eval_strategy", "no", "--eval_on_start", "false",
+            "--sample_max_new_tokens", "4"]
+
+
 def _dpo_args(models):
     return ["--model_name_or_path", models["gpt2"], "--dataset_name", models["pairs"], "--eval_split_size", "4",
             "--max_length", "512", "--per_device_train_batch_size", "2"]
@@ -77,6 +85,7 @@ def _rloo_args(models):
 RECIPES = {
     "sft_lora.py": dict(args=_sft_args, weights="adapter_model.safetensors", marker="'loss': ", metric="loss"),
     "reward_model.py": dict(args=_reward_model_args, weights="model.safetensors", marker="'loss': ", metric="loss"),
+    "pretrain.py": dict(args=_pretrain_args, weights="model.safetensors", marker="'loss': ", metric="loss"),
     "dpo.py": dict(args=_dpo_args, weights=None, marker="'loss': ", metric="loss"),
     "rloo.py": dict(args=_rloo_args, weights=None, marker="'loss': ", metric="loss"),
     "ppo.py": dict(args=_ppo_args, weights="model.safetensors", marker="'objective/kl': ",
@@ -167,13 +176,17 @@ def _logged(directory: Path, key: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_gpt2_dir, tiny_llama_dir, tmp_path_factory):
-    """The tiny models, and short preference pairs made from the Alpaca sample (each answer against another's)."""
+    """The tiny models, short preference pairs made from the Alpaca sample (each answer against another's) and a
+    small text corpus (the first 1,500 characters of 12 Wikipedia articles, one per line) for pretraining."""
     rows = json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())[:40]
     pairs = [{"prompt": row["instruction"], "chosen": row["output"][:300], "rejected": rows[(i + 7) % 40]["output"][:120]}
              for i, row in enumerate(rows[:20])]
-    pairs_file = tmp_path_factory.mktemp("data") / "pairs.json"
+    data = tmp_path_factory.mktemp("data")
+    pairs_file, corpus = data / "pairs.json", data / "corpus.txt"
     pairs_file.write_text(json.dumps(pairs))
-    return {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir, "pairs": str(pairs_file),
+    articles = (REPO / "data" / "wiki_demo.txt").read_text(encoding="utf-8").splitlines()[:12]
+    corpus.write_text("\n".join(article[:1500] for article in articles) + "\n", encoding="utf-8")
+    return {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir, "pairs": str(pairs_file), "corpus": str(corpus),
             "reward_model": _tiny_reward_model(tiny_gpt2_dir, tmp_path_factory.mktemp("reward-model"))}
 
 

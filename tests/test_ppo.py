@@ -2,6 +2,7 @@
 command, and the inputs PPO must refuse before any training."""
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,24 +16,16 @@ from common.preferences import save_stage_info
 from conftest import run_recipe
 
 
-def make_reward_model(policy_dir: str, out: Path) -> str:
-    """An untrained scalar-head model on the policy's tokenizer: enough to exercise PPO's mechanics."""
-    from transformers import AutoModelForSequenceClassification
-
-    from common.models import ensure_pad_token, load_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(policy_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
-    ensure_pad_token(tokenizer, model)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
-
-
 @pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory, tiny_llama_dir):
-    return make_reward_model(tiny_llama_dir, tmp_path_factory.mktemp("ppo") / "rm")
+def reward_dir(marker_reward_model_dir):
+    """The reward model trained for real on the marker preference (tests/conftest.py), on the marker policy's
+    tokenizer."""
+    return marker_reward_model_dir
+
+
+def copy_reward_model(reward: str, out: Path) -> str:
+    shutil.copytree(reward, out)
+    return str(out)
 
 
 def ppo_args(policy, reward, out, episodes):
@@ -44,17 +37,17 @@ def ppo_args(policy, reward, out, episodes):
 
 
 @pytest.fixture(scope="module")
-def ppo_run(tmp_path_factory, tiny_llama_dir, reward_dir):
+def ppo_run(tmp_path_factory, marker_policy_dir, reward_dir):
     out = tmp_path_factory.mktemp("ppo") / "out"
-    first = run_recipe("ppo.py", *ppo_args(tiny_llama_dir, reward_dir, out, 8))
+    first = run_recipe("ppo.py", *ppo_args(marker_policy_dir, reward_dir, out, 8))
     first_history = json.loads((out / "log_history.json").read_text())
-    resumed = run_recipe("ppo.py", *ppo_args(tiny_llama_dir, reward_dir, out, 12))  # same command, more episodes
+    resumed = run_recipe("ppo.py", *ppo_args(marker_policy_dir, reward_dir, out, 12))  # same command, more episodes
     return {"out": out, "first": first.stdout, "first_history": first_history, "resumed": resumed.stdout}
 
 
-def test_ppo_updates_policy_not_reference_and_logs(ppo_run, tiny_llama_dir):
+def test_ppo_updates_policy_not_reference_and_logs(ppo_run, marker_policy_dir):
     out = ppo_run["out"]
-    assert "records no eval accuracy" in ppo_run["first"]  # the weak/unknown-RM guard, in warn mode
+    assert "WARNING: " not in ppo_run["first"]  # the RM guard passes: it records a held-out accuracy above 0.55
     updates = [entry for entry in ppo_run["first_history"] if "objective/kl" in entry]
     assert len(updates) == 2
     for key in ("objective/scores", "objective/kl", "objective/entropy", "loss/value_avg", "policy/clipfrac_avg",
@@ -63,7 +56,7 @@ def test_ppo_updates_policy_not_reference_and_logs(ppo_run, tiny_llama_dir):
     assert all(entry["objective/entropy"] > 0 and entry["ptx/loss"] > 0 for entry in updates)
     results = json.loads((out / "ppo_results.json").read_text())
     assert results["reference_max_logit_change"] == 0.0  # the adapter-disabled reference is the SFT policy
-    initial = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
+    initial = load_file(str(Path(marker_policy_dir) / "model.safetensors"))
     final = load_file(str(out / "model.safetensors"))
     changed = [name for name, value in initial.items() if not torch.equal(value, final[name])]
     assert any("proj" in name for name in changed)  # LoRA updates merged into the policy's projections
@@ -87,21 +80,20 @@ def run_ppo_main(*args):
     ppo.main(*parse_config((ppo.PPORecipeConfig, ModelArguments), "ppo/smollm2_alpaca_lora.yaml", list(args)))
 
 
-def test_refuses_reward_model_with_another_tokenizer(tmp_path, tiny_llama_dir, tiny_gpt2_dir):
-    reward = make_reward_model(tiny_gpt2_dir, tmp_path / "gpt2-rm")
+def test_refuses_reward_model_with_another_tokenizer(tmp_path, tiny_llama_dir, reward_dir):
     with pytest.raises(ModelLoadError, match="does not use the policy's tokenizer.*vocabularies differ"):
-        run_ppo_main("--model_name_or_path", tiny_llama_dir, "--reward_model_path", reward,
+        run_ppo_main("--model_name_or_path", tiny_llama_dir, "--reward_model_path", reward_dir,
                      "--on_weak_reward_model", "warn", "--output_dir", str(tmp_path / "out"))
 
 
-def test_refuses_near_chance_reward_model_and_other_prompt_format(tmp_path, tiny_llama_dir):
-    reward = make_reward_model(tiny_llama_dir, tmp_path / "rm")
-    save_stage_info(reward, "reward_model", "alpaca", eval_accuracy=0.51)
+def test_refuses_near_chance_reward_model_and_other_prompt_format(tmp_path, marker_policy_dir, reward_dir):
+    reward = copy_reward_model(reward_dir, tmp_path / "rm")
+    save_stage_info(reward, "reward_model", "alpaca", eval_accuracy=0.51)  # the trained RM, recorded as weak
     with pytest.raises(ConfigError, match="accuracy 0.510, below min_reward_model_accuracy=0.55"):
-        run_ppo_main("--model_name_or_path", tiny_llama_dir, "--reward_model_path", reward,
+        run_ppo_main("--model_name_or_path", marker_policy_dir, "--reward_model_path", reward,
                      "--output_dir", str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="trained on prompts in the 'alpaca' format.*prompt_format: alpaca"):
-        run_ppo_main("--model_name_or_path", tiny_llama_dir, "--reward_model_path", reward,
+        run_ppo_main("--model_name_or_path", marker_policy_dir, "--reward_model_path", reward_dir,
                      "--prompt_format", "chat", "--output_dir", str(tmp_path / "out"))
 
 
