@@ -183,19 +183,22 @@ def marker_reward_model_dir(tmp_path_factory, marker_policy_dir, marker_task) ->
     from common.models import ModelArguments
 
     out = tmp_path_factory.mktemp("marker-rm") / "rm"
-    reward_model.main(*parse_config((reward_model.RewardRecipeConfig, ModelArguments), "reward/smollm2_dpo_demo_lora.yaml", [
+    args = [
         "--model_name_or_path", marker_policy_dir, "--dataset_name", marker_task["pairs"], "--eval_split_size", "40",
         "--use_peft", "false", "--max_length", "64", "--per_device_train_batch_size", "8", "--num_train_epochs", "3",
         "--max_steps", "-1", "--learning_rate", "1e-3", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
         "--bf16", "false", "--dtype", "float32", "--save_strategy", "no", "--eval_strategy", "no",
-        "--logging_steps", "5", "--report_to", "none", "--centering_samples", "64", "--output_dir", str(out)]))
+        "--logging_steps", "5", "--report_to", "none", "--centering_samples", "64", "--output_dir", str(out)]
+    reward_model.main(*parse_config((reward_model.RewardRecipeConfig, ModelArguments),
+                                    "reward/smollm2_dpo_demo_lora.yaml", args))
     return str(out)
 
 
 def marker_rate(model_dir: str, prompts: list[str], samples: int = 8, max_new_tokens: int = 8,
                 temperature: float = 1.0, seed: int = 0) -> dict:
     """How often a model's sampled answers (up to EOS) contain the marker (anywhere: only the marker's tokens
-    spell it, with or without the space before it): `samples` answers to each prompt, at `temperature` (PPO's and RLOO's sampling), from a fixed seed; plus the EOS rate."""
+    spell it, with or without the space before it): `samples` answers to each prompt, at `temperature` (PPO's and
+    RLOO's sampling), from a fixed seed; plus the EOS rate."""
     import torch
     from transformers import AutoModelForCausalLM
 
