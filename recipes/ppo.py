@@ -38,7 +38,7 @@ from common.preferences import check_prompt_format, save_stage_info
 from common.reporting import write_training_report
 from common.reward import load_reward_model, load_value_model
 from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
-                       merged_model, rl_prompts, save_json, warn_on_ppo_trouble)
+                       merged_model, policy_change_summary, rl_prompts, save_json, warn_on_ppo_trouble)
 
 
 @dataclass
@@ -126,11 +126,8 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
                               {"Skipped rows": skips.markdown()},
                               plot_keys=["objective/scores", "objective/kl", "objective/entropy", "loss/value_avg",
                                          "policy/clipfrac_avg", "response_length", "ptx/loss"])
-        print(f"\n=== PPO ({metrics['updates']} updates) on {len(eval_texts)} held-out prompts ===\n"
-              f"reward (centred): {before['reward']:+.3f} -> {after['reward']:+.3f}\n"
-              f"KL to reference:  {before['kl']:+.3f} -> {after['kl']:+.3f}\n"
-              f"answer length:    {before['length']:.1f} -> {after['length']:.1f} tokens\n"
-              f"Saved to {config.output_dir}", flush=True)
+        print(policy_change_summary(f"PPO ({metrics['updates']} updates)", len(eval_texts), before, after,
+                                    config.output_dir), flush=True)
 
 
 if __name__ == "__main__":

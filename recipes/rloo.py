@@ -25,7 +25,7 @@ from common.preferences import check_prompt_format, save_stage_info
 from common.reporting import write_training_report
 from common.reward import load_reward_model
 from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
-                       merged_model, reward_model_function, rl_prompts, save_json)
+                       merged_model, policy_change_summary, reward_model_function, rl_prompts, save_json)
 
 
 @dataclass
@@ -79,11 +79,8 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
         write_training_report(config.output_dir, "RLOO", trainer.state.log_history, metrics,
                               {"Skipped rows": skips.markdown()},
                               plot_keys=["reward", "kl", "entropy", "completions/mean_length"])
-        print(f"\n=== RLOO ({metrics['steps']} steps) on {len(eval_texts)} held-out prompts ===\n"
-              f"reward (centred): {before['reward']:+.3f} -> {after['reward']:+.3f}\n"
-              f"KL to reference:  {before['kl']:+.3f} -> {after['kl']:+.3f}\n"
-              f"answer length:    {before['length']:.1f} -> {after['length']:.1f} tokens\n"
-              f"Saved to {config.output_dir}", flush=True)
+        print(policy_change_summary(f"RLOO ({metrics['steps']} steps)", len(eval_texts), before, after,
+                                    config.output_dir), flush=True)
 
 
 if __name__ == "__main__":

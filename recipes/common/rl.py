@@ -197,6 +197,15 @@ def save_json(path: str | Path, data: dict) -> None:
 
 
 @torch.no_grad()
+def policy_change_summary(title: str, prompts: int, before: dict, after: dict, output_dir: str) -> str:
+    """What PPO and RLOO print at the end: reward, KL and answer length on held-out prompts, before -> after."""
+    return (f"\n=== {title} on {prompts} held-out prompts ===\n"
+            f"reward (centred): {before['reward']:+.3f} -> {after['reward']:+.3f}\n"
+            f"KL to reference:  {before['kl']:+.3f} -> {after['kl']:+.3f}\n"
+            f"answer length:    {before['length']:.1f} -> {after['length']:.1f} tokens\n"
+            f"Saved to {output_dir}")
+
+
 def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[str], max_new_tokens: int,
                     temperature: float, seed: int) -> dict:
     """Mean centred reward of sampled answers to held-out prompts and the KL to the reference on them (the sum
