@@ -176,6 +176,26 @@ def test_seed_file_with_a_missing_field(tmp_path):
 
 # The OpenAI-compatible client against a real server ----------------------------------------------------------
 
+def send_json(handler: BaseHTTPRequestHandler, data: bytes) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+@contextlib.contextmanager
+def serving(handler_class):
+    """An OpenAI-style test server on a free local port, in a thread; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture(scope="module")
 def openai_server(tiny_llama_dir):
     """A real HTTP server on 127.0.0.1 that answers /v1/completions and /v1/chat/completions with the tiny model's
@@ -216,17 +236,10 @@ def openai_server(tiny_llama_dir):
                 self.send_error(404)
                 return
             data = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, data)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    server.shutdown()
+    with serving(Handler) as base_url:
+        yield base_url, seen
 
 
 @pytest.mark.parametrize("style", ["completion", "chat"])
@@ -369,21 +382,13 @@ def scripted_server():
                 choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason})
             data = json.dumps({"id": f"cmpl-{number}", "object": "text_completion", "created": 0,
                                "model": body["model"], "choices": choices}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, data)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
-    finally:
-        state["release"].set()
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as base_url:
+        try:
+            yield base_url, state
+        finally:
+            state["release"].set()  # a request held open must not block the server's shutdown
 
 
 def self_instruct_command(*args):
