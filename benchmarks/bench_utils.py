@@ -1,7 +1,21 @@
 """What every benchmark prints the same way: the machine, the library versions, and a mean with its range."""
 
+import importlib.util
 import os
 import platform
+import sys
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_module(name: str):
+    """recipes/<name>.py imported as the module `name` (the recipes are scripts, not a package)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def versions() -> dict:
@@ -20,7 +34,7 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (GPU)"
-    from common.precision import detect_capability
+    from chatgpt_recipes.precision import detect_capability
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor())

@@ -5,15 +5,12 @@ batch 4) in bf16 vs fp32. Not a test.
     python benchmarks/cpu_kernels.py
 """
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
 from bench_utils import machine  # noqa: E402
-from common.speed import FastDropout  # noqa: E402
+from chatgpt_recipes.speed import FastDropout  # noqa: E402
 
 HIDDEN, INTERMEDIATE, TOKENS = 576, 1536, 2048  # SmolLM2-135M's widths, one packed 4 x 512-token batch
 

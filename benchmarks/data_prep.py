@@ -1,4 +1,4 @@
-"""Time and peak memory of SFT data preparation (common.data.prepare_sft: read, normalise, tokenise with
+"""Time and peak memory of SFT data preparation (chatgpt_recipes.sft_data.prepare_sft: read, normalise, tokenise with
 SmolLM2's tokenizer, save the cache), once from scratch and once as a cached rerun, on two generated files:
 
   alpaca-52k  52,002 Alpaca rows (a JSON list, like stanford_alpaca's alpaca_data.json), built from the bundled
@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "recipes"))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 FILES = {"alpaca-52k": 52_002, "chat-200k": 200_000}
 
@@ -54,8 +52,8 @@ def prepare_once(path: str, num_proc: int, max_length: int) -> dict:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     from datasets.utils.logging import disable_progress_bar
 
-    from common.data import prepare_sft
-    from common.models import fetch_offline_model, load_tokenizer
+    from chatgpt_recipes.sft_data import prepare_sft
+    from chatgpt_recipes.models import fetch_offline_model, load_tokenizer
 
     disable_progress_bar()
     tokenizer = load_tokenizer(str(fetch_offline_model("smollm2-135m-instruct")))

@@ -8,7 +8,7 @@ Each configuration runs recipes/sft_lora.py's own main() (default YAML; only max
 eval/save/report overridden) in its own process. Reported per process: the peak RSS over the whole run (VmHWM,
 model loading included) and over training alone (the peak is reset with /proc/self/clear_refs when training
 starts), and on a GPU torch.cuda.max_memory_allocated. QLoRA quantizes every linear layer of the decoder; the
-(tied) embedding and the norms stay in the run's dtype (bf16), as in the LoRA run (common.models.
+(tied) embedding and the norms stay in the run's dtype (bf16), as in the LoRA run (chatgpt_recipes.models.
 prepare_quantized_for_training: PEFT's prepare_model_for_kbit_training would upcast them to fp32, and with them the
 residual stream and every activation saved for backward), so the two runs differ only in the linear weights.
 """
@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_utils import recipe_module
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "recipes"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # lora: the recipe's defaults (bf16 base weights); lora_fp32: base weights in fp32 (transformers' and TRL's default)
@@ -41,9 +42,9 @@ def worker(name: str, model: str, steps: int) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    import sft_lora
-    from common.config import parse_config
-    from common.models import ModelArguments
+    sft_lora = recipe_module("sft_lora")
+    from chatgpt_recipes.config import parse_config
+    from chatgpt_recipes.models import ModelArguments
 
     class TrainingPeak(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):

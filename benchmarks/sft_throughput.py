@@ -1,6 +1,6 @@
 """SFT throughput: stock TRL SFTTrainer (its defaults, and in fp32) vs TRL's best flags for this hardware vs our
 recipe's `auto` precision, in one run, on the same model, data, LoRA rank, max length, batch and number of real
-(non-padding) tokens. The hardware (native bf16 or not, common/precision.py) is detected and printed.
+(non-padding) tokens. The hardware (native bf16 or not, chatgpt_recipes/precision.py) is detected and printed.
 
     export RECIPES_CACHE=/tmp/rcache
     python benchmarks/sft_throughput.py                      # the four configurations below, interleaved, 2 rounds
@@ -39,8 +39,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "recipes"))
-from bench_utils import machine, spread, versions  # noqa: E402
+from bench_utils import machine, recipe_module, spread, versions  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -175,14 +174,15 @@ def op_time_shares(profiler) -> dict:
 
 
 def eval_examples_and_train():
-    from common.data import read_rows, sft_rows, split_train_eval
+    from chatgpt_recipes.rows import read_rows, split_train_eval
+    from chatgpt_recipes.sft_data import sft_rows
 
     examples, _ = sft_rows(read_rows(str(REPO / DATA), "train"), DATA)
     return split_train_eval(examples, EVAL_ROWS, SEED)
 
 
 def native_bf16() -> bool:
-    from common.precision import detect_capability
+    from chatgpt_recipes.precision import detect_capability
 
     return detect_capability().native_bf16
 
@@ -193,7 +193,7 @@ def heldout_loss(model, tokenizer, examples, batch_size: int = 4) -> float:
     import torch
     import torch.nn.functional as F
 
-    from common.data import tokenize_example
+    from chatgpt_recipes.sft_data import tokenize_example
 
     model = model.float().eval()
     items = [tokenize_example(example, tokenizer) for example in examples]
@@ -220,7 +220,7 @@ def run_trl(name: str, out_dir: str, token_budget: int, epochs: bool, rows: int 
     from peft import LoraConfig
     from trl import SFTConfig
 
-    from common.models import resolve_model_path
+    from chatgpt_recipes.models import resolve_model_path
 
     train, _ = eval_examples_and_train()
     if rows:
@@ -241,15 +241,15 @@ def run_trl(name: str, out_dir: str, token_budget: int, epochs: bool, rows: int 
 
 
 def run_recipe(out_dir: str, token_budget: int, epochs: bool, rows: int | None):
-    import sft_lora
-    from common.config import parse_config
-    from common.models import ModelArguments, load_tokenizer
+    sft_lora = recipe_module("sft_lora")
+    from chatgpt_recipes.config import parse_config
+    from chatgpt_recipes.models import ModelArguments, load_tokenizer
 
     args = ["--model_name_or_path", MODEL, "--output_dir", out_dir, "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
             "--logging_steps", str(10**6), "--sample_max_new_tokens", "1"]
     if rows:
         rows_file = Path(out_dir) / "rows.json"
-        from common.data import read_rows
+        from chatgpt_recipes.rows import read_rows
 
         source = read_rows(str(REPO / DATA), "train")
         rows_file.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +326,7 @@ def matmul_peak(seconds: float = 6.0) -> dict:
 
 
 def base_eval() -> dict:
-    from common.models import load_for_inference
+    from chatgpt_recipes.models import load_for_inference
 
     _, eval_examples = eval_examples_and_train()
     tokenizer, model = load_for_inference(MODEL)

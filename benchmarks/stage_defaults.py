@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "recipes"))
 from bench_utils import machine, versions  # noqa: E402
 
 STAGES = ["sft_lora", "reward_model", "ppo", "rloo", "dpo", "pretrain"]

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from transformers import TextStreamer
 
-from common.config import run
-from common.generation import generate
-from common.models import load_adapter, load_for_inference
-from common.precision import inference_dtype
-from common.templates import PROMPT_FORMATS, check_format, read_stage_info, render_conversation
+from chatgpt_recipes.config import run
+from chatgpt_recipes.generation import generate
+from chatgpt_recipes.models import load_adapter, load_for_inference
+from chatgpt_recipes.precision import inference_dtype
+from chatgpt_recipes.templates import PROMPT_FORMATS, check_format, read_stage_info, render_conversation
 
 
 @dataclass

@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import DPOConfig, DPOTrainer
 
-from common.callbacks import TimeBudgetArguments, train_with_resume
-from common.config import run
-from common.data_args import DataArguments
-from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from common.preferences import check_prompt_format, prepare_train_eval_rankings, save_stage_info
-from common.reporting import write_training_report
-from common.rl import check_policy_path, merged_model
+from chatgpt_recipes.time_budget import TimeBudgetArguments
+from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.config import run
+from chatgpt_recipes.data_args import DataArguments
+from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from chatgpt_recipes.preferences import prepare_train_eval_rankings
+from chatgpt_recipes.templates import check_prompt_format, save_stage_info
+from chatgpt_recipes.reporting import write_training_report
+from chatgpt_recipes.rl_inputs import check_policy_path
+from chatgpt_recipes.merging import merged_model
 
 
 @dataclass

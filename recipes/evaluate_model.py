@@ -9,7 +9,7 @@
 
 A model is `name=path` (a hub id, a directory, a LoRA adapter directory, a `.gguf`). For each model:
   - perplexity on the responses of the held-out instructions: the same split and the same masked tokens as SFT
-    (common.data.split_train_eval with the same seed, common.data.tokenize_example), and optionally on plain
+    (chatgpt_recipes.rows.split_train_eval with the same seed, chatgpt_recipes.sft_data.tokenize_example), and optionally on plain
     held-out text (`text_dataset`, blocks cut as pretraining cuts them);
   - answers sampled for the first `num_prompts` held-out prompts: distinct-1/2 and the mean per-token entropy
     of the distributions the tokens were drawn from (whether RLHF lowered the diversity of the answers);
@@ -28,18 +28,19 @@ from itertools import combinations
 import evaluate
 import torch
 
-from common.config import ConfigError, run
-from common.data import read_rows, sft_rows, split_train_eval, tokenize_example
-from common.generation import stop_token_ids
-from common.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores, sample_answers,
+from chatgpt_recipes.config import ConfigError, run
+from chatgpt_recipes.rows import read_rows, split_train_eval
+from chatgpt_recipes.sft_data import sft_rows, tokenize_example
+from chatgpt_recipes.generation import stop_token_ids
+from chatgpt_recipes.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores, sample_answers,
                             win_rate)
-from common.models import load_for_inference, load_tokenizer
-from common.precision import inference_dtype
-from common.preferences import encode_response, read_rankings, tokenize_rankings
-from common.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
-from common.reward import load_reward_model
-from common.templates import example_prompt, example_prompt_ids, read_stage_info
-from common.text_data import load_documents, token_blocks
+from chatgpt_recipes.models import load_for_inference, load_tokenizer
+from chatgpt_recipes.precision import inference_dtype
+from chatgpt_recipes.preferences import encode_response, read_rankings, tokenize_rankings
+from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
+from chatgpt_recipes.reward import load_reward_model
+from chatgpt_recipes.templates import example_prompt, example_prompt_ids, read_stage_info
+from chatgpt_recipes.text_data import load_documents, token_blocks
 
 
 @dataclass

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from common.config import run
-from common.models import ModelLoadError, adapter_base, load_for_inference
-from common.templates import read_stage_info, save_stage_info
+from chatgpt_recipes.config import run
+from chatgpt_recipes.models import ModelLoadError, adapter_base, load_for_inference
+from chatgpt_recipes.templates import read_stage_info, save_stage_info
 
 
 @dataclass

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import RECIPES_DIR, ConfigError, run
-from common.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
+from chatgpt_recipes.config import RECIPES_DIR, ConfigError, run
+from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
 
 DONE, STARTED = "STAGE_DONE.json", "STAGE_STARTED.json"
 SCRIPTS = {"self_instruct": "self_instruct.py", "pretrain": "pretrain.py", "sft": "sft_lora.py",

@@ -1,5 +1,5 @@
 """PPO against a learned reward model (InstructGPT step 3) with TRL's PPOTrainer (trl.experimental.ppo), plus
-PPO-ptx, per-update logs, guards and resumable checkpoints (common/ppo_trainer.py).
+PPO-ptx, per-update logs, guards and resumable checkpoints (chatgpt_recipes/ppo_trainer.py).
 
     # after recipes/reward_model.py (its default output is this recipe's default reward model), CPU, offline
     accelerate launch recipes/ppo.py
@@ -17,7 +17,7 @@ reward model, value backbone) are stored in `dtype`; the loop runs under bf16 au
 Rewards: the reward model's score at the answer's EOS, centred by the offset stored with it. Prompts are rendered
 like SFT (prompt_format) and the reward model must use the policy's tokenizer. Rerunning the same command
 resumes from the newest complete checkpoint (policy, value model, optimizer, scheduler, RNG, update count) and
-replays: prompts come in a seeded order per epoch (common.ppo_trainer.SeededPromptOrder), so the resumed updates
+replays: prompts come in a seeded order per epoch (chatgpt_recipes.ppo_trainer.SeededPromptOrder), so the resumed updates
 see the prompts, and end with the weights, of an uninterrupted run.
 """
 
@@ -29,16 +29,20 @@ import torch
 from accelerate import PartialState
 from trl.experimental.ppo import PPOConfig
 
-from common.callbacks import explain_save_errors, guard_trainer, last_complete_checkpoint
-from common.config import run
-from common.data import prepare_sft
-from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path, torch_dtype
-from common.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer
-from common.preferences import check_prompt_format, save_stage_info
-from common.reporting import write_training_report
-from common.reward import load_reward_model, load_value_model
-from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
-                       merged_model, policy_change_summary, rl_prompts, save_json, warn_on_ppo_trouble)
+from chatgpt_recipes.resume import explain_save_errors, last_complete_checkpoint
+from chatgpt_recipes.resume import guard_trainer
+from chatgpt_recipes.config import run
+from chatgpt_recipes.sft_data import prepare_sft
+from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path, torch_dtype
+from chatgpt_recipes.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer
+from chatgpt_recipes.templates import check_prompt_format, save_stage_info
+from chatgpt_recipes.reporting import write_training_report
+from chatgpt_recipes.reward import load_reward_model, load_value_model
+from chatgpt_recipes.rl_inputs import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, rl_prompts)
+from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
+from chatgpt_recipes.merging import merged_model
+from chatgpt_recipes.reporting import save_json
+from chatgpt_recipes.ppo_trainer import warn_on_ppo_trouble
 
 
 @dataclass

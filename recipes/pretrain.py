@@ -27,15 +27,16 @@ from peft import get_peft_model
 from transformers import (AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer,
                           TrainingArguments)
 
-from common.callbacks import TimeBudgetArguments, train_with_resume
-from common.config import ConfigError, run
-from common.data import SkipLog
-from common.generation import generate
-from common.models import (ModelArguments, check_context_length, load_model, load_tokenizer, lora_config,
+from chatgpt_recipes.time_budget import TimeBudgetArguments
+from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.config import ConfigError, run
+from chatgpt_recipes.rows import SkipLog
+from chatgpt_recipes.generation import generate
+from chatgpt_recipes.models import (ModelArguments, check_context_length, load_model, load_tokenizer, lora_config,
                            resolve_model_path)
-from common.reporting import record_metrics, write_training_report
-from common.text_data import block_dataset, document_skips, load_documents, split_documents
-from common.tokenizer_training import check_vocab_size, train_bpe_tokenizer
+from chatgpt_recipes.reporting import record_metrics, write_training_report
+from chatgpt_recipes.text_data import block_dataset, document_skips, load_documents, split_documents
+from chatgpt_recipes.tokenizer_training import check_vocab_size, train_bpe_tokenizer
 
 # GPT-2 architecture sizes for a fresh model; the vocabulary comes from the tokenizer.
 MODEL_PRESETS = {

@@ -17,15 +17,19 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import RLOOConfig, RLOOTrainer
 
-from common.callbacks import TimeBudgetArguments, train_with_resume
-from common.config import run
-from common.data_args import NumProcArguments
-from common.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from common.preferences import check_prompt_format, save_stage_info
-from common.reporting import write_training_report
-from common.reward import load_reward_model
-from common.rl import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, evaluate_policy,
-                       merged_model, policy_change_summary, reward_model_function, rl_prompts, save_json)
+from chatgpt_recipes.time_budget import TimeBudgetArguments
+from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.config import run
+from chatgpt_recipes.data_args import NumProcArguments
+from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from chatgpt_recipes.templates import check_prompt_format, save_stage_info
+from chatgpt_recipes.reporting import write_training_report
+from chatgpt_recipes.reward import load_reward_model
+from chatgpt_recipes.rl_inputs import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, rl_prompts)
+from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
+from chatgpt_recipes.merging import merged_model
+from chatgpt_recipes.reward import reward_model_function
+from chatgpt_recipes.reporting import save_json
 
 
 @dataclass

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from common.config import ConfigError, run
-from common.instruction_generators import PROMPT_STYLES, Decoding, LocalGenerator, OpenAICompatibleGenerator
-from common.rouge_dedup import RougeDeduplicator
-from common.self_instruct import (REJECT_REASONS, SelfInstructError, append_generation_log,
+from chatgpt_recipes.config import ConfigError, run
+from chatgpt_recipes.instruction_generators import PROMPT_STYLES, Decoding, LocalGenerator, OpenAICompatibleGenerator
+from chatgpt_recipes.rouge_dedup import RougeDeduplicator
+from chatgpt_recipes.self_instruct import (REJECT_REASONS, SelfInstructError, append_generation_log,
                                   append_output_rows, filter_reason, parse_completion, read_generation_log,
                                   read_instruction_prompt, read_output_rows, read_seed_tasks, sample_request_prompts,
                                   write_generation_report)
@@ -99,7 +99,7 @@ def make_generator(config: SelfInstructConfig):
     if config.api_base:
         return OpenAICompatibleGenerator(config.api_base, config.api_model, config.prompt_style, decoding,
                                          config.max_retries, config.request_timeout)
-    from common.precision import inference_dtype
+    from chatgpt_recipes.precision import inference_dtype
 
     return LocalGenerator(config.model_name_or_path, inference_dtype(config.dtype, config.use_cpu),
                           config.prompt_style, decoding, config.trust_remote_code, config.use_cpu)

@@ -11,7 +11,7 @@
 The prompt format follows the shape of most rows: Alpaca rows {instruction, input, output} are rendered with the
 Alpaca prompt (stanford_alpaca's with-input / no-input variants); chat rows {messages} or ShareGPT {conversations}
 with the tokenizer's chat template (a fallback one for tokenizers without, e.g. gpt2); {prompt, completion} rows as
-they are (common.templates). Rows of another shape are rendered in that format, or skipped and counted if they
+they are (chatgpt_recipes.templates). Rows of another shape are rendered in that format, or skipped and counted if they
 cannot be. The format is printed at start and recorded in stage_info.json, which the later stages and chat.py read.
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
@@ -23,15 +23,17 @@ from accelerate import PartialState
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from common.callbacks import TimeBudgetArguments, train_with_resume
-from common.config import ConfigError, run
-from common.data import DataError, SkipLog, eval_source, prepare_sft, split_train_eval, streamed_sft
-from common.data_args import DataArguments
-from common.generation import generate
-from common.models import ModelArguments, check_context_length, load_model, load_tokenizer, lora_config
-from common.reporting import record_metrics, write_training_report
-from common.speed import enable_fast_training
-from common.templates import example_prompt, save_stage_info
+from chatgpt_recipes.time_budget import TimeBudgetArguments
+from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.config import ConfigError, run
+from chatgpt_recipes.rows import DataError, SkipLog, eval_source, split_train_eval
+from chatgpt_recipes.sft_data import prepare_sft, streamed_sft
+from chatgpt_recipes.data_args import DataArguments
+from chatgpt_recipes.generation import generate
+from chatgpt_recipes.models import ModelArguments, check_context_length, load_model, load_tokenizer, lora_config
+from chatgpt_recipes.reporting import record_metrics, write_training_report
+from chatgpt_recipes.speed import enable_fast_training
+from chatgpt_recipes.templates import example_prompt, save_stage_info
 
 
 FORMAT_HELP = {
@@ -105,7 +107,7 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
         processing_class=tokenizer,
         peft_config=lora_config(model_args, model),
     )
-    enable_fast_training(trainer)  # packed attention, fused loss (common/speed.py)
+    enable_fast_training(trainer)  # packed attention, fused loss (chatgpt_recipes/speed.py)
     train_result = train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
 
     # Save: adapter or full model, tokenizer, metrics, model card

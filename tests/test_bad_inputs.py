@@ -15,9 +15,10 @@ import pytest
 
 from conftest import REPO
 
-from common.config import ConfigError, parse_config
-from common.data import DataError, read_rows, sft_rows, tokenize_sft
-from common.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_target_modules
+from chatgpt_recipes.config import ConfigError, parse_config
+from chatgpt_recipes.rows import DataError, read_rows
+from chatgpt_recipes.sft_data import sft_rows, tokenize_sft
+from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_target_modules
 
 ALPACA_ROW = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 PAIR_ROW = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A colour."}
@@ -53,7 +54,7 @@ def pair_odd_row(row):
 
 
 def preference_file(tmp_path, rows, name="prefs.json"):
-    from common.preferences import read_rankings
+    from chatgpt_recipes.preferences import read_rankings
 
     path = write(tmp_path, name, rows)
     return read_rankings(read_rows(path), path)
@@ -89,7 +90,7 @@ def long_sft(tmp_path, models):
 def long_pairs(tmp_path, models):
     from transformers import AutoTokenizer
 
-    from common.preferences import tokenize_rankings
+    from chatgpt_recipes.preferences import tokenize_rankings
 
     tokenizer = AutoTokenizer.from_pretrained(models["llama"])
     rankings = preference_file(tmp_path, [PAIR_ROW, {**PAIR_ROW, "chosen": "long " * 300}])
@@ -103,7 +104,7 @@ def lora_targets_missing(tmp_path, models):
 
 
 def rm_tokenizer_differs(tmp_path, models):
-    from common.rl import check_same_tokenizer
+    from chatgpt_recipes.rl_inputs import check_same_tokenizer
 
     return check_same_tokenizer(load_tokenizer(models["llama"]), load_tokenizer(models["gpt2"]),
                                 models["llama"], models["gpt2"], "chat")
@@ -120,36 +121,36 @@ def block_size_too_big(tmp_path, models):
 
 
 def rl_long_prompts(tmp_path, models):
-    from common.rl import prompt_dataset
+    from chatgpt_recipes.rl_inputs import prompt_dataset
 
     path = write(tmp_path, "prompts.json", [ALPACA_ROW, {**ALPACA_ROW, "instruction": "long " * 100}])
     return prompt_dataset(path, load_tokenizer(models["llama"]), "alpaca", 64)
 
 
 def rl_odd_prompt(tmp_path, models):
-    from common.rl import prompt_dataset
+    from chatgpt_recipes.rl_inputs import prompt_dataset
 
     path = write(tmp_path, "prompts.json", GOOD_SFT + [{**ALPACA_ROW, "instruction": " "}])
     return prompt_dataset(path, load_tokenizer(models["llama"]), "alpaca", 64)
 
 
 def rl_weak_reward_model(tmp_path, models):
-    from common.preferences import save_stage_info
-    from common.rl import check_reward_model_quality
+    from chatgpt_recipes.templates import save_stage_info
+    from chatgpt_recipes.rl_inputs import check_reward_model_quality
 
     save_stage_info(str(tmp_path / "rm"), "reward_model", "alpaca", eval_accuracy=0.5)
     return check_reward_model_quality(str(tmp_path / "rm"), 0.55, "error")
 
 
 def rl_policy_adapter_without_base(tmp_path, models):
-    from common.rl import check_policy_path
+    from chatgpt_recipes.rl_inputs import check_policy_path
 
     return check_policy_path(adapter_dir(tmp_path, str(tmp_path / "deleted-sft-base")))
 
 
 # (id, what to call, expected error class or "skip", strings the message or the printed skip count must hold)
 CASES = [
-    # --- data files (every recipe reads them with common.data.read_rows) ---
+    # --- data files (every recipe reads them with chatgpt_recipes.rows.read_rows) ---
     ("malformed-json", lambda t, m: sft_file(t, '[{"instruction": "a", "output": "b"},\n {"instruction": '),
      DataError, ["data.json", "not valid JSON at line 2"]),
     ("malformed-jsonl-line", lambda t, m: sft_file(t, json.dumps(ALPACA_ROW) + "\n{oops\n", "data.jsonl"),

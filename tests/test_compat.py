@@ -1,4 +1,4 @@
-"""common/compat.py: every touch of a library's internals refuses a library version it was not written for and a
+"""chatgpt_recipes/compat.py: every touch of a library's internals refuses a library version it was not written for and a
 library that lacks what it relies on, with an error naming the library, its version and the pin; every patch is
 undone afterwards."""
 
@@ -10,8 +10,8 @@ import trl.trainer.sft_trainer as trl_sft
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common import compat, speed
-from common.compat import LibraryMismatchError
+from chatgpt_recipes import compat, speed
+from chatgpt_recipes.compat import LibraryMismatchError
 
 STOCK_TRL_LOSS = trl_sft._chunked_cross_entropy_loss
 
@@ -55,6 +55,10 @@ TOUCHES = {
     "keep_dataset_columns": ("transformers", lambda: compat.keep_dataset_columns(fake_trainer(), ["a"])),
     "replace_lora_dropouts": ("peft", lambda: compat.replace_lora_dropouts(tiny_lora_model(), lambda d: None)),
     "lora_folded_for_sampling": ("peft", lambda: enter(compat.lora_folded_for_sampling(tiny_lora_model()))),
+    "trl_ppo_trainer": ("trl", compat.trl_ppo_trainer),
+    "expose_policy_on_wrapper": ("trl", lambda: compat.expose_policy_on_wrapper(
+        types.SimpleNamespace(module=types.SimpleNamespace(policy=None, value_model=None)))),
+    "replaced_generate": ("transformers", lambda: enter(compat.replaced_generate(tiny_lora_model(), print))),
     "turn_off_4bit_cpu_repacking": ("bitsandbytes", lambda: compat.turn_off_4bit_cpu_repacking(tiny_4bit_model())),
 }
 TESTED = {"trl": compat.TRL, "transformers": compat.TRANSFORMERS, "peft": compat.PEFT,
@@ -230,3 +234,66 @@ def test_lora_input_casts_are_back_after_training_even_after_a_failed_one():
     callback.on_train_begin(None, None, None)  # a train() that raised, then a retry
     callback.on_train_end(None, None, None)
     assert all(m.cast_input_dtype_enabled for m in layers)
+
+
+def test_ppo_trainer_guards(monkeypatch):
+    import sys
+
+    from trl.experimental.ppo import PPOTrainer
+
+    assert compat.trl_ppo_trainer() is PPOTrainer
+    with monkeypatch.context() as patch:
+        patch.delattr(PPOTrainer, "generate_completions")
+        with pytest.raises(LibraryMismatchError, match=r"PPOTrainer has no generate_completions.*pin trl==1.12.0"):
+            compat.trl_ppo_trainer()
+    with monkeypatch.context() as patch:  # TRL's loop no longer does what the subclass assumes
+        patch.setattr(compat, "_PPO_TRAIN_SOURCE", [*compat._PPO_TRAIN_SOURCE, "self.renamed_dataloader"])
+        with pytest.raises(LibraryMismatchError, match=r"PPOTrainer.train no longer contains "
+                                                       r"\['self.renamed_dataloader'\].*pin trl==1.12.0"):
+            compat.trl_ppo_trainer()
+    with monkeypatch.context() as patch:  # TRL >= 1.13: no PPOTrainer at all
+        patch.setitem(sys.modules, "trl.experimental.ppo", None)
+        with pytest.raises(LibraryMismatchError, match=r"removed it in 1.13.*pin trl==1.12.0"):
+            compat.trl_ppo_trainer()
+
+
+def test_replaced_generate_is_undone_even_after_an_error():
+    model = tiny_lora_model()
+    calls = []
+
+    def counting(generate, *args, **kwargs):
+        calls.append(kwargs)
+        return generate(*args, **kwargs)
+
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(RuntimeError, match="inside"):
+        with compat.replaced_generate(model, counting):
+            model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+            raise RuntimeError("inside")
+    assert len(calls) == 1 and "generate" not in vars(model)
+    model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+    assert len(calls) == 1
+
+
+def test_policy_reachable_through_a_ddp_wrapper():
+    """trl#2375: TRL reads model.policy on the DDP-wrapped PolicyAndValueWrapper; a real (1-process gloo) DDP."""
+    import socket
+
+    import torch.distributed as dist
+    from trl.experimental.ppo.ppo_trainer import PolicyAndValueWrapper
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        policy, value = tiny_lora_model(), tiny_lora_model()
+        value.base_model.model.score = torch.nn.Linear(16, 1)
+        wrapped = torch.nn.parallel.DistributedDataParallel(PolicyAndValueWrapper(policy, value.base_model.model))
+        assert not hasattr(wrapped, "policy")
+        before = dict(wrapped.named_parameters())
+        compat.expose_policy_on_wrapper(wrapped)
+        assert wrapped.policy is policy
+        assert dict(wrapped.named_parameters()).keys() == before.keys()  # not registered: DDP's view unchanged
+    finally:
+        dist.destroy_process_group()

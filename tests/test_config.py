@@ -1,9 +1,9 @@
-"""common/config.py: a YAML recipe plus command-line overrides; unknown keys and bad values are clear errors."""
+"""chatgpt_recipes/config.py: a YAML recipe plus command-line overrides; unknown keys and bad values are clear errors."""
 
 import pytest
 
-from common.config import ConfigError, parse_config
-from common.models import ModelArguments
+from chatgpt_recipes.config import ConfigError, parse_config
+from chatgpt_recipes.models import ModelArguments
 from sft_lora import SFTRecipeConfig
 
 TYPES = (SFTRecipeConfig, ModelArguments)
@@ -22,7 +22,7 @@ def test_default_yaml_and_overrides():
                                   "sft/qwen2.5_alpaca_qlora.yaml", "sft/llama3.2_chat_lora.yaml",
                                   "sft/mistral7b_alpaca_qlora.yaml"])
 def test_every_sft_yaml_parses(name):
-    from common.config import RECIPES_DIR
+    from chatgpt_recipes.config import RECIPES_DIR
 
     config, model_args = parse_config(TYPES, DEFAULT, ["--config", str(RECIPES_DIR / "configs" / name)])
     assert config.output_dir and model_args.model_name_or_path
@@ -50,7 +50,7 @@ def test_single_cpu_process_under_accelerate_launch_uses_every_core(monkeypatch)
 
     import torch
 
-    from common.config import use_all_cores_under_accelerate
+    from chatgpt_recipes.config import use_all_cores_under_accelerate
 
     cores = len(os.sched_getaffinity(0))
     if cores < 2:

@@ -1,4 +1,4 @@
-"""common/data.py: exact label masks (Alpaca with and without input, multi-turn chat; ChatML and the fallback
+"""chatgpt_recipes/sft_data.py: exact label masks (Alpaca with and without input, multi-turn chat; ChatML and the fallback
 template), the EOS label surviving collation, and a clear message for each kind of bad input."""
 
 import json
@@ -6,10 +6,11 @@ import json
 import pytest
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from common.data import DataError, prompt_format, read_rows, sft_rows, split_train_eval, tokenize_example, tokenize_sft
-from common.models import load_tokenizer
+from chatgpt_recipes.rows import DataError, read_rows, split_train_eval
+from chatgpt_recipes.sft_data import prompt_format, sft_rows, tokenize_example, tokenize_sft
+from chatgpt_recipes.models import load_tokenizer
 
-# stanford_alpaca's PROMPT_DICT, written out here independently of common/templates.py
+# stanford_alpaca's PROMPT_DICT, written out here independently of chatgpt_recipes/templates.py
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
                      "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n")
@@ -200,7 +201,7 @@ def data_cache(tmp_path, monkeypatch):
 
 
 def test_prepared_sft_skips_every_quirk_and_records_it(tiny_llama_dir, tmp_path, data_cache):
-    from common.data import prepare_sft
+    from chatgpt_recipes.sft_data import prepare_sft
 
     tokenizer = load_tokenizer(tiny_llama_dir)
     path = write_jsonl(tmp_path / "rows.jsonl", GOOD + [row for row, _, _ in QUIRKS])
@@ -217,7 +218,7 @@ def test_prepared_sft_skips_every_quirk_and_records_it(tiny_llama_dir, tmp_path,
 
 
 def test_mixed_file_takes_the_majority_format(tiny_llama_dir, tmp_path, data_cache):
-    from common.data import prepare_sft
+    from chatgpt_recipes.sft_data import prepare_sft
 
     single = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]}
     multi = {"messages": single["messages"] * 2}
@@ -231,8 +232,8 @@ def test_mixed_file_takes_the_majority_format(tiny_llama_dir, tmp_path, data_cac
 
 
 def test_rerun_reads_the_cache_without_tokenising(tiny_llama_dir, tmp_path, data_cache, monkeypatch, capsys):
-    import common.data
-    from common.data import prepare_sft
+    import chatgpt_recipes.sft_data
+    from chatgpt_recipes.sft_data import prepare_sft
 
     tokenizer = load_tokenizer(tiny_llama_dir)
     path = write_jsonl(tmp_path / "rows.jsonl", GOOD)
@@ -242,7 +243,7 @@ def test_rerun_reads_the_cache_without_tokenising(tiny_llama_dir, tmp_path, data
     def no_tokenising(*args, **kwargs):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(common.data, "tokenize_examples", no_tokenising)
+    monkeypatch.setattr(chatgpt_recipes.sft_data, "tokenize_examples", no_tokenising)
     again = prepare_sft(path, "train", tokenizer, 256)
     assert "read from the cache" in capsys.readouterr().out
     assert list(again.dataset["input_ids"]) == list(first.dataset["input_ids"])
@@ -254,7 +255,7 @@ def test_rerun_reads_the_cache_without_tokenising(tiny_llama_dir, tmp_path, data
 
 
 def test_num_proc_gives_the_same_dataset(tiny_llama_dir, tmp_path, data_cache):
-    from common.data import prepare_sft
+    from chatgpt_recipes.sft_data import prepare_sft
 
     tokenizer = load_tokenizer(tiny_llama_dir)
     rows = [{"instruction": f"Add {i} and {i + 1}.", "output": f"{2 * i + 1}"} for i in range(2100)]
@@ -264,8 +265,8 @@ def test_num_proc_gives_the_same_dataset(tiny_llama_dir, tmp_path, data_cache):
 
 
 def test_column_mapping(tiny_llama_dir, tmp_path, data_cache):
-    from common.data import prepare_sft
-    from common.data_args import parse_columns
+    from chatgpt_recipes.sft_data import prepare_sft
+    from chatgpt_recipes.data_args import parse_columns
 
     columns = parse_columns("instruction=question,output=answer")
     assert columns == parse_columns({"instruction": "question", "output": "answer"})
@@ -280,7 +281,7 @@ def test_column_mapping(tiny_llama_dir, tmp_path, data_cache):
 
 
 def test_long_rows_report_tokens_per_character(tiny_llama_dir, tmp_path, data_cache, capsys):
-    from common.data import prepare_sft
+    from chatgpt_recipes.sft_data import prepare_sft
 
     chinese = [{"instruction": f"请用中文写一段关于春天的短文，第{i}篇。", "output": "春天来了，万物复苏。" * (8 + i % 30)}
                for i in range(60)]

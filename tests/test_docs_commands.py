@@ -11,7 +11,7 @@ import sys
 from conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-REPO_PATH = re.compile(r"(?<![\w./-])((?:recipes|accelerate_configs|ds_configs|data|benchmarks|scripts|tests|docs)/"
+REPO_PATH = re.compile(r"(?<![\w./-])((?:recipes|src|accelerate_configs|ds_configs|data|benchmarks|scripts|tests|docs)/"
                        r"[\w./-]*[\w/])")
 SCRIPT = re.compile(r"(?<![\w./-])((?:recipes|benchmarks)/\w+\.py)\b")
 CODE = re.compile(r"```[^\n]*\n(.*?)```|`([^`\n]+)`", re.S)
@@ -39,9 +39,9 @@ def test_every_named_repo_path_exists():
     texts = {path.name: path.read_text() for path in DOCS} | recipe_docstrings()
     missing = [f"{where}: {name}" for where, text in texts.items() for name in REPO_PATH.findall(text)
                if not (REPO / name.rstrip(".")).exists()]
-    # common/X.py alone (docs name shared modules that way) is recipes/common/X.py
+    # chatgpt_recipes/X.py alone (docs name shared modules that way) is src/chatgpt_recipes/X.py
     missing += [f"{where}: {name}" for where, text in texts.items()
-                for name in re.findall(r"(?<![\w/])common/\w+\.py", text) if not (REPO / "recipes" / name).exists()]
+                for name in re.findall(r"(?<![\w/])chatgpt_recipes/\w+\.py", text) if not (REPO / "src" / name).exists()]
     assert not missing, "the docs name files that do not exist:\n" + "\n".join(missing)
 
 
@@ -89,7 +89,7 @@ def test_quoted_commands_answer_help_with_their_options():
         if script in helps:
             options = set(re.findall(r"--[\w-]+", helps[script]["help"]))
             if re.search(r'run\(main, .*\.yaml"\)', (REPO / script).read_text()):
-                options.add("--config")  # read by common.config.parse_config before argparse, so not in --help
+                options.add("--config")  # read by chatgpt_recipes.config.parse_config before argparse, so not in --help
             passed = re.findall(r"(?<![\w-])--\w+", line.split(script, 1)[1])
             unknown += [f"{where}: {option} in `{line}`" for option in passed if option not in options]
     assert not unknown, "quoted commands pass options their script does not have:\n" + "\n".join(unknown)

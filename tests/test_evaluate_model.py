@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from common.data import split_train_eval
-from common.models import ensure_pad_token, load_tokenizer
+from chatgpt_recipes.rows import split_train_eval
+from chatgpt_recipes.models import ensure_pad_token, load_tokenizer
 from evaluate_model import EvaluationConfig, main
 
 PREFERENCES = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",

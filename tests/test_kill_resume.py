@@ -31,8 +31,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 
-from common.callbacks import CheckpointSaveError, TrainingDivergedError, checkpoint_problem, last_complete_checkpoint
-from common.config import RecipeError
+from chatgpt_recipes.resume import CheckpointSaveError, checkpoint_problem, last_complete_checkpoint
+from chatgpt_recipes.resume import TrainingDivergedError
+from chatgpt_recipes.config import RecipeError
 
 MAX_STEPS, SAVE_STEPS = 6, 2
 TOLERANCE = 1e-5
@@ -195,8 +196,8 @@ def _tiny_reward_model(base: str, directory: Path) -> str:
     stage_info.json), with random weights: PPO's resume does not depend on what the rewards mean."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from common.models import ensure_pad_token, load_tokenizer
-    from common.preferences import save_stage_info
+    from chatgpt_recipes.models import ensure_pad_token, load_tokenizer
+    from chatgpt_recipes.templates import save_stage_info
 
     tokenizer = load_tokenizer(base)
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ from peft import get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common.models import ModelArguments, ModelLoadError, load_for_inference, load_model, load_tokenizer, lora_config
-from common.templates import read_stage_info, save_stage_info
+from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_for_inference, load_model, load_tokenizer, lora_config
+from chatgpt_recipes.templates import save_stage_info
 from merge_lora import MergeArguments, main
 
 

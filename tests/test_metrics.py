@@ -1,14 +1,14 @@
-"""common.metrics: every metric against a value computed independently or by hand."""
+"""chatgpt_recipes.metrics: every metric against a value computed independently or by hand."""
 
 import math
 
 import pytest
 import torch
 
-from common.data import sft_rows, tokenize_example
-from common.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores,
+from chatgpt_recipes.sft_data import sft_rows, tokenize_example
+from chatgpt_recipes.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores,
                             sample_answers, token_entropies, wilson_interval, win_rate)
-from common.models import load_for_inference
+from chatgpt_recipes.models import load_for_inference
 
 ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue is a colour of the sky."},
           {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5"},
@@ -47,7 +47,7 @@ def test_reward_scores_read_at_the_last_real_token(tiny_llama_dir):
     """Batched, right-padded scores equal each sequence scored alone: the pad token is never read."""
     from transformers import AutoModelForSequenceClassification
 
-    from common.models import load_tokenizer
+    from chatgpt_recipes.models import load_tokenizer
     tokenizer = load_tokenizer(tiny_llama_dir)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1).eval()

@@ -1,4 +1,4 @@
-"""common/models.py: LoRA targets per architecture, clear errors for unknown models, wrong targets and a resume
+"""chatgpt_recipes/models.py: LoRA targets per architecture, clear errors for unknown models, wrong targets and a resume
 from another run's checkpoint, and the distinct pad token."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import transformers
 from peft import get_peft_model
 
-from common.models import (
+from chatgpt_recipes.models import (
     ModelArguments,
     ModelLoadError,
     check_checkpoint_matches,
@@ -133,7 +133,7 @@ def test_4bit_layers_stay_trainable_and_a_bitsandbytes_rename_is_refused(tiny_ll
     forward); a bitsandbytes without that switch, or another version, is refused rather than silently ignored."""
     import bitsandbytes as bnb
 
-    from common.compat import LibraryMismatchError
+    from chatgpt_recipes.compat import LibraryMismatchError
 
     args = ModelArguments(model_name_or_path=tiny_llama_dir, load_in_4bit=True)
     tokenizer = load_tokenizer(tiny_llama_dir)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import parse_config
-from common.models import ModelArguments
+from chatgpt_recipes.config import parse_config
+from chatgpt_recipes.models import ModelArguments
 from conftest import MARKER, MARKER_WORDS, marker_rate
 
 # The marker rate must rise by at least this much over the starting policy's. The standard error of the difference
@@ -82,10 +82,11 @@ def test_reward_model_learns_the_marker_preference(marker_reward_model_dir, mark
     """Held-out pairs (the recipe's 40) are ranked right (>= 0.9; observed 1.0), and so are answers it never saw
     as a pair: fresh 3-4 word answers with the marker against fresh ones without, to held-out prompts, every
     combination (>= 0.9; chance is 0.5)."""
-    from common.metrics import reward_scores
-    from common.models import load_tokenizer
-    from common.preferences import encode_prompt, encode_response, render_prompt
-    from common.reward import load_reward_model
+    from chatgpt_recipes.metrics import reward_scores
+    from chatgpt_recipes.models import load_tokenizer
+    from chatgpt_recipes.preferences import encode_response
+    from chatgpt_recipes.templates import encode_prompt, render_prompt
+    from chatgpt_recipes.reward import load_reward_model
 
     info = json.loads((Path(marker_reward_model_dir) / "stage_info.json").read_text())
     assert info["eval_accuracy"] >= 0.9, info
@@ -151,8 +152,8 @@ def kl_to_reference(policy_dir: str, reference_dir: str, prompts: list[str], sam
     temperature 1), summed over the tokens of answers sampled from the policy (up to EOS), averaged over answers."""
     from transformers import AutoModelForCausalLM
 
-    from common.models import load_tokenizer
-    from common.preferences import encode_prompt, render_prompt
+    from chatgpt_recipes.models import load_tokenizer
+    from chatgpt_recipes.templates import encode_prompt, render_prompt
 
     tokenizer = load_tokenizer(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()

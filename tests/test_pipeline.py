@@ -88,7 +88,7 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, tiny_
 
 
 def test_pipeline_refuses_bad_stage_lists_and_wiring_overrides(tmp_path):
-    from common.config import ConfigError
+    from chatgpt_recipes.config import ConfigError
     from pipeline import PipelineConfig, main, stage_paths
 
     with pytest.raises(ConfigError, match="distinct names"):

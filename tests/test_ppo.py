@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.config import ConfigError, parse_config
-from common.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_config
-from common.preferences import save_stage_info
+from chatgpt_recipes.config import ConfigError, parse_config
+from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_config
+from chatgpt_recipes.templates import save_stage_info
 from conftest import run_recipe
 
 
@@ -113,8 +113,8 @@ def test_value_model_is_lora_with_an_fp32_head_and_merges_keep_small_updates(tin
     so an update smaller than bf16's rounding step survives the merge."""
     from peft import get_peft_model
 
-    from common.reward import load_value_model
-    from common.rl import merged_model
+    from chatgpt_recipes.reward import load_value_model
+    from chatgpt_recipes.merging import merged_model
 
     model_args = ModelArguments(model_name_or_path=tiny_llama_dir, use_peft=True, lora_r=4, lora_alpha=8,
                                 dtype="bfloat16")
@@ -142,7 +142,7 @@ def test_value_model_is_lora_with_an_fp32_head_and_merges_keep_small_updates(tin
 def test_training_autocast_sees_each_optimizer_step():
     """The autocast around PPO's whole loop must not reuse bf16 weight copies made before an optimizer step (the
     autocast cache does, until the region exits): the policy would be trained on forwards of its first weights."""
-    from common.ppo_trainer import training_autocast
+    from chatgpt_recipes.ppo_trainer import training_autocast
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(8, 8)

@@ -1,4 +1,4 @@
-"""common/precision.py: the one precision decision (bf16 where native, fp16 on CUDA without bf16, fp32 elsewhere),
+"""chatgpt_recipes/precision.py: the one precision decision (bf16 where native, fp16 on CUDA without bf16, fp32 elsewhere),
 explicit settings winning with a warning, the CPU probe, and a recipe run with the probe forced to each CPU kind."""
 
 import logging
@@ -6,12 +6,11 @@ import logging
 import pytest
 import torch
 
-from common import precision
-from common.config import ConfigError, parse_config
-from common.models import ModelArguments, quantization_config
-from common.precision import Capability, choose_precision, detect_capability, inference_dtype
+from chatgpt_recipes import precision
+from chatgpt_recipes.config import ConfigError, parse_config
+from chatgpt_recipes.models import ModelArguments, quantization_config
+from chatgpt_recipes.precision import Capability, choose_precision, detect_capability, inference_dtype
 from conftest import REPO
-from test_merge_lora import one_thread  # noqa: F401 (autouse: tiny models run faster on one thread)
 
 CUDA_BF16 = Capability("cuda", native_bf16=True, fp16=True, evidence="A100")
 CUDA_NO_BF16 = Capability("cuda", native_bf16=False, fp16=True, evidence="T4")
@@ -33,12 +32,12 @@ def test_auto_follows_the_hardware(capability, bf16, fp16, compute):
 
 
 def test_explicit_settings_win_and_emulated_bf16_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="common.precision"):
+    with caplog.at_level(logging.WARNING, logger="chatgpt_recipes.precision"):
         chosen = choose_precision(CPU_NO_BF16, bf16=True)
     assert chosen.bf16 and not chosen.fp16
     assert "80x slower than fp32" in caplog.text  # the measured slowdown factor
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="common.precision"):
+    with caplog.at_level(logging.WARNING, logger="chatgpt_recipes.precision"):
         assert choose_precision(CPU_BF16, bf16=True).bf16
     assert caplog.text == ""
     assert not choose_precision(CPU_BF16, bf16=False).bf16

@@ -1,23 +1,24 @@
-"""common/preferences.py: every preference shape to rankings, K-wise expansion, HH splitting, and the bad rows that
-must fail with a message naming the row and field; common/templates.py: one prompt rendering for SFT, RM and PPO."""
+"""chatgpt_recipes/preferences.py: every preference shape to rankings, K-wise expansion, HH splitting, and the bad rows that
+must fail with a message naming the row and field; chatgpt_recipes/templates.py: one prompt rendering for SFT, RM and PPO."""
 
 import json
 from math import comb
 
 import pytest
 
-from common.data import DataError, read_rows, sft_rows, tokenize_example
-from common.preferences import (dpo_pairs, encode_response, ranking_of, ranking_pairs, ranking_sequences,
+from chatgpt_recipes.rows import DataError, read_rows
+from chatgpt_recipes.sft_data import sft_rows, tokenize_example
+from chatgpt_recipes.preferences import (dpo_pairs, encode_response, ranking_of, ranking_pairs, ranking_sequences,
                                 read_rankings, split_hh_transcript, tokenize_rankings)
-from common.reward import PromptGroupedBatchSampler
-from common.rl import prompt_dataset
-from common.templates import PromptFormatError, encode_prompt, example_prompt, render_prompt
+from chatgpt_recipes.reward import PromptGroupedBatchSampler
+from chatgpt_recipes.rl_inputs import prompt_dataset
+from chatgpt_recipes.templates import PromptFormatError, encode_prompt, example_prompt, render_prompt
 from conftest import REPO
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama_dir):
-    from common.models import load_tokenizer
+    from chatgpt_recipes.models import load_tokenizer
 
     return load_tokenizer(tiny_llama_dir)
 
@@ -134,7 +135,7 @@ SFT_ROWS = {  # one conversation, "Name a color." answered "Blue.", as a row of 
 def test_sft_reward_model_and_ppo_render_the_same_prompt(prompt_format, model, request, tmp_path):
     """The cross-stage promise: the prompt SFT trains after is, as text and as tokens, what the reward model
     scores after (a preference row on the same conversation) and what PPO/RLOO generate from (the same row)."""
-    from common.models import load_tokenizer
+    from chatgpt_recipes.models import load_tokenizer
 
     tokenizer = load_tokenizer(request.getfixturevalue(model))
     row = SFT_ROWS[prompt_format]
@@ -173,7 +174,7 @@ def test_sft_reward_model_and_ppo_render_the_same_prompt(prompt_format, model, r
     ({"question": "Q", "answer": "A"}, None, "unknown preference row"),
 ])
 def test_bad_preference_row_is_a_recorded_skip_and_a_mostly_bad_file_an_error(tmp_path, row, field, message):
-    from common.data import SkipLog
+    from chatgpt_recipes.rows import SkipLog
 
     path = tmp_path / "prefs.jsonl"
     good = [{"prompt": f"Q{i}", "chosen": "yes", "rejected": "no"} for i in range(40)]

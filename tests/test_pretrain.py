@@ -10,10 +10,10 @@ from conftest import REPO, run_recipe
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, GPT2Config, GPT2LMHeadModel
 
-from common.config import ConfigError, parse_config
-from common.data import DataError
-from common.text_data import block_dataset, load_documents, split_documents, token_blocks
-from common.tokenizer_training import train_bpe_tokenizer
+from chatgpt_recipes.config import ConfigError, parse_config
+from chatgpt_recipes.rows import DataError
+from chatgpt_recipes.text_data import block_dataset, load_documents, split_documents, token_blocks
+from chatgpt_recipes.tokenizer_training import train_bpe_tokenizer
 
 WIKI = REPO / "data" / "wiki_demo.txt"
 
@@ -177,7 +177,7 @@ def test_continued_pretraining_changes_weights_and_keeps_the_tokenizer(tmp_path,
     run_pretrain(*common, "--output_dir", str(tmp_path / "lora"), "--use_peft", "true", "--lora_r", "4")
     adapter = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]).resolve() == Path(tiny_gpt2_dir).resolve()
-    from common.models import load_for_inference
+    from chatgpt_recipes.models import load_for_inference
 
     _, model = load_for_inference(str(tmp_path / "lora"))  # as SFT, chat and evaluation load it
     assert any("lora_" in name for name, _ in model.named_parameters())

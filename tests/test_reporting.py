@@ -1,10 +1,10 @@
-"""common.reporting: the report and the plots each kind of run gets, from logs shaped like TRL's."""
+"""chatgpt_recipes.reporting: the report and the plots each kind of run gets, from logs shaped like TRL's."""
 
 import json
 
 import matplotlib.image
 
-from common.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
+from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
 
 SFT_LOG = [{"loss": 2.0 - 0.1 * s, "step": s, "epoch": s / 10} for s in range(1, 11)] + \
           [{"eval_loss": 1.9 - 0.05 * s, "step": s, "epoch": s / 10} for s in (5, 10)]

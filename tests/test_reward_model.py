@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from common.data import read_rows, split_train_eval
-from common.models import load_tokenizer
-from common.preferences import read_rankings, tokenize_rankings
-from common.reward import load_reward_model, mean_reward
+from chatgpt_recipes.rows import read_rows, split_train_eval
+from chatgpt_recipes.models import load_tokenizer
+from chatgpt_recipes.preferences import read_rankings, tokenize_rankings
+from chatgpt_recipes.reward import load_reward_model, mean_reward
 from conftest import REPO, run_recipe
 
 

@@ -13,8 +13,8 @@ import torch
 
 from conftest import REPO
 
-from common.config import parse_config
-from common.models import ModelArguments, ModelLoadError, load_for_inference, load_model, load_tokenizer
+from chatgpt_recipes.config import parse_config
+from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_for_inference, load_model, load_tokenizer
 
 # A ChatGLM-style checkpoint: its config names a model type transformers does not know, and maps the Auto
 # classes to Python files shipped next to the weights. Importing those files leaves a marker: proof the code ran.

@@ -16,14 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from common.config import parse_config
-from common.data import DataError
-from common.instruction_generators import Decoding, OpenAICompatibleGenerator
-from common.rouge_dedup import RougeDeduplicator, RougeTokenizer, new_scorer
-from common.self_instruct import (SelfInstructError, Task, build_request_prompt,
+from chatgpt_recipes.config import parse_config
+from chatgpt_recipes.rows import DataError
+from chatgpt_recipes.instruction_generators import Decoding, OpenAICompatibleGenerator
+from chatgpt_recipes.rouge_dedup import RougeDeduplicator, RougeTokenizer, new_scorer
+from chatgpt_recipes.self_instruct import (SelfInstructError, Task, build_request_prompt,
                                   filter_reason, leading_word, parse_completion, read_output_rows,
                                   read_seed_tasks)
-from common.models import ModelArguments
+from chatgpt_recipes.models import ModelArguments
 from conftest import REPO
 
 SEEDS = REPO / "data" / "alpaca_seed_tasks.jsonl"
@@ -200,7 +200,7 @@ def serving(handler_class):
 def openai_server(tiny_llama_dir):
     """A real HTTP server on 127.0.0.1 that answers /v1/completions and /v1/chat/completions with the tiny model's
     sampled completions in the OpenAI wire format; it records each request and what it answered."""
-    from common.models import load_for_inference
+    from chatgpt_recipes.models import load_for_inference
 
     tokenizer, model = load_for_inference(tiny_llama_dir)
     tokenizer.padding_side = "left"

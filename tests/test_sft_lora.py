@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from common.config import parse_config
-from common.data import sft_rows, tokenize_sft
-from common.models import ModelArguments, load_for_inference, load_model, load_tokenizer
+from chatgpt_recipes.config import parse_config
+from chatgpt_recipes.sft_data import sft_rows, tokenize_sft
+from chatgpt_recipes.models import ModelArguments, load_for_inference, load_model, load_tokenizer
 from conftest import REPO, run_recipe
-from test_merge_lora import one_thread  # noqa: F401 (autouse: tiny models run faster on one thread)
 
 
 def sft_args(model_dir: str, output_dir: Path) -> list[str]:
@@ -130,7 +129,7 @@ def test_qlora_trains_on_cpu_with_chat_data(tiny_llama_dir, tmp_path):
     losses = [e["loss"] for e in json.loads((output_dir / "log_history.json").read_text()) if "loss" in e]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     # Every LoRA layer learned, q/k/v and gate/up too: gradients pass through the 4-bit layers even after the
-    # eval-mode generation (see common.models.keep_4bit_layers_trainable)
+    # eval-mode generation (see chatgpt_recipes.models.keep_4bit_layers_trainable)
     lora_b = [v for k, v in load_file(output_dir / "adapter_model.safetensors").items() if "lora_B" in k]
     assert len(lora_b) == 14 and all(v.abs().sum() > 0 for v in lora_b)
 

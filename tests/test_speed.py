@@ -1,4 +1,4 @@
-"""common.speed: the packed attention and the fused loss give what the code they replace gives."""
+"""chatgpt_recipes.speed: the packed attention and the fused loss give what the code they replace gives."""
 
 import types
 
@@ -7,7 +7,7 @@ import torch
 import trl.trainer.sft_trainer as trl_sft
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common import speed
+from chatgpt_recipes import speed
 from conftest import REPO
 
 STOCK_TRL_LOSS = trl_sft._chunked_cross_entropy_loss
@@ -137,8 +137,8 @@ def test_enable_fast_training_in_sft_trainer(tmp_path, count_fused_loss, smollm2
 def test_sft_recipe_in_process_leaves_trl_stock(tiny_llama_dir, tmp_path, count_fused_loss):
     """sft_lora.main trains and evaluates with the fused loss, and afterwards TRL's own loss is back, so a later
     "stock TRL" comparison in the same process really is stock."""
-    from common.config import parse_config
-    from common.models import ModelArguments
+    from chatgpt_recipes.config import parse_config
+    from chatgpt_recipes.models import ModelArguments
     from sft_lora import SFTRecipeConfig, main
 
     args = ["--model_name_or_path", tiny_llama_dir, "--dataset_name", str(REPO / "data" / "alpaca_en_demo.json"),

@@ -1,10 +1,9 @@
-"""common.callbacks.TimeBudget: `max_train_minutes` ends training before the next step would pass it, with a
+"""chatgpt_recipes.time_budget.TimeBudget: `max_train_minutes` ends training before the next step would pass it, with a
 checkpoint that the same command resumes from."""
 
 import json
 
-from common.callbacks import last_complete_checkpoint
-from test_merge_lora import one_thread  # noqa: F401 (autouse: tiny models run faster on one thread)
+from chatgpt_recipes.resume import last_complete_checkpoint
 from test_precision import sft_config
 
 

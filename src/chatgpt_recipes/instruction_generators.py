@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.config import ConfigError
-from common.self_instruct import SelfInstructError
+from chatgpt_recipes.config import ConfigError
+from chatgpt_recipes.self_instruct import SelfInstructError
 
 PROMPT_STYLES = ("completion", "chat")
 # The request prompt asks for 20 tasks: stop before a 20th, as Alpaca did
@@ -49,8 +49,8 @@ def cut_at_stop(text: str) -> tuple[str, bool]:
 class LocalGenerator:
     def __init__(self, model_name_or_path: str, dtype: torch.dtype, prompt_style: str, decoding: Decoding,
                  trust_remote_code: bool = False, use_cpu: bool = False):
-        from common.generation import stop_token_ids
-        from common.models import load_for_inference
+        from chatgpt_recipes.generation import stop_token_ids
+        from chatgpt_recipes.models import load_for_inference
 
         self.tokenizer, self.model = load_for_inference(model_name_or_path, trust_remote_code, dtype)
         if torch.cuda.is_available() and not use_cpu:

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from common.config import ConfigError
+from chatgpt_recipes.config import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's: ends every document, and every turn under the fallback chat template
 PAD_TOKEN = "<|pad|>"  # distinct from EOS, so masking padding never masks the EOS the model must learn

@@ -9,7 +9,9 @@ from pathlib import Path
 from transformers import set_seed
 from trl import TrlParser
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent
+# The recipes and their YAMLs are the checkout's scripts, not package data: the package is installed editable from
+# the checkout (`-e .` in requirements.txt), so recipes/ sits next to src/.
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 class RecipeError(Exception):
@@ -43,6 +45,10 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
     and command-line overrides. Unknown YAML keys and flags are errors, never silently ignored."""
     args = list(sys.argv[1:] if args is None else args)
     if "--config" not in args:
+        if not RECIPES_DIR.is_dir():
+            raise ConfigError(f"no recipes/ next to the installed package ({RECIPES_DIR} is missing): install it from "
+                              "a checkout of the repository with `pip install -r requirements.txt` (editable), or pass "
+                              "--config")
         args = ["--config", str(RECIPES_DIR / "configs" / default_config)] + args
     if "--use_cpu" not in args and not _has_accelerator():
         args += ["--use_cpu", "true"]  # transformers refuses bf16 autocast on a CPU unless told it is one
@@ -117,10 +123,10 @@ def _without_option(args: list[str], name: str) -> list[str]:
 
 def resolve_precision_flags(args: list[str], config_path: str):
     """Replace `bf16`/`fp16` set to auto (or unset) in the YAML or on the command line by the precision decision
-    for this hardware (common/precision.py); explicit true/false stay. Prints the choice once."""
+    for this hardware (chatgpt_recipes/precision.py); explicit true/false stay. Prints the choice once."""
     import yaml
 
-    from common.precision import announce, choose_precision, detect_capability, parse_flag
+    from chatgpt_recipes.precision import announce, choose_precision, detect_capability, parse_flag
 
     config = yaml.safe_load(Path(config_path).read_text()) or {}
     try:

@@ -114,7 +114,7 @@ def _pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Te
 @torch.no_grad()
 def dataset_perplexity(model, examples: list[dict], batch_size: int = 8, progress: str = "") -> dict:
     """Perplexity of a causal LM on tokenised examples {input_ids, labels} (labels -100 where not scored, e.g.
-    from common.data.tokenize_example, so exactly the tokens SFT trains on are measured)."""
+    from chatgpt_recipes.data.tokenize_example, so exactly the tokens SFT trains on are measured)."""
     total_loss, total_tokens = 0.0, 0
     for number, batch in enumerate(_batches(examples, batch_size), start=1):
         input_ids = _pad([e["input_ids"] for e in batch], 0).to(model.device)

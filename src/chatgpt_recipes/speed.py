@@ -16,8 +16,8 @@
   much as a [2048 x 576] x [576 x 1536] bf16 matmul: a fifth of the step with dropout on all 7 projections.
 
 `enable_fast_training(trainer)` turns them on for an SFT run; the recipe calls it once the trainer is built.
-PPO (common/ppo_trainer.py) uses the LoRA-input switch too, and samples through `lora_folded_for_sampling`.
-What these touch inside the libraries is in common/compat.py, checked against the versions it was written for.
+PPO (chatgpt_recipes/ppo_trainer.py) uses the LoRA-input switch too, and samples through `lora_folded_for_sampling`.
+What these touch inside the libraries is in chatgpt_recipes/compat.py, checked against the versions it was written for.
 """
 
 from contextlib import ExitStack
@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
 from transformers import TrainerCallback
 
-from common import compat
-from common.compat import lora_folded_for_sampling  # noqa: F401 (common/ppo_trainer.py imports it from here)
+from chatgpt_recipes import compat
 
 PACKED_SDPA = "sdpa_packed"
 _INT16_MIN = -(2**15)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from packaging.version import Version
 
-from common.config import RecipeError
+from chatgpt_recipes.config import RecipeError
 
 # The versions every touch below was written and tested against (requirements.txt)
 TRANSFORMERS = "5.23.0"
@@ -40,7 +40,7 @@ def check_version(library: str, tested: str, touch: str) -> None:
         raise LibraryMismatchError(
             f"{touch} relies on internals of {library} {low.major}.{low.minor}.x (tested with {tested}), but "
             f"{library} {version} is installed: pin {library}=={tested} (requirements.txt), or port "
-            "recipes/common/compat.py to the new version")
+            "src/chatgpt_recipes/compat.py to the new version")
 
 
 def require(owner, names: list[str], library: str, tested: str, touch: str) -> None:
@@ -50,10 +50,10 @@ def require(owner, names: list[str], library: str, tested: str, touch: str) -> N
         what = getattr(owner, "__name__", type(owner).__name__)
         raise LibraryMismatchError(
             f"{touch}: {library} {installed(library)}'s {what} has no {', '.join(missing)}; it was written for "
-            f"{library} {tested}: pin {library}=={tested} (requirements.txt), or port recipes/common/compat.py")
+            f"{library} {tested}: pin {library}=={tested} (requirements.txt), or port src/chatgpt_recipes/compat.py")
 
 
-# --- TRL: the SFT loss (common/speed.py's fused loss) -------------------------------------------------------------
+# --- TRL: the SFT loss (chatgpt_recipes/speed.py's fused loss) -------------------------------------------------------------
 
 _TRL_LOSS = "the fused SFT loss (replaces trl.trainer.sft_trainer._chunked_cross_entropy_loss)"
 _TRL_LOSS_PARAMETERS = ["hidden_states", "lm_head_weight", "chunk_size", "labels", "shift_labels",
@@ -150,7 +150,7 @@ def replace_lora_dropouts(model, replace) -> int:
     return swapped
 
 
-_FOLD = "folding LoRA into the base weights for sampling (common.compat.lora_folded_for_sampling)"
+_FOLD = "folding LoRA into the base weights for sampling (chatgpt_recipes.compat.lora_folded_for_sampling)"
 _FOLD_ATTRIBUTES = ["base_layer", "lora_A", "lora_B", "scaling", "active_adapters", "merged", "merged_adapters",
                     "disable_adapters", "lora_variant", "cast_input_dtype_enabled"]
 
@@ -198,7 +198,7 @@ def lora_folded_for_sampling(model):
 
 def turn_off_4bit_cpu_repacking(model) -> None:
     """Set bitsandbytes' `support_avx512bf16_for_cpu` off on every 4-bit layer of `model` (see
-    common.models.keep_4bit_layers_trainable for why). Were it renamed, setting the old name would do nothing and
+    chatgpt_recipes.models.keep_4bit_layers_trainable for why). Were it renamed, setting the old name would do nothing and
     the no-gradient bug would be back, hence the checks."""
     touch = "keeping 4-bit layers trainable after an eval-mode forward (support_avx512bf16_for_cpu)"
     check_version("bitsandbytes", BITSANDBYTES, touch)
@@ -253,3 +253,69 @@ def value_model_for_trl_ppo(peft_model):
     require(model, ["score"], "transformers", TRANSFORMERS, touch)
     model.score.register_forward_pre_hook(lambda head, inputs: tuple(x.float() for x in inputs))
     return model
+
+
+# --- TRL: PPOTrainer (trl.experimental.ppo), subclassed by chatgpt_recipes.ppo_trainer.RecipePPOTrainer ------------
+
+_PPO = "the PPO trainer (chatgpt_recipes.ppo_trainer.RecipePPOTrainer, a subclass of TRL's PPOTrainer)"
+# What the subclass overrides or calls, and what it assumes TRL's train() does: it reads `self.dataloader` (replaced
+# by a seeded prompt order), loops over range(1, args.num_total_batches + 1) (shortened on resume), zeroes the step
+# counters before on_train_begin (put back by a callback on resume), steps `optimizer` once per micro-batch (wrapped
+# for PPO-ptx), and saves through _save_checkpoint (which adds the value model).
+_PPO_METHODS = ["train", "log", "generate_completions", "_save_checkpoint", "_load_rng_state", "null_ref_context",
+                "save_model"]
+_PPO_TRAIN_SOURCE = ["self.dataloader", "range(1, args.num_total_batches + 1)", "self.state.global_step = 0",
+                     "on_train_begin", "optimizer.step()", "self._save_checkpoint(model, trial=None)",
+                     "unwrapped_model.policy"]
+
+
+def trl_ppo_trainer():
+    """TRL's PPOTrainer class, checked: the version the subclass was written for, the methods it overrides and
+    what it assumes about TRL's train()."""
+    touch = _PPO
+    try:
+        from trl.experimental.ppo import PPOTrainer
+    except ImportError as error:
+        raise LibraryMismatchError(
+            f"{touch}: trl {installed('trl')} has no trl.experimental.ppo.PPOTrainer (TRL removed it in 1.13): "
+            f"pin trl=={TRL} (requirements.txt)") from error
+    check_version("trl", TRL, touch)
+    require(PPOTrainer, _PPO_METHODS, "trl", TRL, touch)
+    source = inspect.getsource(PPOTrainer.train)
+    missing = [line for line in _PPO_TRAIN_SOURCE if line not in source]
+    if missing:
+        raise LibraryMismatchError(f"{touch}: trl {installed('trl')}'s PPOTrainer.train no longer contains "
+                                   f"{missing}; it was written for trl {TRL}: pin trl=={TRL} (requirements.txt)")
+    return PPOTrainer
+
+
+def expose_policy_on_wrapper(model) -> None:
+    """trl#2375: TRL's PPOTrainer reads `self.model.policy` (reference log-probs with a LoRA policy, null_ref_context,
+    save_model) on the model accelerate prepared, which under DDP is a DistributedDataParallel wrapper without that
+    attribute. The wrapper gets a plain (unregistered) reference to the inner policy: DDP's parameters, hooks and
+    state dict stay as they are, and TRL only calls the policy that way without gradients or to save it."""
+    touch = "the PPO policy on a DDP wrapper (trl#2375)"
+    check_version("trl", TRL, touch)
+    inner = getattr(model, "module", None)
+    if inner is None or hasattr(model, "policy"):
+        return
+    require(inner, ["policy", "value_model"], "trl", TRL, touch)
+    object.__setattr__(model, "policy", inner.policy)
+
+
+@contextmanager
+def replaced_generate(model, generate):
+    """`model.generate` is `generate(original, *args, **kwargs)` inside, the model's own afterwards. TRL's PPO loop
+    samples through `lm_backbone.generate`, looked up on the policy at every call."""
+    touch = "timing PPO's sampling (policy.generate replaced during train)"
+    check_version("transformers", TRANSFORMERS, touch)
+    require(model, ["generate"], "transformers", TRANSFORMERS, touch)
+    own = vars(model).get("generate")  # an instance attribute set before (else the class's method)
+    model.generate = functools.partial(generate, own or model.generate)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.generate
+        else:
+            model.generate = own

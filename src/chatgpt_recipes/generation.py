@@ -1,4 +1,4 @@
-"""Text generation shared by the demo answers, chat, evaluation and the pipeline (prompts: common.templates)."""
+"""Text generation shared by the demo answers, chat, evaluation and the pipeline (prompts: chatgpt_recipes.templates)."""
 
 import contextlib
 

@@ -4,8 +4,9 @@ plot_model_comparison / plot_win_rates and its tables with evaluation_markdown."
 
 import json
 import os
+from pathlib import Path
 
-from common.models import cache_dir
+from chatgpt_recipes.models import cache_dir
 
 # matplotlib writes its font cache under ~/.cache and ~/.config; keep it in the cache the recipes name instead
 os.environ.setdefault("MPLCONFIGDIR", str(cache_dir() / "matplotlib"))
@@ -204,3 +205,7 @@ def record_metrics(trainer, train_result, evaluate: bool) -> dict:
         metrics.update(eval_metrics)
     trainer.save_state()
     return metrics
+
+
+def save_json(path: str | Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")

@@ -10,7 +10,7 @@ from datasets import Dataset, IterableDataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 
-from common.data import DEFECT, UNUSABLE, DataError, SkipLog
+from chatgpt_recipes.rows import DEFECT, UNUSABLE, DataError, SkipLog
 
 logger = logging.getLogger(__name__)
 

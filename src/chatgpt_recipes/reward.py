@@ -9,9 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 from trl import RewardTrainer
 
-from common import compat
-from common.metrics import reward_scores
-from common.models import ModelLoadError, lora_config, torch_dtype
+from chatgpt_recipes import compat
+from chatgpt_recipes.metrics import reward_scores
+from chatgpt_recipes.models import ModelLoadError, lora_config, torch_dtype
+from chatgpt_recipes.templates import encode_prompt
 
 REWARD_OFFSET_KEY = "reward_offset"  # in the reward model's config.json: subtracted from every score
 
@@ -143,3 +144,17 @@ def load_value_model(path: str, model_args):
         if param.requires_grad:
             param.data = param.data.float()
     return compat.value_model_for_trl_ppo(adapted)
+
+
+def reward_model_function(reward_model, tokenizer, prompt_format: str, batch_size: int = 8):
+    """A TRL reward function that scores exactly the tokens PPO would: tokens(prompt) + the generated ids up to
+    and including EOS. (Given the model itself, RLOOTrainer decodes completions with special tokens skipped and
+    re-tokenises the text, so the EOS the reward model reads its score at would be missing.)"""
+    from chatgpt_recipes.metrics import reward_scores
+
+    def reward_model_score(prompts, completions, completion_ids, **kwargs):
+        sequences = [encode_prompt(prompt, tokenizer, prompt_format) + list(ids)
+                     for prompt, ids in zip(prompts, completion_ids)]
+        return reward_scores(reward_model, sequences, tokenizer.pad_token_id, batch_size)
+
+    return reward_model_score

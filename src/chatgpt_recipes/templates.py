@@ -11,7 +11,7 @@ A prompt is Alpaca pieces {instruction, input}, chat turns ending with a user tu
 import json
 from pathlib import Path
 
-from common.config import ConfigError, RecipeError
+from chatgpt_recipes.config import ConfigError, RecipeError
 
 PROMPT_FORMATS = ("alpaca", "chat", "plain")
 STAGE_INFO_FILE = "stage_info.json"
@@ -90,13 +90,13 @@ def render_prompt(prompt, tokenizer, prompt_format: str) -> str:
 
 
 def encode_prompt(text: str, tokenizer, prompt_format: str) -> list[int]:
-    """Token ids of a rendered prompt, with special tokens exactly as common.data.tokenize_example adds them (a
+    """Token ids of a rendered prompt, with special tokens exactly as chatgpt_recipes.sft_data.tokenize_example adds them (a
     chat template writes its own)."""
     return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
 
 
 def example_prompt(example: dict, tokenizer) -> str:
-    """The prompt of an SFT example (common.data.sft_rows: {prompt, completion} already rendered, or {messages}):
+    """The prompt of an SFT example (chatgpt_recipes.sft_data.sft_rows: {prompt, completion} already rendered, or {messages}):
     everything up to its last assistant answer."""
     if "prompt" in example:
         return example["prompt"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.config import ConfigError
+from chatgpt_recipes.config import ConfigError
 
 logger = logging.getLogger(__name__)
 

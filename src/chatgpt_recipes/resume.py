@@ -15,25 +15,106 @@ import math
 import os
 import re
 import shutil
-import time
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from common.config import ConfigError, RecipeError
-from common.models import check_checkpoint_matches
+from chatgpt_recipes.config import ConfigError, RecipeError
+from chatgpt_recipes.models import check_checkpoint_matches
+from chatgpt_recipes.time_budget import TimeBudget
 
 logger = logging.getLogger(__name__)
+
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class TrainingDivergedError(RecipeError, RuntimeError):
     """The loss or the weights became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+def _non_finite_parameters(parameters) -> bool:
+    tensors = [p.detach() for p in parameters if p.numel() > 0]
+    if not tensors:
+        return False
+    norms = torch._foreach_norm(tensors)  # one reduction per tensor, a single host sync for all of them
+    return not bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]).sum()))
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stops training at the first step whose loss, gradients or updated weights are NaN or inf.
+
+    Trainer's `logging_nan_inf_filter` (on by default) hides a NaN loss from the logs, and the optimizer step
+    writes the NaN into the weights, which the next save would store. So after every optimizer step the
+    trainable weights are checked (one fused norm, cheap next to the step), before Trainer logs or saves; the
+    error leaves the newest checkpoint on disk as the last good one."""
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if optimizer is not None:
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        elif model is not None:
+            parameters = [p for p in model.parameters() if p.requires_grad]
+        else:
+            return
+        if _non_finite_parameters(parameters):
+            self._stop(args, state, "the weights hold NaN/inf after the optimizer step (a NaN or inf loss or "
+                                    "gradient reached them)")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self._stop(args, state, f"the logged {key} is {value}")
+
+    @staticmethod
+    def _stop(args, state, what: str):
+        last_good = last_complete_checkpoint(args.output_dir, not args.save_only_model, quiet=True)
+        raise TrainingDivergedError(
+            f"training diverged at step {state.global_step}: {what}. Nothing was saved for this step; the last "
+            f"good checkpoint is {last_good or 'none (no checkpoint was saved yet)'}. Lower learning_rate, set "
+            f"max_grad_norm, use bf16 instead of fp16, or check the data around this step; rerunning the same "
+            f"command resumes from the last good checkpoint.")
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class DiskSpaceGuard(TrainerCallback):
+    """Before each checkpoint save, checks that the disk has room for one more checkpoint of the size of the
+    last one (+10%), and stops with a clear error instead of writing a half checkpoint. The first save has no
+    size to go by; a full disk there is explained by `explain_save_errors`."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not (control.should_save and args.should_save):
+            return
+        previous = last_complete_checkpoint(args.output_dir, not args.save_only_model, quiet=True)
+        if previous is None:
+            return
+        needed = int(_tree_size(Path(previous)) * 1.1)
+        free = shutil.disk_usage(args.output_dir).free
+        if free < needed:
+            raise CheckpointSaveError(
+                errno.ENOSPC,
+                f"not enough disk space to save checkpoint-{state.global_step} in {args.output_dir}: a checkpoint "
+                f"takes about {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free. Nothing was written; "
+                f"{previous} is complete and a rerun resumes from it. Free space, lower save_total_limit, or "
+                f"point output_dir at a larger disk.")
+
+
+def guard_trainer(trainer) -> None:
+    """Adds the NaN/inf and disk-space guards, and the time budget when one is set, to a transformers/TRL trainer
+    (once)."""
+    present = {type(callback) for callback in trainer.callback_handler.callbacks}
+    for guard in (NonFiniteLossGuard, DiskSpaceGuard):
+        if guard not in present:
+            trainer.add_callback(guard())
+    minutes = getattr(trainer.args, "max_train_minutes", None)
+    if minutes and TimeBudget not in present:
+        trainer.add_callback(TimeBudget(minutes))
 
 
 class CheckpointSaveError(RecipeError, OSError):
@@ -169,108 +250,6 @@ def resume_checkpoint(args) -> str | None:
     return last_complete_checkpoint(args.output_dir, needs_state)
 
 
-def _non_finite_parameters(parameters) -> bool:
-    tensors = [p.detach() for p in parameters if p.numel() > 0]
-    if not tensors:
-        return False
-    norms = torch._foreach_norm(tensors)  # one reduction per tensor, a single host sync for all of them
-    return not bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]).sum()))
-
-
-class NonFiniteLossGuard(TrainerCallback):
-    """Stops training at the first step whose loss, gradients or updated weights are NaN or inf.
-
-    Trainer's `logging_nan_inf_filter` (on by default) hides a NaN loss from the logs, and the optimizer step
-    writes the NaN into the weights, which the next save would store. So after every optimizer step the
-    trainable weights are checked (one fused norm, cheap next to the step), before Trainer logs or saves; the
-    error leaves the newest checkpoint on disk as the last good one."""
-
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if optimizer is not None:
-            parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        elif model is not None:
-            parameters = [p for p in model.parameters() if p.requires_grad]
-        else:
-            return
-        if _non_finite_parameters(parameters):
-            self._stop(args, state, "the weights hold NaN/inf after the optimizer step (a NaN or inf loss or "
-                                    "gradient reached them)")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
-            value = (logs or {}).get(key)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                self._stop(args, state, f"the logged {key} is {value}")
-
-    @staticmethod
-    def _stop(args, state, what: str):
-        last_good = last_complete_checkpoint(args.output_dir, not args.save_only_model, quiet=True)
-        raise TrainingDivergedError(
-            f"training diverged at step {state.global_step}: {what}. Nothing was saved for this step; the last "
-            f"good checkpoint is {last_good or 'none (no checkpoint was saved yet)'}. Lower learning_rate, set "
-            f"max_grad_norm, use bf16 instead of fp16, or check the data around this step; rerunning the same "
-            f"command resumes from the last good checkpoint.")
-
-
-@dataclass
-class TimeBudgetArguments:
-    """A wall-clock budget for the training loop, so that a default run fits its time on slow hardware."""
-
-    max_train_minutes: float | None = field(default=None, metadata={
-        "help": "Stop training, with a checkpoint, before the next step would pass this many minutes (measured "
-                "per-step time); the run prints the step it stopped at. Rerunning continues from there. Empty: "
-                "no budget."})
-
-
-class TimeBudget(TrainerCallback):
-    """Ends training once the mean step time says the next step would overrun `minutes`, and saves, so that a
-    default meant for a fast CPU still ends in time (and with a checkpoint) on a slow one, having trained fewer
-    steps; the report says so. Learning-rate schedules still run over max_steps."""
-
-    def __init__(self, minutes: float):
-        self.budget_s, self.stopped_at = minutes * 60, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.first_step = time.monotonic(), state.global_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        elapsed, steps = time.monotonic() - self.start, state.global_step - self.first_step
-        if steps and state.global_step < state.max_steps and elapsed * (steps + 1) / steps > self.budget_s:
-            control.should_training_stop = control.should_save = True
-            self.stopped_at = state.global_step
-            if state.is_world_process_zero:
-                print(f"[time budget] stopping at step {state.global_step} of {state.max_steps}: "
-                      f"{elapsed / steps:.1f} s/step here, and max_train_minutes={self.budget_s / 60:g} would be "
-                      f"passed by the next step. Rerun the same command to continue, or raise max_train_minutes.",
-                      flush=True)
-
-
-def _tree_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-class DiskSpaceGuard(TrainerCallback):
-    """Before each checkpoint save, checks that the disk has room for one more checkpoint of the size of the
-    last one (+10%), and stops with a clear error instead of writing a half checkpoint. The first save has no
-    size to go by; a full disk there is explained by `explain_save_errors`."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not (control.should_save and args.should_save):
-            return
-        previous = last_complete_checkpoint(args.output_dir, not args.save_only_model, quiet=True)
-        if previous is None:
-            return
-        needed = int(_tree_size(Path(previous)) * 1.1)
-        free = shutil.disk_usage(args.output_dir).free
-        if free < needed:
-            raise CheckpointSaveError(
-                errno.ENOSPC,
-                f"not enough disk space to save checkpoint-{state.global_step} in {args.output_dir}: a checkpoint "
-                f"takes about {needed / 1e6:.1f} MB and {free / 1e6:.1f} MB are free. Nothing was written; "
-                f"{previous} is complete and a rerun resumes from it. Free space, lower save_total_limit, or "
-                f"point output_dir at a larger disk.")
-
-
 @contextmanager
 def explain_save_errors(output_dir: str):
     """Turns a disk-full error raised deep inside torch.save / safetensors / json while saving into one message
@@ -293,18 +272,6 @@ def explain_save_errors(output_dir: str):
             f"resume; {last_good or 'no complete checkpoint exists yet'} "
             f"{'is complete and a rerun resumes from it' if last_good else ''}. Free space, lower "
             f"save_total_limit, or point output_dir at a larger disk.") from error
-
-
-def guard_trainer(trainer) -> None:
-    """Adds the NaN/inf and disk-space guards, and the time budget when one is set, to a transformers/TRL trainer
-    (once)."""
-    present = {type(callback) for callback in trainer.callback_handler.callbacks}
-    for guard in (NonFiniteLossGuard, DiskSpaceGuard):
-        if guard not in present:
-            trainer.add_callback(guard())
-    minutes = getattr(trainer.args, "max_train_minutes", None)
-    if minutes and TimeBudget not in present:
-        trainer.add_callback(TimeBudget(minutes))
 
 
 def train_with_resume(trainer):

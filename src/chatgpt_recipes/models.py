@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from trl import ModelConfig
 
-from common.config import ConfigError, RecipeError
-from common.templates import FALLBACK_CHAT_TEMPLATE
+from chatgpt_recipes.config import ConfigError, RecipeError
+from chatgpt_recipes.templates import FALLBACK_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def torch_dtype(model_args: ModelArguments) -> torch.dtype:
     """The `dtype` argument for from_pretrained. `auto` is resolved by the recipes' config parsing (with the
     bf16/fp16 settings); called without it, `auto` follows the hardware's precision decision."""
     if model_args.dtype in (None, "auto"):
-        from common.precision import choose_precision, detect_capability
+        from chatgpt_recipes.precision import choose_precision, detect_capability
 
         return getattr(torch, choose_precision(detect_capability()).weights_dtype(not model_args.use_peft))
     return getattr(torch, model_args.dtype)
@@ -241,7 +241,7 @@ def quantization_config(model_args: ModelArguments):
     from transformers import BitsAndBytesConfig
 
     if model_args.load_in_4bit:
-        dtype = torch_dtype(model_args)  # the precision decision's compute dtype (see common/precision.py)
+        dtype = torch_dtype(model_args)  # the precision decision's compute dtype (see chatgpt_recipes/precision.py)
         compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -320,7 +320,7 @@ def keep_4bit_layers_trainable(model) -> None:
     its first eval-mode forward; that kernel has no backward, so after a generation before training (the demo
     answer, a PPO rollout) gradients silently stop at every 4-bit layer and only the LoRA layers next to the
     output learn. Turning the repacking off keeps QLoRA training correct."""
-    from common.compat import turn_off_4bit_cpu_repacking
+    from chatgpt_recipes.compat import turn_off_4bit_cpu_repacking
 
     turn_off_4bit_cpu_repacking(model)
 

@@ -1,7 +1,7 @@
 """Self-instruct as Alpaca ran it (stanford_alpaca's generate_instruction.py, reimplemented): request prompts built
 from seed tasks, completions parsed into tasks, the filters, sequential ROUGE-L dedup, the resumable output file and
 the generation report. The generators (a local model, an OpenAI-compatible server) are in
-common/instruction_generators.py."""
+chatgpt_recipes/instruction_generators.py."""
 
 import json
 import os
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from common.config import RecipeError
-from common.data import DataError
+from chatgpt_recipes.config import RecipeError
+from chatgpt_recipes.rows import DataError
 
 NO_INPUT = "<noinput>"
 MAX_TASKS_PER_COMPLETION = 20
@@ -288,7 +288,7 @@ def leading_word(instruction: str) -> str:
 
 
 def _plot_similarity(scores: list[float], threshold: float, path: Path) -> None:
-    from common.reporting import plt
+    from chatgpt_recipes.reporting import plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     ax.hist(scores, bins=[i / 20 for i in range(21)], color="tab:blue", alpha=0.85, edgecolor="white")
@@ -305,7 +305,7 @@ def _plot_similarity(scores: list[float], threshold: float, path: Path) -> None:
 
 
 def _plot_leading_words(counts: list[tuple[str, int]], total: int, path: Path) -> None:
-    from common.reporting import plt
+    from chatgpt_recipes.reporting import plt
 
     fig, ax = plt.subplots(figsize=(6.4, 0.9 + 0.28 * len(counts)))
     words, values = [word for word, _ in counts], [value for _, value in counts]

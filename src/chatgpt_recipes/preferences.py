@@ -12,7 +12,7 @@ Shapes read (one row each):
   Alpaca (PPO prompts only) {"instruction", "input", "output"}
 
 A prompt is kept as what it is (Alpaca pieces, chat turns or verbatim text) and rendered only once the target
-format is known, by common.templates.render_prompt, which renders SFT's and PPO's prompts too.
+format is known, by chatgpt_recipes.templates.render_prompt, which renders SFT's and PPO's prompts too.
 Reward-model and PPO sequences are then tokens(prompt) + tokens(response) + EOS, tokenised separately, which is
 exactly what PPO generates (query tokens, then sampled tokens up to the EOS the SFT model learnt to emit)."""
 
@@ -22,11 +22,8 @@ from math import comb
 
 from datasets import Dataset
 
-from common.data import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset, check_overlong,
-                         column, eval_source, kept_indices, normalize_messages, num_proc_for, raw_dataset,
-                         rows_of_batch, skips_of, source_fingerprint, split_train_eval, tokenizer_fingerprint)
-from common.templates import PromptFormatError, check_format, encode_prompt, render_prompt
-from common.templates import check_prompt_format, save_stage_info  # noqa: F401  (ppo.py, rloo.py, dpo.py, tests)
+from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset, check_overlong, column, eval_source, kept_indices, normalize_messages, num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint, split_train_eval, tokenizer_fingerprint)
+from chatgpt_recipes.templates import PromptFormatError, check_format, encode_prompt, render_prompt
 
 
 def encode_response(text: str, tokenizer) -> list[int]:

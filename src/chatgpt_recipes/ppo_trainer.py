@@ -1,10 +1,11 @@
 """TRL's PPOTrainer (trl.experimental.ppo, TRL 1.12) with what the PPO recipe needs and TRL lacks: PPO-ptx, the
 per-update logs and guards, sample generations, and checkpoints that resume and replay (TRL's PPOTrainer.train()
 always starts from update 0 with a fresh shuffle of the prompts, and its checkpoints hold the policy but not the
-value model)."""
+value model). What it assumes about TRL's loop is checked in chatgpt_recipes.compat.trl_ppo_trainer."""
 
 import gc
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -12,10 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
-from trl.experimental.ppo import PPOTrainer
 
-from common.config import ConfigError
-from common.speed import LoraInputsInComputeDtype, lora_folded_for_sampling
+from chatgpt_recipes.compat import expose_policy_on_wrapper, lora_folded_for_sampling, replaced_generate, trl_ppo_trainer
+from chatgpt_recipes.config import ConfigError
+from chatgpt_recipes.speed import LoraInputsInComputeDtype
+
+logger = logging.getLogger(__name__)
+PPOTrainer = trl_ppo_trainer()
 
 VALUE_WEIGHTS = "value_model.safetensors"  # written last: a checkpoint without it is never resumed
 
@@ -113,7 +117,7 @@ class _ResumeState(TrainerCallback):
 
 def training_autocast(device_type: str, args):
     """bf16 (or fp16) autocast for a whole training loop, optimizer steps included, as `args.bf16`/`args.fp16`
-    chose (common/precision.py); none for fp32. Its weight-cast cache is off: autocast caches the half-precision
+    chose (chatgpt_recipes/precision.py); none for fp32. Its weight-cast cache is off: autocast caches the half-precision
     copy of every fp32 weight that requires grad until the outermost autocast region exits, so with the cache on,
     every forward after an optimizer step would still use the weights of the first forward."""
     dtype = torch.bfloat16 if args.bf16 else torch.float16
@@ -134,40 +138,40 @@ class RecipePPOTrainer(PPOTrainer):
         self.sample_prompts, self.sample_every, self.on_log = list(sample_prompts), sample_every, on_log
         self.samples, self._generation_s, self._lengths, self._sampling = [], 0.0, [], False
         self._update_start = time.time()
-        generate = self.policy.generate
-
-        def timed_generate(*gen_args, **gen_kwargs):  # time and response lengths of the rollouts
-            start = time.time()
-            # Sampling runs outside the bf16 autocast of train() (autocast re-casts every fp32 weight on every
-            # forward, which costs more than it saves when each forward is one token), in the weights' own dtype,
-            # with the LoRA updates folded into temporary base weights.
-            with torch.autocast(self.accelerator.device.type, enabled=False), lora_folded_for_sampling(self.policy):
-                output = generate(*gen_args, **gen_kwargs)
-            if not self._sampling:
-                self._generation_s += time.time() - start
-                sequences = getattr(output, "sequences", output)
-                response = sequences[:, gen_kwargs["input_ids"].shape[1]:]
-                ended = response == self.processing_class.eos_token_id
-                first_eos = torch.where(ended.any(1), ended.float().argmax(1) + 1, response.shape[1])
-                self._lengths += first_eos.tolist()
-            return output
-
-        self.policy.generate = timed_generate
-        if self.args.bf16 or self.args.fp16:  # under train()'s autocast, LoRA inputs need no cast to fp32 and back (common/speed.py)
+        expose_policy_on_wrapper(self.model)
+        if self.args.bf16 or self.args.fp16:  # under train()'s autocast, LoRA inputs need no cast to fp32 and back (speed.py)
             self.add_callback(LoraInputsInComputeDtype(self.accelerator.unwrap_model(self.model)))
+
+    def _timed_generate(self, generate, *gen_args, **gen_kwargs):
+        """The policy's generate during train(): timed, response lengths counted. Sampling runs outside the bf16
+        autocast of train() (autocast re-casts every fp32 weight on every forward, which costs more than it saves when
+        each forward is one token), in the weights' own dtype, with the LoRA updates folded into temporary base
+        weights."""
+        start = time.time()
+        with torch.autocast(self.accelerator.device.type, enabled=False), lora_folded_for_sampling(self.policy):
+            output = generate(*gen_args, **gen_kwargs)
+        if not self._sampling:
+            self._generation_s += time.time() - start
+            sequences = getattr(output, "sequences", output)
+            response = sequences[:, gen_kwargs["input_ids"].shape[1]:]
+            ended = response == self.processing_class.eos_token_id
+            first_eos = torch.where(ended.any(1), ended.float().argmax(1) + 1, response.shape[1])
+            self._lengths += first_eos.tolist()
+        return output
 
     def train(self):
         self._generation_s, self._lengths, self._update_start = 0.0, [], time.time()
         # TRL's PPOTrainer builds its own Accelerator without the config's mixed precision, so `bf16: true` is
         # silently ignored; an autocast around the loop gives scoring and updates ~3x faster matmuls on CPUs with
-        # bf16 units (generation is excluded, see timed_generate). fp16 runs without loss scaling here.
+        # bf16 units (generation is excluded, see _timed_generate). fp16 runs without loss scaling here.
         # TRL's loop runs a full gc.collect() twice per update, which walks every object of the process (torch,
         # transformers, datasets...): ~0.3 s each on a small CPU, more than a tiny model's whole update. Objects that
         # exist before training are frozen out of those collections (gc.freeze); garbage made during training is
         # still collected.
         gc.freeze()
         try:
-            with training_autocast(self.accelerator.device.type, self.args):
+            with training_autocast(self.accelerator.device.type, self.args), \
+                    replaced_generate(self.policy, self._timed_generate):
                 return super().train()
         finally:
             gc.unfreeze()
@@ -194,7 +198,7 @@ class RecipePPOTrainer(PPOTrainer):
     @torch.no_grad()
     def sample(self, step: int) -> None:
         """Greedy answers of the current policy to a few held-out prompts, printed and kept for the report."""
-        from common.generation import generate
+        from chatgpt_recipes.generation import generate
 
         self._sampling = True
         for prompt in self.sample_prompts:
@@ -249,3 +253,22 @@ class RecipePPOTrainer(PPOTrainer):
             "max_steps": self.args.num_total_batches, "log_history": state["log_history"]}))
         self.args.num_total_batches -= done  # train() loops over range(1, num_total_batches + 1)
 
+
+def warn_on_ppo_trouble(logs: dict, response_length: int, history: dict) -> None:
+    """The usual PPO failure signs, warned about loudly: a negative KL estimate (the policy's samples are more
+    likely under the reference than under itself: a sign of a broken reference or sampling mismatch) and answers
+    that blow up in length (reward hacking by verbosity, or no EOS any more)."""
+    messages = []
+    if logs.get("objective/kl", 0.0) < -0.1:  # beyond the noise of the k1 estimate on a small batch
+        messages.append(f"KL to the reference is negative ({logs['objective/kl']:.4f})")
+    length = logs.get("response_length")
+    if length is not None:
+        first = history.setdefault("first_length", length)
+        if length >= 0.95 * response_length and first < 0.95 * response_length:
+            messages.append(f"answers now hit response_length={response_length} (mean {length:.1f} tokens): "
+                            "most no longer end with EOS")
+        elif length > 2 * first and length > 8:
+            messages.append(f"mean answer length grew from {first:.1f} to {length:.1f} tokens")
+    for message in messages:
+        logger.warning("PPO: %s", message)
+        print(f"WARNING PPO: {message}", flush=True)

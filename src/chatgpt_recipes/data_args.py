@@ -5,7 +5,7 @@ it (RLOO, pretraining)."""
 
 from dataclasses import dataclass, field
 
-from common.config import ConfigError
+from chatgpt_recipes.config import ConfigError
 
 
 def parse_columns(value) -> dict[str, str]:
@@ -30,7 +30,7 @@ def parse_columns(value) -> dict[str, str]:
 
 @dataclass
 class DataArguments:
-    """Options of the shared data loaders (common.data, common.preferences, common.rl)."""
+    """Options of the shared data loaders (chatgpt_recipes.data, chatgpt_recipes.preferences, chatgpt_recipes.rl_inputs)."""
 
     columns: dict | str | None = field(default=None, metadata={
         "help": "Read fields under other names: YAML {instruction: question, output: answer} or "

@@ -1,0 +1,34 @@
+"""Saving a trained model whole: a LoRA adapter merged into a copy of its base, loaded in the dtype it trained in, for the stages (reward model, DPO, RLOO, PPO) whose output the next stage loads as a plain model."""
+
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from chatgpt_recipes.models import ModelArguments, load_adapter, load_model, resolve_model_path
+
+
+def merged_model(model, model_args: ModelArguments, tokenizer, num_labels: int | None = None):
+    """A trained model as one plain transformers model: a LoRA adapter merged into its base. When training held
+    the base in 4/8 bits or in a dtype other than the checkpoint's (bf16 frozen weights), the adapter is merged
+    into the base reloaded in the checkpoint's own dtype: merging into rounded weights would round a small update
+    away."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    if not (model_args.load_in_4bit or model_args.load_in_8bit or model_args.dtype not in (None, "auto")):
+        return model.merge_and_unload()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        full = replace(model_args, load_in_4bit=False, load_in_8bit=False, dtype=checkpoint_dtype(model_args))
+        base = load_model(full, tokenizer, num_labels=num_labels)
+        return load_adapter(base, tmp).merge_and_unload()
+
+
+def checkpoint_dtype(model_args: ModelArguments) -> str:
+    """The dtype the model's checkpoint is stored in (its config.json), float32 when it does not say."""
+    config_file = Path(resolve_model_path(model_args.model_name_or_path)) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("bfloat16", "float16", "float32") else "float32"
