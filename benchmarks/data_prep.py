@@ -52,8 +52,8 @@ def prepare_once(path: str, num_proc: int, max_length: int) -> dict:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     from datasets.utils.logging import disable_progress_bar
 
-    from chatgpt_recipes.sft_data import prepare_sft
     from chatgpt_recipes.models import fetch_offline_model, load_tokenizer
+    from chatgpt_recipes.sft_data import prepare_sft
 
     disable_progress_bar()
     tokenizer = load_tokenizer(str(fetch_offline_model("smollm2-135m-instruct")))

@@ -17,16 +17,17 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import DPOConfig, DPOTrainer
 
-from chatgpt_recipes.time_budget import TimeBudgetArguments
-from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.config import run
 from chatgpt_recipes.data_args import DataArguments
+from chatgpt_recipes.merging import whole_model
 from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from chatgpt_recipes.output import say
 from chatgpt_recipes.preferences import prepare_train_eval_rankings
-from chatgpt_recipes.templates import check_prompt_format, save_stage_info
 from chatgpt_recipes.reporting import write_training_report
+from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.rl_inputs import check_policy_path
-from chatgpt_recipes.merging import merged_model
+from chatgpt_recipes.templates import check_prompt_format, save_stage_info
+from chatgpt_recipes.time_budget import TimeBudgetArguments
 
 
 @dataclass
@@ -54,8 +55,8 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
         config, tokenizer, "dpo", **options)
     train_dataset = train_data.dpo_dataset(train_rankings)
     eval_dataset = eval_data.dpo_dataset(eval_rankings) if eval_rankings else None
-    print(f"[data] {len(train_dataset)} training pairs, {len(eval_dataset) if eval_dataset is not None else 0} eval "
-          f"pairs{f' (from {separate[0]}, split {separate[1]})' if separate else ''}", flush=True)
+    say(f"[data] {len(train_dataset)} training pairs, {len(eval_dataset) if eval_dataset is not None else 0} eval "
+        f"pairs{f' (from {separate[0]}, split {separate[1]})' if separate else ''}", flush=True)
     if PartialState().is_main_process:
         skips.write(config.output_dir)
 
@@ -72,19 +73,20 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
     trainer.save_state()
 
     # Save: the policy merged into one plain model, tokenizer, how prompts were rendered, report
+    with whole_model(trainer.accelerator, trainer.model, model_args, tokenizer) as policy:  # on every rank
+        if trainer.accelerator.is_main_process:
+            policy.save_pretrained(config.output_dir, safe_serialization=True)
     if trainer.accelerator.is_main_process:
-        policy = merged_model(trainer.accelerator.unwrap_model(trainer.model), model_args, tokenizer)
-        policy.save_pretrained(config.output_dir, safe_serialization=True)
         tokenizer.save_pretrained(config.output_dir)
         save_stage_info(config.output_dir, "dpo", config.prompt_format, base_model=model_args.model_name_or_path)
         write_training_report(config.output_dir, "DPO", trainer.state.log_history, metrics,
                               {"Skipped rows": skips.markdown()},
                               plot_keys=["loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"])
         accuracy = metrics.get("eval_rewards/accuracies", float("nan"))
-        print(f"\n=== DPO ===\neval reward accuracy (implicit reward prefers chosen): {accuracy:.3f} "
-              f"(0.5 = chance; 0 before training, when policy = reference)\n"
-              f"eval reward margin: {metrics.get('eval_rewards/margins', float('nan')):.4f}\n"
-              f"Saved to {config.output_dir}", flush=True)
+        say(f"\n=== DPO ===\neval reward accuracy (implicit reward prefers chosen): {accuracy:.3f} "
+            f"(0.5 = chance; 0 before training, when policy = reference)\n"
+            f"eval reward margin: {metrics.get('eval_rewards/margins', float('nan')):.4f}\n"
+            f"Saved to {config.output_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,16 +29,16 @@ import evaluate
 import torch
 
 from chatgpt_recipes.config import ConfigError, run
-from chatgpt_recipes.rows import read_rows, split_train_eval
-from chatgpt_recipes.sft_data import sft_rows, tokenize_example
 from chatgpt_recipes.generation import stop_token_ids
 from chatgpt_recipes.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores, sample_answers,
-                            win_rate)
+                                     win_rate)
 from chatgpt_recipes.models import load_for_inference, load_tokenizer
 from chatgpt_recipes.precision import inference_dtype
 from chatgpt_recipes.preferences import encode_response, read_rankings, tokenize_rankings
 from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
 from chatgpt_recipes.reward import load_reward_model
+from chatgpt_recipes.rows import read_rows, split_train_eval
+from chatgpt_recipes.sft_data import sft_rows, tokenize_example
 from chatgpt_recipes.templates import example_prompt, example_prompt_ids, read_stage_info
 from chatgpt_recipes.text_data import load_documents, token_blocks
 

@@ -29,20 +29,21 @@ import torch
 from accelerate import PartialState
 from trl.experimental.ppo import PPOConfig
 
-from chatgpt_recipes.resume import explain_save_errors, last_complete_checkpoint
-from chatgpt_recipes.resume import guard_trainer
 from chatgpt_recipes.config import run
-from chatgpt_recipes.sft_data import prepare_sft
-from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path, torch_dtype
-from chatgpt_recipes.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer
-from chatgpt_recipes.templates import check_prompt_format, save_stage_info
-from chatgpt_recipes.reporting import write_training_report
-from chatgpt_recipes.reward import load_reward_model, load_value_model
-from chatgpt_recipes.rl_inputs import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, rl_prompts)
+from chatgpt_recipes.generation import zero3_gathered
+from chatgpt_recipes.merging import whole_model
+from chatgpt_recipes.models import (ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path,
+                                    torch_dtype)
+from chatgpt_recipes.output import say
 from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
-from chatgpt_recipes.merging import merged_model
-from chatgpt_recipes.reporting import save_json
-from chatgpt_recipes.ppo_trainer import warn_on_ppo_trouble
+from chatgpt_recipes.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer, warn_on_ppo_trouble
+from chatgpt_recipes.reporting import save_json, write_training_report
+from chatgpt_recipes.resume import explain_save_errors, guard_trainer, last_complete_checkpoint
+from chatgpt_recipes.reward import load_reward_model, load_value_model
+from chatgpt_recipes.rl_inputs import (RLPromptArguments, check_policy_path, check_reward_model_quality,
+                                       check_same_tokenizer, rl_prompts)
+from chatgpt_recipes.sft_data import prepare_sft
+from chatgpt_recipes.templates import check_prompt_format, save_stage_info
 
 
 @dataclass
@@ -85,8 +86,9 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     policy = load_model(model_args, tokenizer)
     reward_model = load_reward_model(reward_path, dtype=torch_dtype(model_args))  # frozen: the policy's dtype
     value_model = load_value_model(reward_path, model_args)
-    probe = eval_dataset[0]["input_ids"]
-    probe_logits = policy(input_ids=torch.tensor([probe])).logits[0, -1].detach().clone()
+    probe = torch.tensor([eval_dataset[0]["input_ids"]])
+    with torch.no_grad(), zero3_gathered(policy):  # every rank: under ZeRO-3 a gather is a collective
+        probe_logits = policy(input_ids=probe).logits[0, -1].clone()
 
     trainer = RecipePPOTrainer(
         args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward_model,
@@ -101,7 +103,7 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     before = evaluate_policy(policy, reference, reward_model, *eval_args)
     checkpoint = last_complete_checkpoint(config.output_dir, extra_files=(VALUE_WEIGHTS, "ppo_state.json"))
     if checkpoint:
-        print(f"Resuming from {checkpoint}", flush=True)
+        say(f"Resuming from {checkpoint}", flush=True)
         trainer.resume_from(checkpoint)
     guard_trainer(trainer)  # NaN/inf and disk guards
     with explain_save_errors(config.output_dir):
@@ -109,8 +111,9 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     after = evaluate_policy(policy, reference, reward_model, *eval_args)
 
     # The reference must still be the SFT policy: same logits on a probe prompt as before training
-    with torch.no_grad(), (policy.disable_adapter() if reference is None else nullcontext()):
-        reference_logits = (policy if reference is None else reference)(input_ids=torch.tensor([probe])).logits[0, -1]
+    model = policy if reference is None else reference
+    with torch.no_grad(), zero3_gathered(model), (policy.disable_adapter() if reference is None else nullcontext()):
+        reference_logits = model(input_ids=probe.to(model.device)).logits[0, -1].to(probe_logits.device)
     metrics = {f"{key}_before": value for key, value in before.items()}
     metrics.update({f"{key}_after": value for key, value in after.items()})
     metrics["reference_max_logit_change"] = (reference_logits - probe_logits).abs().max().item()
@@ -118,9 +121,11 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     metrics["reward_model_eval_accuracy"] = rm_info.get("eval_accuracy")
 
     # Save: the policy merged into one plain model, tokenizer, metrics, samples, report
+    with whole_model(trainer.accelerator, policy, model_args, tokenizer) as merged:  # on every rank
+        if trainer.accelerator.is_main_process:
+            merged.save_pretrained(config.output_dir, safe_serialization=True)
     if trainer.accelerator.is_main_process:
         tokenizer.padding_side = "right"
-        merged_model(policy, model_args, tokenizer).save_pretrained(config.output_dir, safe_serialization=True)
         tokenizer.save_pretrained(config.output_dir)
         save_stage_info(config.output_dir, "ppo", config.prompt_format, reward_model=reward_path,
                         policy=model_args.model_name_or_path)
@@ -130,7 +135,7 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
                               {"Skipped rows": skips.markdown()},
                               plot_keys=["objective/scores", "objective/kl", "objective/entropy", "loss/value_avg",
                                          "policy/clipfrac_avg", "response_length", "ptx/loss"])
-        print(policy_change_summary(f"PPO ({metrics['updates']} updates)", len(eval_texts), before, after,
+        say(policy_change_summary(f"PPO ({metrics['updates']} updates)", len(eval_texts), before, after,
                                     config.output_dir), flush=True)
 
 

@@ -24,18 +24,20 @@ from itertools import islice
 
 import torch
 from peft import get_peft_model
-from transformers import (AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer,
-                          TrainingArguments)
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
-from chatgpt_recipes.time_budget import TimeBudgetArguments
-from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.compat import models_built_whole
 from chatgpt_recipes.config import ConfigError, run
-from chatgpt_recipes.rows import SkipLog
 from chatgpt_recipes.generation import generate
 from chatgpt_recipes.models import (ModelArguments, check_context_length, load_model, load_tokenizer, lora_config,
-                           resolve_model_path)
+                                    resolve_model_path)
+from chatgpt_recipes.output import say
 from chatgpt_recipes.reporting import record_metrics, write_training_report
+from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.rows import SkipLog
 from chatgpt_recipes.text_data import block_dataset, document_skips, load_documents, split_documents
+from chatgpt_recipes.time_budget import TimeBudgetArguments
 from chatgpt_recipes.tokenizer_training import check_vocab_size, train_bpe_tokenizer
 
 # GPT-2 architecture sizes for a fresh model; the vocabulary comes from the tokenizer.
@@ -149,8 +151,8 @@ def main(config: PretrainConfig, model_args: ModelArguments):
         if config.tokenizer_name:
             tokenizer = load_tokenizer(config.tokenizer_name, config.trust_remote_code)
         else:
-            print(f"Training a byte-level BPE tokenizer (vocab_size={config.vocab_size}) on {config.dataset_name}",
-                  flush=True)
+            say(f"Training a byte-level BPE tokenizer (vocab_size={config.vocab_size}) on {config.dataset_name}",
+                flush=True)
             texts = (row["text"] for row in train_documents if isinstance(row["text"], str) and row["text"])
             tokenizer = train_bpe_tokenizer(islice(texts, config.tokenizer_max_documents), config.vocab_size,
                                             config.block_size)
@@ -158,8 +160,8 @@ def main(config: PretrainConfig, model_args: ModelArguments):
         check_block_size(config, model_config, config.model_config)
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
-        print(f"Fresh {model_config.model_type} model: {model.num_parameters() / 1e6:.2f}M parameters, "
-              f"vocabulary {len(tokenizer)}", flush=True)
+        say(f"Fresh {model_config.model_type} model: {sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"vocabulary {len(tokenizer)}", flush=True)
 
     with config.main_process_first(desc="token blocks"):  # built once, then read from the datasets cache
         train_dataset = block_dataset(train_documents, tokenizer, config.block_size, config.dataset_name,
@@ -170,16 +172,15 @@ def main(config: PretrainConfig, model_args: ModelArguments):
         next(iter(train_dataset))  # fail now, not mid-training, on a corpus shorter than one block
         train_dataset = train_dataset.shuffle(seed=config.seed, buffer_size=1000)
     else:
-        print(f"{len(train_dataset)} training blocks of {config.block_size} tokens", flush=True)
+        say(f"{len(train_dataset)} training blocks of {config.block_size} tokens", flush=True)
 
     held_out = next(row["text"] for row in (eval_documents if eval_documents is not None else train_documents)
                     if isinstance(row["text"], str) and row["text"].strip())
     sample_prompt = " ".join(held_out.split()[:12])
 
-    def sample() -> str:
+    def sample(model) -> str:
         torch.manual_seed(config.seed)
-        return generate(trainer.model, tokenizer, sample_prompt, config.sample_max_new_tokens,
-                        do_sample=True, temperature=0.8)
+        return generate(model, tokenizer, sample_prompt, config.sample_max_new_tokens, do_sample=True, temperature=0.8)
 
     # Pad only the last, shorter block; the collator masks padding (never EOS: pad != EOS) out of the labels
     trainer = PerplexityTrainer(
@@ -190,7 +191,7 @@ def main(config: PretrainConfig, model_args: ModelArguments):
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
     )
-    sample_before = sample() if trainer.accelerator.is_main_process else ""
+    sample_before = sample(trainer.model)  # every rank: under ZeRO-3 generation gathers the weights, a collective
 
     train_result = train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
 
@@ -200,11 +201,15 @@ def main(config: PretrainConfig, model_args: ModelArguments):
     metrics = record_metrics(trainer, train_result, evaluate=eval_dataset is not None)
     if config.eval_on_start and evals:  # the untrained model's perplexity, logged at step 0
         metrics["before_perplexity"] = evals[0]
+    if is_deepspeed_zero3_enabled():  # the engine's sharded weights: sample from the saved (gathered) model instead
+        with models_built_whole():
+            sample_after = sample(AutoModelForCausalLM.from_pretrained(config.output_dir, use_safetensors=True))
+    else:
+        sample_after = sample(trainer.model)
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(model_name=os.path.basename(os.path.abspath(config.output_dir)))
 
         # Report: held-out perplexity and a sample continuation before and after training
-        sample_after = sample()
         perplexities = (f"{metrics.get('before_perplexity', float('nan')):.1f} -> {metrics['eval_perplexity']:.1f}"
                         if eval_dataset is not None else "no held-out documents (eval_documents: 0)")
         write_training_report(
@@ -213,9 +218,9 @@ def main(config: PretrainConfig, model_args: ModelArguments):
                       "Prompt": f"```\n{sample_prompt}\n```", "Continuation before training": sample_before,
                       "Continuation after training": sample_after, "Skipped rows": skips.markdown()},
             plot_keys=("loss", "eval_loss", "eval_perplexity"))
-        print(f"\n=== Held-out perplexity: {perplexities} ===\n=== Prompt ===\n{sample_prompt}\n"
-              f"=== Before training ===\n{sample_before}\n=== After training ===\n{sample_after}\n\n"
-              f"Saved to {config.output_dir}", flush=True)
+        say(f"\n=== Held-out perplexity: {perplexities} ===\n=== Prompt ===\n{sample_prompt}\n"
+            f"=== Before training ===\n{sample_before}\n=== After training ===\n{sample_after}\n\n"
+            f"Saved to {config.output_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,17 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import RewardConfig
 
-from chatgpt_recipes.time_budget import TimeBudgetArguments
-from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.config import run
 from chatgpt_recipes.data_args import DataArguments
+from chatgpt_recipes.merging import whole_model
 from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from chatgpt_recipes.output import say
 from chatgpt_recipes.preferences import prepare_train_eval_rankings
 from chatgpt_recipes.reporting import write_training_report
+from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.reward import REWARD_OFFSET_KEY, KWiseRewardTrainer, WeightedPreferenceCollator, mean_reward
-from chatgpt_recipes.merging import merged_model
 from chatgpt_recipes.templates import check_prompt_format, save_stage_info
+from chatgpt_recipes.time_budget import TimeBudgetArguments
 
 
 @dataclass
@@ -66,9 +67,9 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
         config, tokenizer, "reward", **options)
     train_dataset = train_data.reward_pairs(train_rankings)
     eval_dataset = eval_data.reward_pairs(eval_rankings) if eval_rankings else None
-    print(f"[data] {len(train_dataset)} training pairs from {len(train_data.usable(train_rankings))} prompts, "
-          f"{len(eval_dataset) if eval_dataset is not None else 0} eval pairs"
-          f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}", flush=True)
+    say(f"[data] {len(train_dataset)} training pairs from {len(train_data.usable(train_rankings))} prompts, "
+        f"{len(eval_dataset) if eval_dataset is not None else 0} eval pairs"
+        f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}", flush=True)
     if PartialState().is_main_process:
         skips.write(config.output_dir)
 
@@ -92,20 +93,22 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
     trainer.save_state()
 
     # Centering: the mean reward of training answers becomes the offset every later loader subtracts
-    reward_model = merged_model(trainer.accelerator.unwrap_model(trainer.model), model_args, tokenizer, num_labels=1)
+    # (on every rank, which all score the same answers; under ZeRO-3 the weights are gathered for it), then saved
     rows = random.Random(config.seed).sample(range(len(train_dataset)), min(len(train_dataset),
                                                                              config.centering_samples))
     sample = train_dataset.select(rows)
     answers = list({tuple(ids): None for column in ("chosen_ids", "rejected_ids") for ids in sample[column]})
     answers = [list(ids) for ids in answers[: config.centering_samples]]
-    offset = mean_reward(reward_model, answers, tokenizer.pad_token_id, config.per_device_eval_batch_size)
-    reward_model.config.pad_token_id = tokenizer.pad_token_id
-    setattr(reward_model.config, REWARD_OFFSET_KEY, offset)
+    with whole_model(trainer.accelerator, trainer.model, model_args, tokenizer, num_labels=1) as reward_model:
+        offset = mean_reward(reward_model, answers, tokenizer.pad_token_id, config.per_device_eval_batch_size)
+        reward_model.config.pad_token_id = tokenizer.pad_token_id
+        setattr(reward_model.config, REWARD_OFFSET_KEY, offset)
+        if trainer.accelerator.is_main_process:
+            reward_model.save_pretrained(config.output_dir, safe_serialization=True)
     metrics["reward_offset"] = offset
 
-    # Save: the merged reward model, tokenizer, how prompts were rendered, the eval metrics PPO checks
+    # Save: tokenizer, how prompts were rendered, the eval metrics PPO checks, report
     if trainer.accelerator.is_main_process:
-        reward_model.save_pretrained(config.output_dir, safe_serialization=True)
         tokenizer.save_pretrained(config.output_dir)
         save_stage_info(config.output_dir, "reward_model", config.prompt_format,
                         eval_accuracy=metrics.get("eval_accuracy"), eval_margin=metrics.get("eval_margin"),
@@ -113,11 +116,11 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
         write_training_report(config.output_dir, "Reward model", trainer.state.log_history, metrics,
                               {"Skipped rows": skips.markdown()},
                               plot_keys=["loss", "accuracy", "eval_accuracy", "eval_margin"])
-        print(f"\n=== Reward model ===\neval pairwise accuracy: {metrics.get('eval_accuracy', float('nan')):.3f} "
-              f"(chance 0.5)\neval mean margin (chosen - rejected): {metrics.get('eval_margin', float('nan')):.3f}\n"
-              f"centering offset: {offset:.3f} (the mean reward of {len(answers)} training answers; loaders "
-              f"subtract it)\n"
-              f"Saved to {config.output_dir}", flush=True)
+        say(f"\n=== Reward model ===\neval pairwise accuracy: {metrics.get('eval_accuracy', float('nan')):.3f} "
+            f"(chance 0.5)\neval mean margin (chosen - rejected): {metrics.get('eval_margin', float('nan')):.3f}\n"
+            f"centering offset: {offset:.3f} (the mean reward of {len(answers)} training answers; loaders "
+            f"subtract it)\n"
+            f"Saved to {config.output_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,20 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import RLOOConfig, RLOOTrainer
 
-from chatgpt_recipes.time_budget import TimeBudgetArguments
-from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.compat import models_built_whole
 from chatgpt_recipes.config import run
 from chatgpt_recipes.data_args import NumProcArguments
+from chatgpt_recipes.merging import whole_model
 from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from chatgpt_recipes.templates import check_prompt_format, save_stage_info
-from chatgpt_recipes.reporting import write_training_report
-from chatgpt_recipes.reward import load_reward_model
-from chatgpt_recipes.rl_inputs import (RLPromptArguments, check_policy_path, check_reward_model_quality, check_same_tokenizer, rl_prompts)
+from chatgpt_recipes.output import say
 from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
-from chatgpt_recipes.merging import merged_model
-from chatgpt_recipes.reward import reward_model_function
-from chatgpt_recipes.reporting import save_json
+from chatgpt_recipes.reporting import save_json, write_training_report
+from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.reward import load_reward_model, reward_model_function
+from chatgpt_recipes.rl_inputs import (RLPromptArguments, check_policy_path, check_reward_model_quality,
+                                       check_same_tokenizer, rl_prompts)
+from chatgpt_recipes.templates import check_prompt_format, save_stage_info
+from chatgpt_recipes.time_budget import TimeBudgetArguments
 
 
 @dataclass
@@ -58,7 +59,8 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
 
     # Models: policy (SFT) and the frozen, centred reward model, scored on the policy's own token ids
     policy = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
-    reward_model = load_reward_model(reward_path)
+    with models_built_whole():  # scored by our function, outside any engine: whole on every rank, also under ZeRO-3
+        reward_model = load_reward_model(reward_path).to(PartialState().device)
     trainer = RLOOTrainer(model=policy, reward_funcs=reward_model_function(reward_model, tokenizer,
                                                                            config.prompt_format),
                           args=config, train_dataset=train_dataset, processing_class=tokenizer,
@@ -74,8 +76,10 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
     metrics["steps"], metrics["reward_model_eval_accuracy"] = trainer.state.global_step, rm_info.get("eval_accuracy")
 
     # Save: the policy merged into one plain model, tokenizer, metrics, report
+    with whole_model(trainer.accelerator, trainer.model, model_args, tokenizer) as merged:  # on every rank
+        if trainer.accelerator.is_main_process:
+            merged.save_pretrained(config.output_dir, safe_serialization=True)
     if trainer.accelerator.is_main_process:
-        merged_model(policy, model_args, tokenizer).save_pretrained(config.output_dir, safe_serialization=True)
         tokenizer.save_pretrained(config.output_dir)
         save_stage_info(config.output_dir, "rloo", config.prompt_format, reward_model=reward_path,
                         policy=model_args.model_name_or_path)
@@ -83,7 +87,7 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
         write_training_report(config.output_dir, "RLOO", trainer.state.log_history, metrics,
                               {"Skipped rows": skips.markdown()},
                               plot_keys=["reward", "kl", "entropy", "completions/mean_length"])
-        print(policy_change_summary(f"RLOO ({metrics['steps']} steps)", len(eval_texts), before, after,
+        say(policy_change_summary(f"RLOO ({metrics['steps']} steps)", len(eval_texts), before, after,
                                     config.output_dir), flush=True)
 
 

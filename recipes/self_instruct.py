@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from chatgpt_recipes.config import ConfigError, run
 from chatgpt_recipes.instruction_generators import PROMPT_STYLES, Decoding, LocalGenerator, OpenAICompatibleGenerator
 from chatgpt_recipes.rouge_dedup import RougeDeduplicator
-from chatgpt_recipes.self_instruct import (REJECT_REASONS, SelfInstructError, append_generation_log,
-                                  append_output_rows, filter_reason, parse_completion, read_generation_log,
-                                  read_instruction_prompt, read_output_rows, read_seed_tasks, sample_request_prompts,
-                                  write_generation_report)
+from chatgpt_recipes.self_instruct import (REJECT_REASONS, SelfInstructError, append_generation_log, append_output_rows,
+                                           filter_reason, parse_completion, read_generation_log,
+                                           read_instruction_prompt, read_output_rows, read_seed_tasks,
+                                           sample_request_prompts, write_generation_report)
 
 
 @dataclass

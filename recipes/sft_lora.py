@@ -23,18 +23,18 @@ from accelerate import PartialState
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from chatgpt_recipes.time_budget import TimeBudgetArguments
-from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.config import ConfigError, run
-from chatgpt_recipes.rows import DataError, SkipLog, eval_source, split_train_eval
-from chatgpt_recipes.sft_data import prepare_sft, streamed_sft
 from chatgpt_recipes.data_args import DataArguments
 from chatgpt_recipes.generation import generate
 from chatgpt_recipes.models import ModelArguments, check_context_length, load_model, load_tokenizer, lora_config
+from chatgpt_recipes.output import say
 from chatgpt_recipes.reporting import record_metrics, write_training_report
+from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.rows import DataError, SkipLog, eval_source, split_train_eval
+from chatgpt_recipes.sft_data import prepare_sft, streamed_sft
 from chatgpt_recipes.speed import enable_fast_training
 from chatgpt_recipes.templates import example_prompt, save_stage_info
-
+from chatgpt_recipes.time_budget import TimeBudgetArguments
 
 FORMAT_HELP = {
     "alpaca": "Alpaca rows: the Alpaca prompt template, loss on the response and EOS",
@@ -87,10 +87,10 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
         eval_dataset = eval_data.select(eval_rows) if eval_rows else None
         demo = eval_data.example(eval_rows[0]) if eval_rows else train_data.example(train_rows[0])
         demo_prompt = example_prompt(demo, tokenizer)
-        print(f"[data] {config.dataset_name}: {len(train_dataset)} training examples, "
-              f"{len(eval_dataset) if eval_dataset is not None else 0} eval examples"
-              f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}, prompt format '{data_format}' "
-              f"({FORMAT_HELP[data_format]})", flush=True)
+        say(f"[data] {config.dataset_name}: {len(train_dataset)} training examples, "
+            f"{len(eval_dataset) if eval_dataset is not None else 0} eval examples"
+            f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}, prompt format '{data_format}' "
+            f"({FORMAT_HELP[data_format]})", flush=True)
     if PartialState().is_main_process:
         skips.write(config.output_dir)  # again at the end: streamed rows are skipped as training reads them
 
@@ -125,8 +125,8 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
             config.output_dir, "SFT", trainer.state.log_history, metrics,
             {"Held-out prompt": f"```\n{demo_prompt}\n```", "Base model answer": base_answer,
              "Tuned model answer": tuned_answer, "Skipped rows": skips.markdown()})
-        print(f"\n=== Held-out prompt ===\n{demo_prompt}\n=== Base model ===\n{base_answer}\n"
-              f"=== Tuned model ===\n{tuned_answer}\n\nSaved to {config.output_dir}", flush=True)
+        say(f"\n=== Held-out prompt ===\n{demo_prompt}\n=== Base model ===\n{base_answer}\n"
+            f"=== Tuned model ===\n{tuned_answer}\n\nSaved to {config.output_dir}", flush=True)
 
 
 def streamed_data(config: SFTRecipeConfig, tokenizer, skips: SkipLog):
@@ -149,8 +149,8 @@ def streamed_data(config: SFTRecipeConfig, tokenizer, skips: SkipLog):
     if first is None:
         raise DataError(f"{config.dataset_name}: no usable rows in the stream")
     answer_start = next((i for i, label in enumerate(first["labels"]) if label != -100), len(first["labels"]))
-    print(f"[data] {config.dataset_name}: streamed, prompt format '{data_format}' ({FORMAT_HELP[data_format]})",
-          flush=True)
+    say(f"[data] {config.dataset_name}: streamed, prompt format '{data_format}' ({FORMAT_HELP[data_format]})",
+        flush=True)
     return train_dataset, eval_dataset, data_format, tokenizer.decode(first["input_ids"][:answer_start])
 
 

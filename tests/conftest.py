@@ -179,6 +179,7 @@ def marker_reward_model_dir(tmp_path_factory, marker_policy_dir, marker_task) ->
     score head, as InstructGPT starts the RM from the SFT model) on the marker pairs, 40 of them held out: it
     records its held-out accuracy in stage_info.json, which the PPO/RLOO guard reads."""
     import reward_model
+
     from chatgpt_recipes.config import parse_config
     from chatgpt_recipes.models import ModelArguments
 

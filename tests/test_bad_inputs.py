@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 from chatgpt_recipes.config import ConfigError, parse_config
+from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_target_modules
 from chatgpt_recipes.rows import DataError, read_rows
 from chatgpt_recipes.sft_data import sft_rows, tokenize_sft
-from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_target_modules
 
 ALPACA_ROW = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 PAIR_ROW = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A colour."}
@@ -111,9 +110,8 @@ def rm_tokenizer_differs(tmp_path, models):
 
 
 def block_size_too_big(tmp_path, models):
-    from transformers import AutoConfig
-
     import pretrain
+    from transformers import AutoConfig
 
     config = parse_config((pretrain.PretrainConfig, ModelArguments), "pretrain/tiny_gpt_wiki.yaml",
                           ["--block_size", "4096", "--output_dir", str(tmp_path / "out")])[0]
@@ -135,8 +133,8 @@ def rl_odd_prompt(tmp_path, models):
 
 
 def rl_weak_reward_model(tmp_path, models):
-    from chatgpt_recipes.templates import save_stage_info
     from chatgpt_recipes.rl_inputs import check_reward_model_quality
+    from chatgpt_recipes.templates import save_stage_info
 
     save_stage_info(str(tmp_path / "rm"), "reward_model", "alpaca", eval_accuracy=0.5)
     return check_reward_model_quality(str(tmp_path / "rm"), 0.55, "error")

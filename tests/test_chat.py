@@ -2,22 +2,22 @@
 way the model was tuned (the format its stage_info.json records)."""
 
 import io
-import os
 import json
+import os
 import subprocess
 import sys
 
 import pytest
-from peft import get_peft_model
-
 from chat import ChatArguments, main, saved_prompt_format
+from conftest import REPO
+from peft import get_peft_model
+from test_merge_lora import make_adapter
+
 from chatgpt_recipes.config import ConfigError
-from chatgpt_recipes.sft_data import sft_rows
 from chatgpt_recipes.generation import generate, stop_token_ids
 from chatgpt_recipes.models import ModelArguments, load_for_inference, load_model, load_tokenizer, lora_config
+from chatgpt_recipes.sft_data import sft_rows
 from chatgpt_recipes.templates import alpaca_prompt, example_prompt, render_conversation, save_stage_info
-from conftest import REPO
-from test_merge_lora import make_adapter
 
 
 def test_prompt_mode_answers_with_base_plus_adapter(smollm2_dir, tmp_path):

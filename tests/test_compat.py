@@ -48,7 +48,7 @@ TOUCHES = {
     "trl_sft_loss": ("trl", lambda: enter(compat.trl_sft_loss(speed.fused_linear_cross_entropy))),
     "use_trl_sft_loss": ("trl", lambda: compat.use_trl_sft_loss(fake_trainer(), speed.fused_linear_cross_entropy)),
     "trl_preference_collator": ("trl", lambda: compat.trl_preference_collator(0)),
-    "replace_score_head": ("trl", lambda: compat.replace_score_head(types.SimpleNamespace(score=None), None)),
+    "offset_score_head": ("trl", lambda: compat.offset_score_head(types.SimpleNamespace(score=None), 0.5)),
     "value_model_for_trl_ppo": ("trl", lambda: compat.value_model_for_trl_ppo(tiny_lora_model())),
     "register_sdpa_variant": ("transformers", lambda: compat.register_sdpa_variant("sdpa_test", print)),
     "attn_implementation": ("transformers", lambda: compat.attn_implementation(tiny_lora_model())),
@@ -56,8 +56,8 @@ TOUCHES = {
     "replace_lora_dropouts": ("peft", lambda: compat.replace_lora_dropouts(tiny_lora_model(), lambda d: None)),
     "lora_folded_for_sampling": ("peft", lambda: enter(compat.lora_folded_for_sampling(tiny_lora_model()))),
     "trl_ppo_trainer": ("trl", compat.trl_ppo_trainer),
-    "expose_policy_on_wrapper": ("trl", lambda: compat.expose_policy_on_wrapper(
-        types.SimpleNamespace(module=types.SimpleNamespace(policy=None, value_model=None)))),
+    "expose_policy_on_wrapper": ("trl", lambda: compat.expose_policy_on_wrapper(torch.nn.Linear(1, 1))),
+    "complete_ppo_trainer_state": ("transformers", lambda: compat.complete_ppo_trainer_state(types.SimpleNamespace())),
     "replaced_generate": ("transformers", lambda: enter(compat.replaced_generate(tiny_lora_model(), print))),
     "turn_off_4bit_cpu_repacking": ("bitsandbytes", lambda: compat.turn_off_4bit_cpu_repacking(tiny_4bit_model())),
 }
@@ -220,7 +220,7 @@ def test_reward_touch_guards(monkeypatch):
     assert trainer._signature_columns == ["chosen_ids"]
 
     with pytest.raises(LibraryMismatchError, match="has no score"):
-        compat.replace_score_head(types.SimpleNamespace(), torch.nn.Linear(2, 1))
+        compat.offset_score_head(types.SimpleNamespace(), 0.5)
     with pytest.raises(LibraryMismatchError, match="has no score"):
         compat.value_model_for_trl_ppo(tiny_lora_model())  # a causal LM: no score head
 
@@ -289,11 +289,13 @@ def test_policy_reachable_through_a_ddp_wrapper():
     try:
         policy, value = tiny_lora_model(), tiny_lora_model()
         value.base_model.model.score = torch.nn.Linear(16, 1)
-        wrapped = torch.nn.parallel.DistributedDataParallel(PolicyAndValueWrapper(policy, value.base_model.model))
-        assert not hasattr(wrapped, "policy")
+        inner = PolicyAndValueWrapper(policy, value.base_model.model)
+        inner.config = policy.config  # as TRL's PPOTrainer sets it
+        wrapped = torch.nn.parallel.DistributedDataParallel(inner)
+        assert not hasattr(wrapped, "policy") and not hasattr(wrapped, "config")
         before = dict(wrapped.named_parameters())
         compat.expose_policy_on_wrapper(wrapped)
-        assert wrapped.policy is policy
+        assert wrapped.policy is policy and wrapped.config is policy.config
         assert dict(wrapped.named_parameters()).keys() == before.keys()  # not registered: DDP's view unchanged
     finally:
         dist.destroy_process_group()

@@ -1,10 +1,10 @@
 """chatgpt_recipes/config.py: a YAML recipe plus command-line overrides; unknown keys and bad values are clear errors."""
 
 import pytest
+from sft_lora import SFTRecipeConfig
 
 from chatgpt_recipes.config import ConfigError, parse_config
 from chatgpt_recipes.models import ModelArguments
-from sft_lora import SFTRecipeConfig
 
 TYPES = (SFTRecipeConfig, ModelArguments)
 DEFAULT = "sft/smollm2_alpaca_lora.yaml"

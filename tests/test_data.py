@@ -6,9 +6,9 @@ import json
 import pytest
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from chatgpt_recipes.models import load_tokenizer
 from chatgpt_recipes.rows import DataError, read_rows, split_train_eval
 from chatgpt_recipes.sft_data import prompt_format, sft_rows, tokenize_example, tokenize_sft
-from chatgpt_recipes.models import load_tokenizer
 
 # stanford_alpaca's PROMPT_DICT, written out here independently of chatgpt_recipes/templates.py
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -265,8 +265,8 @@ def test_num_proc_gives_the_same_dataset(tiny_llama_dir, tmp_path, data_cache):
 
 
 def test_column_mapping(tiny_llama_dir, tmp_path, data_cache):
-    from chatgpt_recipes.sft_data import prepare_sft
     from chatgpt_recipes.data_args import parse_columns
+    from chatgpt_recipes.sft_data import prepare_sft
 
     columns = parse_columns("instruction=question,output=answer")
     assert columns == parse_columns({"instruction": "question", "output": "answer"})

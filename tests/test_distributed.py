@@ -7,8 +7,11 @@ Tolerance: losses within 1e-4 relative, gradient norms within 1e-3 relative (fp3
 the recipe's YAML says; one process and two differ only in the order of the sums; measured: about 1e-6). LoRA
 dropout is 0 in both runs: dropout masks are drawn per process, so with dropout curves agree only statistically.
 
-DeepSpeed ZeRO-2 runs here on DeepSpeed's CPU accelerator; the first run compiles a C++ op (deepspeed_shm_comm,
-1-3 minutes on 2 cores, cached afterwards). The ZeRO-3 check runs only with RECIPES_TEST_DEEPSPEED_CPU=1."""
+DeepSpeed ZeRO-2 and ZeRO-3 run here on DeepSpeed's CPU accelerator; the first run compiles a C++ op
+(deepspeed_shm_comm, 1-3 minutes on 2 cores, cached in ~/.cache/torch_extensions afterwards).
+
+PPO, RLOO and DPO under 2 processes (DDP, ZeRO-3): they finish, save a model the next stage loads, and PPO resumes
+from its checkpoint under ZeRO-3. Their curves are not compared with one process: sampling differs per process."""
 
 import json
 import os
@@ -17,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_recipe
 
 LOSS_RTOL, GRAD_NORM_RTOL = 1e-4, 1e-3
@@ -132,8 +134,6 @@ def test_sft_under_deepspeed_zero2_on_cpu(sft_single_process, tiny_llama_dir, tm
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
 
-@pytest.mark.skipif(os.environ.get("RECIPES_TEST_DEEPSPEED_CPU") != "1",
-                    reason="DeepSpeed on CPU compiles its shm comm op first (1-3 min); set RECIPES_TEST_DEEPSPEED_CPU=1")
 def test_sft_full_finetuning_under_deepspeed_zero3_on_cpu(tiny_llama_dir, tmp_path):
     """ZeRO-3 launcher config (weights sharded from load time by zero3_init_flag): the same curve as one process,
     and the saved model is whole (gathered to 16-bit on save), loadable by the next stage. Full fine-tuning: with
@@ -150,3 +150,67 @@ def test_sft_full_finetuning_under_deepspeed_zero3_on_cpu(tiny_llama_dir, tmp_pa
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "one")
     for (name, weight), (_, expected) in zip(saved.named_parameters(), reference.named_parameters()):
         assert weight.shape == expected.shape and torch.allclose(weight, expected, atol=1e-4), name
+
+
+def rl_args(script: str, policy: str, reward: str, output_dir: Path) -> list[str]:
+    common = ["--model_name_or_path", policy, "--bf16", "false", "--report_to", "none", "--output_dir", str(output_dir)]
+    if script == "ppo.py":
+        return common + ["--reward_model_path", reward, "--max_train_prompts", "12", "--eval_prompts", "2",
+                         "--total_episodes", "8", "--response_length", "6", "--num_ppo_epochs", "1",
+                         "--ptx_coef", "0.5", "--save_steps", "1"]
+    if script == "rloo.py":
+        return common + ["--reward_model_path", reward, "--max_steps", "1", "--max_train_prompts", "8",
+                         "--eval_prompts", "2", "--max_completion_length", "6", "--save_strategy", "no"]
+    return common + ["--max_steps", "2", "--max_train_samples", "8", "--eval_split_size", "6", "--max_length", "128",
+                     "--save_strategy", "no"]  # dpo.py
+
+
+def assert_loadable_policy(output_dir: Path, like: str) -> None:
+    """The saved model is whole (every weight of its starting policy's shape), as the next stage loads it."""
+    from safetensors.torch import load_file
+
+    saved, start = load_file(str(output_dir / "model.safetensors")), load_file(str(Path(like) / "model.safetensors"))
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
+
+
+@pytest.mark.parametrize("config", ["cpu.yaml", "deepspeed_zero3.yaml"])
+def test_ppo_rloo_dpo_under_two_processes(config, marker_policy_dir, marker_reward_model_dir, tiny_llama_dir,
+                                          tmp_path):
+    """DDP: TRL's PPOTrainer failed here before (trl#2375: 'DistributedDataParallel' object has no attribute
+    'policy'). ZeRO-3: every weight touched outside the engine (reward centring, probes, evaluation, merging and
+    saving) used to meet empty shards."""
+    for script, policy in [("ppo.py", marker_policy_dir), ("rloo.py", marker_policy_dir), ("dpo.py", tiny_llama_dir)]:
+        out = tmp_path / script.removesuffix(".py")
+        launch(script, *rl_args(script, policy, marker_reward_model_dir, out), config=config, num_processes=2,
+               log=tmp_path / f"{script}.log")
+        log = (tmp_path / f"{script}.log").read_text()
+        assert log.count("[precision]") == 1, "each event is printed once, by the main process"
+        assert_loadable_policy(out, policy)
+    updates = [e for e in json.loads((tmp_path / "ppo" / "log_history.json").read_text()) if "objective/kl" in e]
+    assert len(updates) == 1 and all(e["ptx/loss"] > 0 for e in updates)
+    if config == "deepspeed_zero3.yaml":  # the same command with more episodes resumes from the engine's checkpoint
+        out = tmp_path / "ppo"
+        args = rl_args("ppo.py", marker_policy_dir, marker_reward_model_dir, out)
+        args[args.index("--total_episodes") + 1] = "16"
+        launch("ppo.py", *args, config=config, num_processes=2, log=tmp_path / "ppo-resumed.log")
+        assert "Resuming from" in (tmp_path / "ppo-resumed.log").read_text()
+        steps = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "objective/kl" in e]
+        assert steps == [1, 2]
+        assert_loadable_policy(out, marker_policy_dir)
+
+
+def test_reward_model_and_pretraining_under_zero3(tiny_llama_dir, tmp_path):
+    """The reward model's centring and merged save, and pretraining's sample generations, on every rank."""
+    out = tmp_path / "rm"
+    launch("reward_model.py", "--model_name_or_path", tiny_llama_dir, "--max_train_samples", "24",
+           "--eval_split_size", "12", "--max_length", "384", "--per_device_train_batch_size", "2", "--max_steps", "2",
+           "--centering_samples", "4", "--save_strategy", "no", "--bf16", "false", "--report_to", "none",
+           "--output_dir", str(out), config="deepspeed_zero3.yaml", num_processes=2, log=tmp_path / "rm.log")
+    from chatgpt_recipes.reward import REWARD_OFFSET_KEY, load_reward_model
+
+    assert REWARD_OFFSET_KEY in json.loads((out / "config.json").read_text())
+    assert load_reward_model(str(out)).score.weight.shape[1] == 64  # whole, not a shard
+    launch("pretrain.py", "--max_steps", "3", "--save_strategy", "no", "--bf16", "false", "--report_to", "none",
+           "--output_dir", str(tmp_path / "pretrain"), config="deepspeed_zero3.yaml", num_processes=2,
+           log=tmp_path / "pretrain.log")
+    assert "=== After training ===" in (tmp_path / "pretrain.log").read_text()

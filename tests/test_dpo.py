@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_recipe
+from safetensors.torch import load_file
 
 
 def test_dpo_runs_on_tiny_model(tmp_path, tiny_llama_dir):

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
-from chatgpt_recipes.rows import split_train_eval
-from chatgpt_recipes.models import ensure_pad_token, load_tokenizer
 from evaluate_model import EvaluationConfig, main
+
+from chatgpt_recipes.models import ensure_pad_token, load_tokenizer
+from chatgpt_recipes.rows import split_train_eval
 
 PREFERENCES = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
                 "rejected": f"I think it might be {2 * i + 1}, or perhaps something else."} for i in range(10)]

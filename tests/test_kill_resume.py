@@ -27,13 +27,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
-from conftest import REPO
-
-from chatgpt_recipes.resume import CheckpointSaveError, checkpoint_problem, last_complete_checkpoint
-from chatgpt_recipes.resume import TrainingDivergedError
 from chatgpt_recipes.config import RecipeError
+from chatgpt_recipes.resume import (CheckpointSaveError, TrainingDivergedError, checkpoint_problem,
+                                    last_complete_checkpoint)
 
 MAX_STEPS, SAVE_STEPS = 6, 2
 TOLERANCE = 1e-5

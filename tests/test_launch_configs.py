@@ -175,9 +175,10 @@ def test_a_typo_in_a_deepspeed_config_fails(mutate, error, tmp_path):
 def test_deepspeed_configs_are_usable_from_the_recipe_command_line(tmp_path):
     """`--deepspeed ds_configs/zero2.json` on a recipe: the option parses into the recipe's own config class."""
     os.environ.setdefault("RECIPES_CACHE", str(tmp_path))
+    from sft_lora import SFTRecipeConfig
+
     from chatgpt_recipes.config import parse_config
     from chatgpt_recipes.models import ModelArguments
-    from sft_lora import SFTRecipeConfig
 
     config, _ = parse_config((SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml",
                              ["--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--output_dir", str(tmp_path)])

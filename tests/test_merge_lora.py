@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_lora import MergeArguments, main
 from peft import get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_for_inference, load_model, load_tokenizer, lora_config
+from chatgpt_recipes.models import (ModelArguments, ModelLoadError, load_for_inference, load_model, load_tokenizer,
+                                    lora_config)
 from chatgpt_recipes.templates import save_stage_info
-from merge_lora import MergeArguments, main
 
 
 @pytest.fixture(autouse=True)

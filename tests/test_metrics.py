@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from chatgpt_recipes.sft_data import sft_rows, tokenize_example
-from chatgpt_recipes.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores,
-                            sample_answers, token_entropies, wilson_interval, win_rate)
+from chatgpt_recipes.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores, sample_answers,
+                                     token_entropies, wilson_interval, win_rate)
 from chatgpt_recipes.models import load_for_inference
+from chatgpt_recipes.sft_data import sft_rows, tokenize_example
 
 ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue is a colour of the sky."},
           {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5"},

@@ -6,14 +6,8 @@ import torch
 import transformers
 from peft import get_peft_model
 
-from chatgpt_recipes.models import (
-    ModelArguments,
-    ModelLoadError,
-    check_checkpoint_matches,
-    load_model,
-    load_tokenizer,
-    lora_config,
-)
+from chatgpt_recipes.models import (ModelArguments, ModelLoadError, check_checkpoint_matches, load_model,
+                                    load_tokenizer, lora_config)
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, pad_token_id=0)

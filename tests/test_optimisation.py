@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MARKER, MARKER_WORDS, marker_rate
 
 from chatgpt_recipes.config import parse_config
 from chatgpt_recipes.models import ModelArguments
-from conftest import MARKER, MARKER_WORDS, marker_rate
 
 # The marker rate must rise by at least this much over the starting policy's. The standard error of the difference
 # of two rates measured on 256 answers each is at most sqrt(2 x 0.25 / 256) = 0.044, so 0.2 is over 4.5 standard
@@ -85,8 +85,8 @@ def test_reward_model_learns_the_marker_preference(marker_reward_model_dir, mark
     from chatgpt_recipes.metrics import reward_scores
     from chatgpt_recipes.models import load_tokenizer
     from chatgpt_recipes.preferences import encode_response
-    from chatgpt_recipes.templates import encode_prompt, render_prompt
     from chatgpt_recipes.reward import load_reward_model
+    from chatgpt_recipes.templates import encode_prompt, render_prompt
 
     info = json.loads((Path(marker_reward_model_dir) / "stage_info.json").read_text())
     assert info["eval_accuracy"] >= 0.9, info

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 MARKER = "Certainly"
@@ -88,8 +87,9 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, tiny_
 
 
 def test_pipeline_refuses_bad_stage_lists_and_wiring_overrides(tmp_path):
-    from chatgpt_recipes.config import ConfigError
     from pipeline import PipelineConfig, main, stage_paths
+
+    from chatgpt_recipes.config import ConfigError
 
     with pytest.raises(ConfigError, match="distinct names"):
         main(PipelineConfig(output_dir=str(tmp_path), stages=["sft", "train_everything"]))

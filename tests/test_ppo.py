@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_recipe
 from safetensors.torch import load_file
 
 from chatgpt_recipes.config import ConfigError, parse_config
 from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_config
 from chatgpt_recipes.templates import save_stage_info
-from conftest import run_recipe
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,8 @@ def test_value_model_is_lora_with_an_fp32_head_and_merges_keep_small_updates(tin
     so an update smaller than bf16's rounding step survives the merge."""
     from peft import get_peft_model
 
-    from chatgpt_recipes.reward import load_value_model
     from chatgpt_recipes.merging import merged_model
+    from chatgpt_recipes.reward import load_value_model
 
     model_args = ModelArguments(model_name_or_path=tiny_llama_dir, use_peft=True, lora_r=4, lora_alpha=8,
                                 dtype="bfloat16")

@@ -5,12 +5,12 @@ import logging
 
 import pytest
 import torch
+from conftest import REPO
 
 from chatgpt_recipes import precision
 from chatgpt_recipes.config import ConfigError, parse_config
 from chatgpt_recipes.models import ModelArguments, quantization_config
 from chatgpt_recipes.precision import Capability, choose_precision, detect_capability, inference_dtype
-from conftest import REPO
 
 CUDA_BF16 = Capability("cuda", native_bf16=True, fp16=True, evidence="A100")
 CUDA_NO_BF16 = Capability("cuda", native_bf16=False, fp16=True, evidence="T4")

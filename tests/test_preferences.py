@@ -5,15 +5,15 @@ import json
 from math import comb
 
 import pytest
+from conftest import REPO
 
-from chatgpt_recipes.rows import DataError, read_rows
-from chatgpt_recipes.sft_data import sft_rows, tokenize_example
 from chatgpt_recipes.preferences import (dpo_pairs, encode_response, ranking_of, ranking_pairs, ranking_sequences,
-                                read_rankings, split_hh_transcript, tokenize_rankings)
+                                         read_rankings, split_hh_transcript, tokenize_rankings)
 from chatgpt_recipes.reward import PromptGroupedBatchSampler
 from chatgpt_recipes.rl_inputs import prompt_dataset
+from chatgpt_recipes.rows import DataError, read_rows
+from chatgpt_recipes.sft_data import sft_rows, tokenize_example
 from chatgpt_recipes.templates import PromptFormatError, encode_prompt, example_prompt, render_prompt
-from conftest import REPO
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import gzip
 import json
 
 import pytest
-
 from conftest import REPO, run_recipe
 
 HH = REPO / "data" / "hh_rlhf_harmless_sample.jsonl.gz"

@@ -6,12 +6,12 @@ import random
 
 import pytest
 import torch
+from conftest import REPO, run_recipe
 
-from chatgpt_recipes.rows import read_rows, split_train_eval
 from chatgpt_recipes.models import load_tokenizer
 from chatgpt_recipes.preferences import read_rankings, tokenize_rankings
 from chatgpt_recipes.reward import load_reward_model, mean_reward
-from conftest import REPO, run_recipe
+from chatgpt_recipes.rows import read_rows, split_train_eval
 
 
 def write_marker_preferences(path, count=120, seed=0):

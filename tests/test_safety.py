@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 from chatgpt_recipes.config import parse_config

@@ -8,23 +8,22 @@ import json
 import os
 import signal
 import subprocess
-import time
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from conftest import REPO
 
 from chatgpt_recipes.config import parse_config
-from chatgpt_recipes.rows import DataError
 from chatgpt_recipes.instruction_generators import Decoding, OpenAICompatibleGenerator
-from chatgpt_recipes.rouge_dedup import RougeDeduplicator, RougeTokenizer, new_scorer
-from chatgpt_recipes.self_instruct import (SelfInstructError, Task, build_request_prompt,
-                                  filter_reason, leading_word, parse_completion, read_output_rows,
-                                  read_seed_tasks)
 from chatgpt_recipes.models import ModelArguments
-from conftest import REPO
+from chatgpt_recipes.rouge_dedup import RougeDeduplicator, RougeTokenizer, new_scorer
+from chatgpt_recipes.rows import DataError
+from chatgpt_recipes.self_instruct import (SelfInstructError, Task, build_request_prompt, filter_reason, leading_word,
+                                           parse_completion, read_output_rows, read_seed_tasks)
 
 SEEDS = REPO / "data" / "alpaca_seed_tasks.jsonl"
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, run_recipe
 from safetensors.torch import load_file
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from chatgpt_recipes.config import parse_config
-from chatgpt_recipes.sft_data import sft_rows, tokenize_sft
 from chatgpt_recipes.models import ModelArguments, load_for_inference, load_model, load_tokenizer
-from conftest import REPO, run_recipe
+from chatgpt_recipes.sft_data import sft_rows, tokenize_sft
 
 
 def sft_args(model_dir: str, output_dir: Path) -> list[str]:

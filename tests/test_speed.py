@@ -5,10 +5,10 @@ import types
 import pytest
 import torch
 import trl.trainer.sft_trainer as trl_sft
+from conftest import REPO
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chatgpt_recipes import speed
-from conftest import REPO
 
 STOCK_TRL_LOSS = trl_sft._chunked_cross_entropy_loss
 
@@ -137,9 +137,10 @@ def test_enable_fast_training_in_sft_trainer(tmp_path, count_fused_loss, smollm2
 def test_sft_recipe_in_process_leaves_trl_stock(tiny_llama_dir, tmp_path, count_fused_loss):
     """sft_lora.main trains and evaluates with the fused loss, and afterwards TRL's own loss is back, so a later
     "stock TRL" comparison in the same process really is stock."""
+    from sft_lora import SFTRecipeConfig, main
+
     from chatgpt_recipes.config import parse_config
     from chatgpt_recipes.models import ModelArguments
-    from sft_lora import SFTRecipeConfig, main
 
     args = ["--model_name_or_path", tiny_llama_dir, "--dataset_name", str(REPO / "data" / "alpaca_en_demo.json"),
             "--max_train_samples", "4", "--eval_split_size", "2", "--eval_strategy", "steps", "--eval_steps", "1",

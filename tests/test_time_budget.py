@@ -3,8 +3,9 @@ checkpoint that the same command resumes from."""
 
 import json
 
-from chatgpt_recipes.resume import last_complete_checkpoint
 from test_precision import sft_config
+
+from chatgpt_recipes.resume import last_complete_checkpoint
 
 
 def test_time_budget_stops_training_with_a_checkpoint(tiny_llama_dir, tmp_path, capsys, monkeypatch):

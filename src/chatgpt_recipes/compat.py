@@ -234,13 +234,14 @@ def keep_dataset_columns(trainer, columns: list[str]) -> None:
     trainer._signature_columns = list(columns)
 
 
-def replace_score_head(model, head: torch.nn.Module) -> None:
-    """Put `head` in place of a sequence classifier's `score` head: TRL's get_reward (PPO, RLOO) and PPO's value
-    model read `model.score` directly, not through forward."""
-    touch = "replacing a reward model's score head, read directly by TRL's get_reward"
+def offset_score_head(model, offset: float) -> None:
+    """Subtract `offset` from every output of a sequence classifier's `score` head, as a forward hook: TRL's
+    get_reward (PPO, RLOO) reads `model.score` directly, not through forward, and the hook leaves the head's weights
+    alone, so it works as well on weights that ZeRO-3 sharded at load time."""
+    touch = "centring a reward model's score head, read directly by TRL's get_reward"
     check_version("trl", TRL, touch)
     require(model, ["score"], "transformers", TRANSFORMERS, touch)
-    model.score = head
+    model.score.register_forward_hook(lambda head, inputs, output: output - offset)
 
 
 def value_model_for_trl_ppo(peft_model):
@@ -291,16 +292,55 @@ def trl_ppo_trainer():
 
 def expose_policy_on_wrapper(model) -> None:
     """trl#2375: TRL's PPOTrainer reads `self.model.policy` (reference log-probs with a LoRA policy, null_ref_context,
-    save_model) on the model accelerate prepared, which under DDP is a DistributedDataParallel wrapper without that
-    attribute. The wrapper gets a plain (unregistered) reference to the inner policy: DDP's parameters, hooks and
-    state dict stay as they are, and TRL only calls the policy that way without gradients or to save it."""
+    save_model) and `self.model.config` (the model card written with each checkpoint) on the model accelerate
+    prepared, which under DDP is a DistributedDataParallel wrapper without those attributes. The wrapper gets plain
+    (unregistered) references to the inner module's: DDP's parameters, hooks and state dict stay as they are, and
+    TRL calls the policy that way only without gradients or to save it."""
     touch = "the PPO policy on a DDP wrapper (trl#2375)"
     check_version("trl", TRL, touch)
-    inner = getattr(model, "module", None)
-    if inner is None or hasattr(model, "policy"):
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return  # one process, or a DeepSpeed engine (which forwards attribute access, and has a config of its own)
+    inner = model.module
+    require(inner, _PPO_WRAPPER_ATTRIBUTES, "trl", TRL, touch)
+    for name in _PPO_WRAPPER_ATTRIBUTES:
+        if name not in vars(model):
+            object.__setattr__(model, name, getattr(inner, name))
+
+
+def complete_ppo_trainer_state(trainer) -> None:
+    """TRL 1.12's PPOTrainer.__init__ does not run transformers' Trainer.__init__, and so lacks
+    `is_distributed_loading_by_transformers` (transformers 5.x), which Trainer._save reads on every process that is
+    not the main one: a multi-process PPO run failed at its first checkpoint. Set as Trainer.__init__ sets it for a
+    model loaded the usual way."""
+    touch = "PPO checkpoints on the non-main processes (Trainer.is_distributed_loading_by_transformers)"
+    check_version("transformers", TRANSFORMERS, touch)
+    check_version("trl", TRL, touch)
+    if not hasattr(trainer, "is_distributed_loading_by_transformers"):
+        trainer.is_distributed_loading_by_transformers = False
+
+
+_PPO_WRAPPER_ATTRIBUTES = ["policy", "value_model", "config"]
+
+
+def match_scheduler_to_prepared_optimizer(trainer) -> None:
+    """TRL 1.12's PPOTrainer builds its LR scheduler before accelerate prepares the optimizer. DeepSpeed (ZeRO-2/3)
+    drops empty parameter groups when it wraps the optimizer (with LoRA the no-decay group is empty), and since
+    torch 2.10 the scheduler's first step fails on the mismatch (`zip() argument 2 is longer than argument 1`;
+    transformers' own Trainer fixed it in transformers#43711 by building the scheduler after prepare). Rebuilt here,
+    after prepare, from the learning rate every group had, only when the group counts differ."""
+    touch = "the PPO LR scheduler rebuilt after DeepSpeed prepared the optimizer"
+    check_version("trl", TRL, touch)
+    require(trainer, ["lr_scheduler", "optimizer", "create_scheduler"], "trl", TRL, touch)
+    scheduler, groups = trainer.lr_scheduler, trainer.optimizer.param_groups
+    if len(scheduler.base_lrs) == len(groups):
         return
-    require(inner, ["policy", "value_model"], "trl", TRL, touch)
-    object.__setattr__(model, "policy", inner.policy)
+    if len(set(scheduler.base_lrs)) != 1:
+        raise LibraryMismatchError(f"{touch}: the scheduler has several learning rates {scheduler.base_lrs}; "
+                                   f"it was written for trl {TRL}'s one learning rate for all groups")
+    for group in groups:
+        group["lr"] = group["initial_lr"] = scheduler.base_lrs[0]
+    trainer.lr_scheduler = None
+    trainer.create_scheduler(num_training_steps=trainer.args.num_total_batches, optimizer=trainer.optimizer)
 
 
 @contextmanager
@@ -319,3 +359,28 @@ def replaced_generate(model, generate):
             del model.generate
         else:
             model.generate = own
+
+
+# --- transformers: loading a model outside ZeRO-3's sharded construction ----------------------------------------------
+
+@contextmanager
+def models_built_whole():
+    """Inside, `from_pretrained` builds a model whole even when a ZeRO-3 run is active (transformers builds every
+    model sharded, through zero.Init, while its DeepSpeed config is registered): for a model that lives outside the
+    DeepSpeed engine, such as the base an adapter is merged into after training. The registration is put back."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    touch = "building a model whole during a ZeRO-3 run (transformers' registered DeepSpeed config)"
+    check_version("transformers", TRANSFORMERS, touch)
+    require(hf_deepspeed, ["_hf_deepspeed_config_weak_ref", "set_hf_deepspeed_config", "unset_hf_deepspeed_config"],
+            "transformers", TRANSFORMERS, touch)
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = registered() if registered is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)

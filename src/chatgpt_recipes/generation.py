@@ -20,16 +20,18 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def zero3_gathered(model):
-    """Under DeepSpeed ZeRO-3 a model built before its engine holds only this rank's shard of each weight (empty
-    tensors): gather the full weights for the duration. A collective: every rank must make the same call."""
+def zero3_gathered(*models):
+    """Under DeepSpeed ZeRO-3 a model holds only this rank's shard of each weight (empty tensors) outside the
+    engine's own forward: gather the full weights of `models` for the duration. A collective: every rank must make
+    the same call. Without ZeRO-3 it does nothing."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if not is_deepspeed_zero3_enabled() or not any(hasattr(p, "ds_id") for p in model.parameters()):
+    parameters = [p for model in models if model is not None for p in model.parameters() if hasattr(p, "ds_id")]
+    if not is_deepspeed_zero3_enabled() or not parameters:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+    return deepspeed.zero.GatheredParameters(parameters)
 
 
 @torch.no_grad()

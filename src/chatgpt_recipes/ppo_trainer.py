@@ -14,8 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from chatgpt_recipes.compat import expose_policy_on_wrapper, lora_folded_for_sampling, replaced_generate, trl_ppo_trainer
+from chatgpt_recipes.compat import (complete_ppo_trainer_state, expose_policy_on_wrapper, lora_folded_for_sampling,
+                                    match_scheduler_to_prepared_optimizer, replaced_generate, trl_ppo_trainer)
 from chatgpt_recipes.config import ConfigError
+from chatgpt_recipes.generation import zero3_gathered
+from chatgpt_recipes.output import say
 from chatgpt_recipes.speed import LoraInputsInComputeDtype
 
 logger = logging.getLogger(__name__)
@@ -128,6 +131,7 @@ class RecipePPOTrainer(PPOTrainer):
     def __init__(self, *args, ptx_examples=None, ptx_coef=0.0, ptx_batch_size=4, sample_prompts=(),
                  sample_every=0, on_log=None, **kwargs):
         super().__init__(*args, **kwargs)
+        match_scheduler_to_prepared_optimizer(self)
         self.policy = self.accelerator.unwrap_model(self.model).policy
         self.dataloader = SeededPromptOrder(self.train_dataset, self.data_collator, self.args.local_batch_size,
                                             self.accelerator.num_processes, self.accelerator.process_index,
@@ -139,6 +143,7 @@ class RecipePPOTrainer(PPOTrainer):
         self.samples, self._generation_s, self._lengths, self._sampling = [], 0.0, [], False
         self._update_start = time.time()
         expose_policy_on_wrapper(self.model)
+        complete_ppo_trainer_state(self)
         if self.args.bf16 or self.args.fp16:  # under train()'s autocast, LoRA inputs need no cast to fp32 and back (speed.py)
             self.add_callback(LoraInputsInComputeDtype(self.accelerator.unwrap_model(self.model)))
 
@@ -205,7 +210,7 @@ class RecipePPOTrainer(PPOTrainer):
             answer = generate(self.policy, self.processing_class, prompt, self.args.response_length)
             self.samples.append({"update": step, "prompt": prompt, "answer": answer})
             if self.accelerator.is_main_process:
-                print(f"[sample @ update {step}] {prompt[-80:]!r}\n  -> {answer[:300]!r}", flush=True)
+                say(f"[sample @ update {step}] {prompt[-80:]!r}\n  -> {answer[:300]!r}", flush=True)
         self._sampling = False
 
     def generate_completions(self, sampling: bool = False):
@@ -216,15 +221,30 @@ class RecipePPOTrainer(PPOTrainer):
         with torch.random.fork_rng(devices=devices, device_type=self.accelerator.device.type):
             super().generate_completions(sampling)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """The policy only, as TRL saves it, but also under DeepSpeed: there TRL 1.12 hands transformers the bare
+        policy as its engine, which fails (`'LlamaConfig' object has no attribute 'get'`) and under ZeRO-3 would save
+        empty shards. Every rank calls it (ZeRO-3 gathers); the main process writes."""
+        if not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        with zero3_gathered(self.policy):
+            if self.accelerator.is_main_process:
+                self.policy.save_pretrained(output_dir, safe_serialization=True)
+                self.processing_class.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
+
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        super()._save_checkpoint(model, trial)  # under DeepSpeed also the engine's checkpoint (global_stepN/)
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        if self.accelerator.is_main_process:
-            value_model = self.accelerator.unwrap_model(self.model).value_model
-            save_file({k: v.contiguous() for k, v in value_model.state_dict().items()}, str(folder / VALUE_WEIGHTS))
-            ptx_draws = self.optimizer.draws if isinstance(self.optimizer, PtxOptimizerStep) else 0
-            (folder / "ppo_state.json").write_text(json.dumps({"episode": self.state.episode,
-                                                              "ptx_draws": ptx_draws}))
+        value_model = self.accelerator.unwrap_model(self.model).value_model
+        with zero3_gathered(value_model):  # every rank
+            if self.accelerator.is_main_process:
+                save_file({k: v.contiguous() for k, v in value_model.state_dict().items()}, str(folder / VALUE_WEIGHTS))
+                ptx_draws = self.optimizer.draws if isinstance(self.optimizer, PtxOptimizerStep) else 0
+                (folder / "ppo_state.json").write_text(json.dumps({"episode": self.state.episode,
+                                                                  "ptx_draws": ptx_draws}))
+        self.accelerator.wait_for_everyone()
 
     def resume_from(self, checkpoint: str) -> None:
         """Load the policy (adapter or full), value model, optimizer, scheduler and RNG states of a checkpoint and
@@ -234,12 +254,17 @@ class RecipePPOTrainer(PPOTrainer):
 
         folder = Path(checkpoint)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if isinstance(unwrapped.policy, PeftModel):
-            set_peft_model_state_dict(unwrapped.policy, load_file(str(folder / "adapter_model.safetensors")))
+        if self.is_deepspeed_enabled:  # the engine's own checkpoint: policy and value model, sharded optimizer state
+            from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+            deepspeed_load_checkpoint(self.model, str(folder), load_module_strict=False)
         else:
-            unwrapped.policy.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
-        unwrapped.value_model.load_state_dict(load_file(str(folder / VALUE_WEIGHTS)))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            if isinstance(unwrapped.policy, PeftModel):
+                set_peft_model_state_dict(unwrapped.policy, load_file(str(folder / "adapter_model.safetensors")))
+            else:
+                unwrapped.policy.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+            unwrapped.value_model.load_state_dict(load_file(str(folder / VALUE_WEIGHTS)))
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         self._load_rng_state(str(folder))
         state = json.loads((folder / "trainer_state.json").read_text())
@@ -271,4 +296,4 @@ def warn_on_ppo_trouble(logs: dict, response_length: int, history: dict) -> None
             messages.append(f"mean answer length grew from {first:.1f} to {length:.1f} tokens")
     for message in messages:
         logger.warning("PPO: %s", message)
-        print(f"WARNING PPO: {message}", flush=True)
+        say(f"WARNING PPO: {message}", flush=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from chatgpt_recipes.config import ConfigError
+from chatgpt_recipes.output import say
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def parse_flag(value) -> bool | None:
 def announce(reason: str) -> None:
     """Print the precision line once per process (and only on the main process of a multi-process launch)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"[precision] {reason}", flush=True)
+        say(f"[precision] {reason}", flush=True)
 
 
 def inference_dtype(dtype: str, use_cpu: bool = False) -> torch.dtype:

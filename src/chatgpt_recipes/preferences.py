@@ -22,7 +22,11 @@ from math import comb
 
 from datasets import Dataset
 
-from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset, check_overlong, column, eval_source, kept_indices, normalize_messages, num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint, split_train_eval, tokenizer_fingerprint)
+from chatgpt_recipes.output import say
+from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
+                                  check_overlong, column, eval_source, kept_indices, normalize_messages, num_proc_for,
+                                  raw_dataset, rows_of_batch, skips_of, source_fingerprint, split_train_eval,
+                                  tokenizer_fingerprint)
 from chatgpt_recipes.templates import PromptFormatError, check_format, encode_prompt, render_prompt
 
 
@@ -255,8 +259,8 @@ def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_l
                   "group": group} for better, worse, weight in ranking_pairs(len(sequences))]
     skipped.report(source, len(rankings))
     if cut and overlong == "truncate":
-        print(f"[data] {source}: {cut} of {len(rankings)} rankings had answers cut to max_length={max_length} "
-              "tokens (kept, each still ending with EOS)", flush=True)
+        say(f"[data] {source}: {cut} of {len(rankings)} rankings had answers cut to max_length={max_length} "
+            "tokens (kept, each still ending with EOS)", flush=True)
     if not rows:
         raise DataError(f"{source}: no usable preference rows (see the skip counts above)")
     return rows, skipped

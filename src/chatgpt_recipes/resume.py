@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from chatgpt_recipes.config import ConfigError, RecipeError
 from chatgpt_recipes.models import check_checkpoint_matches
+from chatgpt_recipes.output import say
 from chatgpt_recipes.time_budget import TimeBudget
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def last_complete_checkpoint(output_dir: str | Path, require_training_state: boo
             continue
         message = f"[resume] skipping incomplete checkpoint {path}: {problem}"
         logger.warning(message)
-        print(message, flush=True)
+        say(message, flush=True)
     return None
 
 
@@ -281,6 +282,6 @@ def train_with_resume(trainer):
     checkpoint = resume_checkpoint(trainer.args)
     if checkpoint:
         check_checkpoint_matches(checkpoint, trainer.model)
-        print(f"Resuming from {checkpoint}", flush=True)
+        say(f"Resuming from {checkpoint}", flush=True)
     with explain_save_errors(trainer.args.output_dir):
         return trainer.train(resume_from_checkpoint=checkpoint)

@@ -93,16 +93,9 @@ def mean_reward(model, sequences: list[list[int]], pad_token_id: int, batch_size
 
 
 def apply_reward_offset(model, offset: float):
-    """Fold the centering offset into the score head as a bias, so every caller (TRL's get_reward reads
-    `model.score` directly) sees centred rewards. The offset lives in config.json; from_pretrained would drop a
-    saved bias on heads built without one, hence applied at load time."""
-    head = model.score
-    centred = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype,
-                              device=head.weight.device)
-    with torch.no_grad():
-        centred.weight.copy_(head.weight)
-        centred.bias.fill_(-offset)
-    compat.replace_score_head(model, centred)
+    """Subtract the centering offset from the score head's output, so every caller (TRL's get_reward reads
+    `model.score` directly) sees centred rewards. The offset lives in config.json and is applied at load time."""
+    compat.offset_score_head(model, offset)
     return model
 
 

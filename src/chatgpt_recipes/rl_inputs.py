@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 
 from chatgpt_recipes.config import ConfigError
-from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset, kept_indices, num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint)
 from chatgpt_recipes.data_args import DataArguments
 from chatgpt_recipes.models import ModelLoadError, adapter_base, resolve_model_path
+from chatgpt_recipes.output import say
 from chatgpt_recipes.preferences import prompt_of_row
+from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
+                                  kept_indices, num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint,
+                                  tokenizer_fingerprint)
 from chatgpt_recipes.templates import PromptFormatError, encode_prompt, read_stage_info, render_prompt
 
 logger = logging.getLogger(__name__)
@@ -145,7 +148,7 @@ def check_reward_model_quality(reward_path: str, min_accuracy: float, on_weak: s
     if on_weak == "error":
         raise ConfigError(message + ". Train it longer or on more data, or set on_weak_reward_model: warn")
     logger.warning("%s", message)
-    print(f"WARNING: {message}", flush=True)
+    say(f"WARNING: {message}", flush=True)
     return info
 
 

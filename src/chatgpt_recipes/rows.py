@@ -28,6 +28,7 @@ from pathlib import Path
 from datasets import Dataset, load_dataset, load_from_disk
 
 from chatgpt_recipes.config import ConfigError, RecipeError
+from chatgpt_recipes.output import say
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class SkipLog(Counter):
         """Print one line per reason of `source`'s skips."""
         counts = Counter(r["reason"] for r in self.records if r["source"] == source)
         for reason, count in counts.most_common():
-            print(f"[data] {source}: skipped {count} of {total} rows: {reason}", flush=True)
+            say(f"[data] {source}: skipped {count} of {total} rows: {reason}", flush=True)
 
     def check_fraction(self, source: str, total: int, max_fraction: float) -> None:
         """DataError when more than `max_fraction` of `source`'s rows are defective, showing the first ones."""
@@ -414,7 +415,7 @@ def cached_dataset(key: str, build, what: str) -> Dataset:
     path = data_cache_dir() / key
     with main_process_first():
         if (path / "dataset_info.json").is_file():
-            print(f"[data] {what}: prepared dataset read from the cache ({path}); nothing tokenised", flush=True)
+            say(f"[data] {what}: prepared dataset read from the cache ({path}); nothing tokenised", flush=True)
             return load_from_disk(str(path))
         dataset = build()
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -422,7 +423,7 @@ def cached_dataset(key: str, build, what: str) -> Dataset:
         dataset.save_to_disk(str(tmp))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        print(f"[data] {what}: prepared and cached in {path}", flush=True)
+        say(f"[data] {what}: prepared and cached in {path}", flush=True)
         return load_from_disk(str(path))
 
 

@@ -12,7 +12,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from chatgpt_recipes.config import RecipeError
 from chatgpt_recipes.rows import DataError
 

@@ -6,12 +6,15 @@ same for a dataset read as a stream. The row policy is common to every loader: s
 import hashlib
 import json
 from collections import Counter
+
 from datasets import Dataset
 
+from chatgpt_recipes.output import say
+from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, _skip_columns, _text_field, cache_key,
+                                  cached_dataset, check_overlong, column, fit_length, iter_rows, normalize_messages,
+                                  num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint,
+                                  tokenizer_fingerprint)
 from chatgpt_recipes.templates import PromptFormatError, render_prompt
-from chatgpt_recipes.rows import DEFECT, DataError, RowError, SkipLog, UNUSABLE, _skip_columns, _text_field, cache_key, cached_dataset, check_overlong, column, fit_length, iter_rows, normalize_messages, num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint
-
-
 
 
 def row_shape(row: dict) -> str:
@@ -234,9 +237,9 @@ def tokenize_sft(examples: list[dict], tokenizer, max_length: int, overlong: str
 def report_lengths(source: str, lengths: list[int], chars: list[int], max_length: int, overlong: str) -> None:
     too_long = sum(length > max_length for length in lengths)
     if too_long:
-        print(f"[data] {source}: {too_long} of {len(lengths)} examples are longer than max_length={max_length} "
-              f"tokens and were {'dropped' if overlong == 'drop' else 'truncated'} ({too_long / len(lengths):.0%}); "
-              f"{length_advice(lengths, chars, max_length)}", flush=True)
+        say(f"[data] {source}: {too_long} of {len(lengths)} examples are longer than max_length={max_length} "
+            f"tokens and were {'dropped' if overlong == 'drop' else 'truncated'} ({too_long / len(lengths):.0%}); "
+            f"{length_advice(lengths, chars, max_length)}", flush=True)
 
 
 def _normalise_sft_batch(batch, columns, source):

@@ -10,6 +10,7 @@ from datasets import Dataset, IterableDataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 
+from chatgpt_recipes.output import say
 from chatgpt_recipes.rows import DEFECT, UNUSABLE, DataError, SkipLog
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def token_blocks(documents: Iterable[dict], tokenizer, block_size: int, source: 
         total_tokens += len(ids) + 1
     yield from cut(buffer)
     if blank and streamed:
-        print(f"[data] {source}: skipped {blank} blank or non-text documents", flush=True)
+        say(f"[data] {source}: skipped {blank} blank or non-text documents", flush=True)
     if total_tokens == 0:
         raise DataError(f"{source}: the corpus holds no text")
     if total_tokens < block_size:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainerCallback
 
+from chatgpt_recipes.output import say
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +39,9 @@ class TimeBudget(TrainerCallback):
             control.should_training_stop = control.should_save = True
             self.stopped_at = state.global_step
             if state.is_world_process_zero:
-                print(f"[time budget] stopping at step {state.global_step} of {state.max_steps}: "
-                      f"{elapsed / steps:.1f} s/step here, and max_train_minutes={self.budget_s / 60:g} would be "
-                      f"passed by the next step. Rerun the same command to continue, or raise max_train_minutes.",
-                      flush=True)
+                say(f"[time budget] stopping at step {state.global_step} of {state.max_steps}: "
+                    f"{elapsed / steps:.1f} s/step here, and max_train_minutes={self.budget_s / 60:g} would be "
+                    f"passed by the next step. Rerun the same command to continue, or raise max_train_minutes.",
+                    flush=True)
 
 
