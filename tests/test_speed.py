@@ -8,7 +8,7 @@ import trl.trainer.sft_trainer as trl_sft
 from conftest import REPO
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from chatgpt_recipes import speed
+from chatgpt_recipes import compat, speed
 
 STOCK_TRL_LOSS = trl_sft._chunked_cross_entropy_loss
 
@@ -198,7 +198,7 @@ def test_lora_folded_for_sampling_gives_the_adapter_model_and_restores_the_base(
     ids = torch.tensor([[3, 17, 42, 99, 7]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-        with speed.lora_folded_for_sampling(model):
+        with compat.lora_folded_for_sampling(model):
             assert all(m.merged for m in layers)
             folded = model(input_ids=ids).logits
         with model.disable_adapter():
