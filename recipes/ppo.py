@@ -32,18 +32,16 @@ from trl.experimental.ppo import PPOConfig
 from chatgpt_recipes.config import run
 from chatgpt_recipes.generation import zero3_gathered
 from chatgpt_recipes.merging import whole_model
-from chatgpt_recipes.models import (ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path,
-                                    torch_dtype)
+from chatgpt_recipes.models import ModelArguments, load_model, lora_config, torch_dtype
 from chatgpt_recipes.output import say
 from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
 from chatgpt_recipes.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer, warn_on_ppo_trouble
 from chatgpt_recipes.reporting import save_json, write_training_report
 from chatgpt_recipes.resume import explain_save_errors, guard_trainer, last_complete_checkpoint
 from chatgpt_recipes.reward import load_reward_model, load_value_model
-from chatgpt_recipes.rl_inputs import (RLPromptArguments, check_policy_path, check_reward_model_quality,
-                                       check_same_tokenizer, rl_prompts)
+from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
 from chatgpt_recipes.sft_data import prepare_sft
-from chatgpt_recipes.templates import check_prompt_format, save_stage_info
+from chatgpt_recipes.templates import save_stage_info
 
 
 @dataclass
@@ -60,14 +58,7 @@ class PPORecipeConfig(RLPromptArguments, PPOConfig):
 
 def main(config: PPORecipeConfig, model_args: ModelArguments):
     # Checks before any model loads: paths, same prompt rendering and tokenizer, a reward model worth optimising
-    check_policy_path(model_args.model_name_or_path)
-    policy_path, reward_path = resolve_model_path(model_args.model_name_or_path), config.reward_model_path
-    check_prompt_format(policy_path, config.prompt_format, "the policy")
-    check_prompt_format(reward_path, config.prompt_format, "the reward model")
-    rm_info = check_reward_model_quality(reward_path, config.min_reward_model_accuracy, config.on_weak_reward_model)
-    tokenizer = load_tokenizer(policy_path)
-    check_same_tokenizer(tokenizer, load_tokenizer(reward_path), policy_path, reward_path,
-                         config.prompt_format)
+    policy_path, reward_path, rm_info, tokenizer = checked_rl_inputs(config, model_args)
     tokenizer.padding_side = "left"  # PPO generates from left-padded queries
 
     # Data: prompts rendered as SFT renders them; a few held out for before/after and samples

@@ -8,13 +8,14 @@ from datasets import Dataset
 
 from chatgpt_recipes.config import ConfigError
 from chatgpt_recipes.data_args import DataArguments
-from chatgpt_recipes.models import ModelLoadError, adapter_base, resolve_model_path
+from chatgpt_recipes.models import ModelLoadError, adapter_base, load_tokenizer, resolve_model_path
 from chatgpt_recipes.output import say
 from chatgpt_recipes.preferences import prompt_of_row
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
                                   kept_indices, num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint,
                                   tokenizer_fingerprint)
-from chatgpt_recipes.templates import PromptFormatError, encode_prompt, read_stage_info, render_prompt
+from chatgpt_recipes.templates import (PromptFormatError, check_prompt_format, encode_prompt, read_stage_info,
+                                       render_prompt)
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +165,18 @@ def check_policy_path(name: str) -> None:
                                  "set base_model_name_or_path in its adapter_config.json or merge it first") from error
 
 
+
+
+def checked_rl_inputs(config, model_args, trust_remote_code: bool = False):
+    """The checks an RL stage (PPO, RLOO) makes before any model loads: the policy path is a trained model, the
+    policy and the reward model render prompts as `config.prompt_format` and read the same tokens, and the reward
+    model is worth optimising. Returns the policy's path, the reward model's path, the reward model's stage info
+    and the policy's tokenizer."""
+    check_policy_path(model_args.model_name_or_path)
+    policy_path, reward_path = resolve_model_path(model_args.model_name_or_path), config.reward_model_path
+    check_prompt_format(policy_path, config.prompt_format, "the policy")
+    check_prompt_format(reward_path, config.prompt_format, "the reward model")
+    rm_info = check_reward_model_quality(reward_path, config.min_reward_model_accuracy, config.on_weak_reward_model)
+    tokenizer = load_tokenizer(policy_path, trust_remote_code)
+    check_same_tokenizer(tokenizer, load_tokenizer(reward_path), policy_path, reward_path, config.prompt_format)
+    return policy_path, reward_path, rm_info, tokenizer
