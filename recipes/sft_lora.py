@@ -30,7 +30,7 @@ from chatgpt_recipes.models import ModelArguments, check_context_length, load_mo
 from chatgpt_recipes.output import say
 from chatgpt_recipes.reporting import record_metrics, write_training_report
 from chatgpt_recipes.resume import train_with_resume
-from chatgpt_recipes.rows import DataError, SkipLog, eval_source, split_train_eval
+from chatgpt_recipes.rows import DataError, SkipLog, eval_source, train_and_eval
 from chatgpt_recipes.sft_data import prepare_sft, streamed_sft
 from chatgpt_recipes.speed import enable_fast_training
 from chatgpt_recipes.templates import example_prompt, save_stage_info
@@ -70,19 +70,11 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
         train_data = prepare_sft(config.dataset_name, config.dataset_split, tokenizer, config.max_length,
                                  config.overlong, config.columns, config.dataset_num_proc, config.max_skipped_fraction)
         data_format = train_data.prompt_format
-        separate = eval_source(config)
-        if separate:
-            eval_data = prepare_sft(*separate, tokenizer, config.max_length, config.overlong, config.columns,
-                                    config.dataset_num_proc, config.max_skipped_fraction, data_format=data_format)
-            train_rows, eval_rows = train_data.examples, eval_data.examples
-        else:
-            eval_data = train_data
-            train_rows, eval_rows = split_train_eval(train_data.examples, config.eval_split_size, config.seed)
-        if config.max_train_samples:
-            train_rows = train_rows[: config.max_train_samples]
-        skips.extend(train_data.skips)
-        if eval_data is not train_data:
-            skips.extend(eval_data.skips)
+        eval_data, train_rows, eval_rows, data_skips, separate = train_and_eval(
+            config, train_data, lambda source, split: prepare_sft(
+                source, split, tokenizer, config.max_length, config.overlong, config.columns, config.dataset_num_proc,
+                config.max_skipped_fraction, data_format=data_format))
+        skips.extend(data_skips)
         train_dataset = train_data.select(train_rows)
         eval_dataset = eval_data.select(eval_rows) if eval_rows else None
         demo = eval_data.example(eval_rows[0]) if eval_rows else train_data.example(train_rows[0])

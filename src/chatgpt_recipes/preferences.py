@@ -24,9 +24,8 @@ from datasets import Dataset
 
 from chatgpt_recipes.output import say
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
-                                  check_overlong, column, eval_source, kept_indices, normalize_messages, num_proc_for,
-                                  raw_dataset, rows_of_batch, skips_of, source_fingerprint, split_train_eval,
-                                  tokenizer_fingerprint)
+                                  check_overlong, column, kept_indices, normalize_messages, num_proc_for, raw_dataset,
+                                  rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint, train_and_eval)
 from chatgpt_recipes.templates import PromptFormatError, check_format, encode_prompt, render_prompt
 
 
@@ -425,16 +424,7 @@ def prepare_train_eval_rankings(config, tokenizer, purpose: str, **options):
     None)."""
     train_data = prepare_rankings(config.dataset_name, config.dataset_split, tokenizer, config.prompt_format,
                                   purpose, **options)
-    separate = eval_source(config)
-    if separate:
-        eval_data = prepare_rankings(*separate, tokenizer, config.prompt_format, purpose, **options)
-        train_rankings, eval_rankings = train_data.examples, eval_data.examples
-    else:
-        eval_data = train_data
-        train_rankings, eval_rankings = split_train_eval(train_data.examples, config.eval_split_size, config.seed)
-    if config.max_train_samples:
-        train_rankings = train_rankings[: config.max_train_samples]
-    skips = SkipLog().extend(train_data.skips)
-    if eval_data is not train_data:
-        skips.extend(eval_data.skips)
+    eval_data, train_rankings, eval_rankings, skips, separate = train_and_eval(
+        config, train_data, lambda source, split: prepare_rankings(source, split, tokenizer, config.prompt_format,
+                                                                    purpose, **options))
     return train_data, eval_data, train_rankings, eval_rankings, skips, separate

@@ -498,3 +498,23 @@ def iter_rows(source: str, split: str, columns: dict[str, str]):
             raise DataError(f"{source}: not UTF-8 text (byte {error.start}); re-save the file as UTF-8") from error
 
 
+
+
+def train_and_eval(config, train_data, prepare_eval):
+    """The held-out part of a run: the eval file's own split when the config names one (`eval_dataset_name`,
+    prepared by `prepare_eval(source, split)`), else a seeded carve-out of the training examples; then
+    `max_train_samples` applied. Returns (eval data, training examples, eval examples, the skips of both files,
+    the eval source or None)."""
+    separate = eval_source(config)
+    if separate:
+        eval_data = prepare_eval(*separate)
+        train_examples, eval_examples = train_data.examples, eval_data.examples
+    else:
+        eval_data = train_data
+        train_examples, eval_examples = split_train_eval(train_data.examples, config.eval_split_size, config.seed)
+    if config.max_train_samples:
+        train_examples = train_examples[: config.max_train_samples]
+    skips = SkipLog().extend(train_data.skips)
+    if eval_data is not train_data:
+        skips.extend(eval_data.skips)
+    return eval_data, train_examples, eval_examples, skips, separate
