@@ -11,8 +11,9 @@ A model is `name=path` (a hub id, a directory, a LoRA adapter directory, a `.ggu
   - perplexity on the responses of the held-out instructions: the same split and the same masked tokens as SFT
     (chatgpt_recipes.rows.split_train_eval with the same seed, chatgpt_recipes.sft_data.tokenize_example), and optionally on plain
     held-out text (`text_dataset`, blocks cut as pretraining cuts them);
-  - answers sampled for the first `num_prompts` held-out prompts: distinct-1/2 and the mean per-token entropy
-    of the distributions the tokens were drawn from (whether RLHF lowered the diversity of the answers);
+  - answers sampled for the first `num_prompts` held-out prompts: distinct-1/2, mean length, the mean per-token
+    entropy of the distributions the tokens were drawn from (whether RLHF lowered the diversity of the answers),
+    and with `kl_reference` (e.g. sft) the KL to that model on the model's own answers;
 With a reward model: its pairwise accuracy and margin on held-out preference pairs, its mean score of each
 model's answers, and the win-rate of every later model against every earlier one with a 95% Wilson interval.
 Writes eval_results.json (evaluate.save), samples.md/.jsonl (prompt and every model's answer side by side),
@@ -30,8 +31,8 @@ import torch
 
 from chatgpt_recipes.config import ConfigError, run
 from chatgpt_recipes.generation import stop_token_ids
-from chatgpt_recipes.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores, sample_answers,
-                                     win_rate)
+from chatgpt_recipes.metrics import (answer_logprobs, dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores,
+                                     sample_answers, win_rate)
 from chatgpt_recipes.models import load_for_inference, load_tokenizer
 from chatgpt_recipes.precision import inference_dtype
 from chatgpt_recipes.preferences import encode_response, read_rankings, tokenize_rankings
@@ -64,6 +65,8 @@ class EvaluationConfig:
     prompt_format: str = field(default="alpaca", metadata={"help": "How the RM renders preference prompts, "
                                                            "unless its stage_info.json says: alpaca, chat or plain."})
     num_prompts: int = field(default=24, metadata={"help": "Held-out prompts answered by every model."})
+    kl_reference: str | None = field(default=None, metadata={
+        "help": "Name of the model (e.g. sft) that every other model's KL is measured to, on its own answers."})
     max_new_tokens: int = field(default=64)
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 is greedy."})
     batch_size: int = field(default=8)
@@ -86,8 +89,9 @@ def parse_models(specs: list[str]) -> dict[str, str]:
 
 
 def evaluate_policy(name: str, path: str, index: int, config, eval_examples, prompts_of,
-                    device) -> tuple[dict, list]:
-    """Perplexity, sampled answers and their diversity for one model."""
+                    device) -> tuple[dict, dict]:
+    """Perplexity, sampled answers (with their log-probabilities under the model) and their diversity for one
+    model."""
     tokenizer, model = load_for_inference(path, dtype=inference_dtype(config.dtype, config.use_cpu))
     model.to(device)
     tokenized = [tokenize_example(e, tokenizer, f"{config.dataset_name}: held-out example {i}")
@@ -106,12 +110,37 @@ def evaluate_policy(name: str, path: str, index: int, config, eval_examples, pro
                              config.max_new_tokens, config.temperature, config.seed + index, config.batch_size, name)
     row.update(distinct_1=distinct_n(sampled["answers"], 1), distinct_2=distinct_n(sampled["answers"], 2),
                token_entropy=sampled["token_entropy"],
-               answer_words=sum(len(a.split()) for a in sampled["answers"]) / len(sampled["answers"]))
+               answer_words=sum(len(a.split()) for a in sampled["answers"]) / len(sampled["answers"]),
+               answer_tokens=sum(len(a) for a in sampled["answer_ids"]) / len(sampled["answer_ids"]))
+    sampled["logprobs"] = answer_logprobs(model, sampled["prompt_ids"], sampled["answer_ids"], tokenizer.pad_token_id,
+                                          config.temperature, config.batch_size)
     print(f"[{name}] perplexity {row['perplexity']:.3f}, distinct-1 {row['distinct_1']:.3f}, distinct-2 "
           f"{row['distinct_2']:.3f}, token entropy {row['token_entropy']:.3f}", flush=True)
     del model
     gc.collect()
-    return row, sampled["answers"]
+    return row, sampled
+
+
+def kl_to_reference(config, models: dict, samples: dict, device) -> dict[str, float]:
+    """Each model's mean KL to the reference model on its own sampled answers (k1: log p_model - log p_ref,
+    summed over answer tokens, at the sampling temperature); the reference is loaded once more for it."""
+    if config.kl_reference not in models:
+        raise ConfigError(f"kl_reference: '{config.kl_reference}' is not one of the models {list(models)}")
+    tokenizer, reference = load_for_inference(models[config.kl_reference],
+                                              dtype=inference_dtype(config.dtype, config.use_cpu))
+    reference.to(device)
+    kls = {}
+    for name in models:
+        if name == config.kl_reference:
+            continue
+        sampled = samples[name]
+        reference_logprobs = answer_logprobs(reference, sampled["prompt_ids"], sampled["answer_ids"],
+                                             tokenizer.pad_token_id, config.temperature, config.batch_size)
+        kls[name] = sum(own - ref for own, ref in zip(sampled["logprobs"], reference_logprobs)) / len(reference_logprobs)
+        print(f"[{name}] KL to {config.kl_reference}: {kls[name]:.3f} nats per answer", flush=True)
+    del reference
+    gc.collect()
+    return kls
 
 
 def main(config: EvaluationConfig):
@@ -130,10 +159,15 @@ def main(config: EvaluationConfig):
         return [example_prompt(e, tokenizer) for e in prompt_examples]
 
     # Each model: perplexity, samples, diversity (one model in memory at a time)
-    results, answers = {"models": {}, "win_rates": {}}, {}
+    results, samples = {"models": {}, "win_rates": {}}, {}
     for index, (name, path) in enumerate(models.items()):
-        results["models"][name], answers[name] = evaluate_policy(
+        results["models"][name], samples[name] = evaluate_policy(
             name, path, index, config, eval_examples, prompts_of, device)
+    answers = {name: sampled["answers"] for name, sampled in samples.items()}
+    if config.kl_reference:
+        results["kl_reference"] = config.kl_reference
+        for name, kl in kl_to_reference(config, models, samples, device).items():
+            results["models"][name]["kl_to_reference"] = kl
 
     # Reward model: accuracy on held-out preferences, scores of every model's answers, win-rates
     if config.reward_model:

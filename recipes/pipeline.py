@@ -32,9 +32,9 @@ from pathlib import Path
 from chatgpt_recipes.config import RECIPES_DIR, ConfigError, run
 from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
 
-DONE, STARTED = "STAGE_DONE.json", "STAGE_STARTED.json"
+DONE, STARTED, SUMMARY = "STAGE_DONE.json", "STAGE_STARTED.json", "summary.json"
 SCRIPTS = {"self_instruct": "self_instruct.py", "pretrain": "pretrain.py", "sft": "sft_lora.py",
-           "reward_model": "reward_model.py", "ppo": "ppo.py", "rloo": "rloo.py", "dpo": "dpo.py",
+           "comparisons": "comparison_data.py", "reward_model": "reward_model.py", "ppo": "ppo.py", "rloo": "rloo.py", "dpo": "dpo.py",
            "evaluate": "evaluate_model.py"}
 POLICIES = ("ppo", "rloo", "dpo")  # stages whose output is an aligned policy
 
@@ -53,6 +53,8 @@ class PipelineConfig:
                                 "output becomes the SFT data (opt-in: list it first in `stages`)."})
     pretrain: dict = field(default_factory=dict, metadata={"help": "Options of recipes/pretrain.py (YAML only)."})
     sft: dict = field(default_factory=dict, metadata={"help": "Options of recipes/sft_lora.py (YAML only)."})
+    comparisons: dict = field(default_factory=dict, metadata={"help": "Options of recipes/comparison_data.py; its "
+                              "pairs (the SFT model's samples against reference answers) become the RM's data."})
     reward_model: dict = field(default_factory=dict, metadata={"help": "Options of recipes/reward_model.py."})
     ppo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/ppo.py (YAML only)."})
     rloo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/rloo.py (YAML only)."})
@@ -68,9 +70,11 @@ def stage_paths(config: PipelineConfig) -> dict[str, dict]:
     sft = out.get("sft", base)
     generated = (os.path.join(out["self_instruct"], config.self_instruct.get("output_name", "instructions.jsonl"))
                  if "self_instruct" in out else None)
+    comparisons = os.path.join(out["comparisons"], "comparisons.jsonl") if "comparisons" in out else None
     wiring = {"self_instruct": {}, "pretrain": {},
               "sft": {"model_name_or_path": base, "dataset_name": generated},
-              "reward_model": {"model_name_or_path": sft},
+              "comparisons": {"model_name_or_path": sft},
+              "reward_model": {"model_name_or_path": sft, "dataset_name": comparisons},
               "ppo": {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")},
               "rloo": {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")},
               "dpo": {"model_name_or_path": sft}}
@@ -81,13 +85,26 @@ def stage_paths(config: PipelineConfig) -> dict[str, dict]:
             for stage in config.stages}
 
 
-def evaluation_defaults(config: PipelineConfig) -> dict:
-    """The held-out data of the evaluation follows the SFT and RM options (same files, split sizes, seed) unless
-    the evaluate options say otherwise; recipe defaults already agree."""
+def derived_defaults(config: PipelineConfig, stage: str) -> dict:
+    """Options that follow SFT's and the reward model's unless the stage sets them, so that held-out means held
+    out at every stage: the comparison data and PPO/RLOO leave out the instructions SFT held out (same file, split
+    size and seed), and the evaluation answers those and scores the RM on the pairs it held out."""
     sft, rm = config.sft, config.reward_model
-    derived = {"dataset_name": sft.get("dataset_name"), "eval_split_size": sft.get("eval_split_size"),
-               "seed": sft.get("seed"), "max_length": sft.get("max_length"),
-               "preference_dataset": rm.get("dataset_name"), "preference_eval_split_size": rm.get("eval_split_size")}
+    wiring = stage_paths(config)
+    sft_data = wiring.get("sft", {}).get("dataset_name", sft.get("dataset_name"))
+    if stage in ("comparisons", "ppo", "rloo") and "sft" in config.stages and "dataset_name" not in getattr(config,
+                                                                                                         stage):
+        derived = {"dataset_name": sft_data, "sft_eval_split_size": sft.get("eval_split_size", 40),
+                   "seed": sft.get("seed")}
+    elif stage == "evaluate":
+        derived = {"dataset_name": sft_data, "eval_split_size": sft.get("eval_split_size"),
+                   "seed": sft.get("seed"), "max_length": sft.get("max_length"),
+                   "preference_dataset": rm.get("dataset_name"), "preference_eval_split_size": rm.get("eval_split_size"),
+                   "kl_reference": "sft" if "sft" in config.stages else None}
+        if "comparisons" in config.stages:
+            derived["preference_dataset"] = wiring["reward_model"]["dataset_name"]
+    else:
+        derived = {}
     return {key: value for key, value in derived.items() if value is not None}
 
 
@@ -146,9 +163,7 @@ def main(config: PipelineConfig):
 
     fingerprint, upstream_changed, summary = "", False, []
     for stage in config.stages:
-        options = dict(getattr(config, stage))
-        if stage == "evaluate":
-            options = {**evaluation_defaults(config), **options}
+        options = {**derived_defaults(config, stage), **getattr(config, stage)}
         clash = sorted(set(options) & set(wiring[stage]))
         if clash:
             raise ConfigError(f"{stage}: {clash} are set by the pipeline to chain the stages; set output_dir or "
@@ -185,15 +200,84 @@ def main(config: PipelineConfig):
         (stage_dir / DONE).write_text(json.dumps(marker, indent=1))
         summary.append({**marker, "status": "ran"})
         write_pipeline_report(config, summary)
-    path = write_pipeline_report(config, summary)
+    checks = pipeline_summary(config)
+    path = write_pipeline_report(config, summary, checks)
     print(f"\n[pipeline] all {len(config.stages)} stages finished; report: {path}", flush=True)
+    if checks:
+        print(f"[pipeline] {Path(config.output_dir) / SUMMARY}:\n" + checks_markdown(checks), flush=True)
 
 
-def write_pipeline_report(config: PipelineConfig, summary: list[dict]) -> str:
-    """report.md: each stage's status, time and report; the across-stages evaluation with its plots."""
+# What the pipeline's demonstration must show (issue: "RLHF that visibly learns"): a reward model well above chance
+# on pairs it never trained on, and RL policies that it prefers to the SFT policy on prompts nobody trained on.
+MIN_RM_ACCURACY, MIN_RM_PAIRS, MIN_WIN_RATE, MIN_PROMPTS = 0.65, 100, 0.60, 64
+KL_COEF_KEYS = {"ppo": ("ppo_results.json", "kl_coef"), "rloo": ("rloo_results.json", "kl_coef")}
+
+
+def pipeline_summary(config: PipelineConfig) -> dict:
+    """summary.json from the evaluation stage: the RM's held-out accuracy, and for each RL policy its RM-judged
+    win-rate against SFT, its KL to SFT and its answer length over SFT's, all on the same held-out prompts, each
+    with its check. KL bound: PPO and RLOO maximise E[r] - kl_coef * KL(policy || SFT), which is E_sft[r] for the SFT
+    policy itself, so a policy that improved that objective has KL <= (E[r] - E_sft[r]) / kl_coef, both rewards
+    measured by the same RM on the same prompts. A KL above it means the policy moved further than its reward
+    gain pays for: the penalty is not holding it."""
     out = Path(config.output_dir)
-    lines = ["# Pipeline: " + " → ".join(config.stages), "", "| stage | status | minutes | output |",
-             "|---|---|---|---|"]
+    results_file = out / "evaluate" / "eval_results.json"
+    if not results_file.is_file():
+        return {}
+    results = json.loads(results_file.read_text())
+    models, wins, summary, checks = results["models"], results.get("win_rates", {}), {}, []
+    rm = results.get("reward_model_accuracy")
+    if rm:
+        summary.update(rm_eval_accuracy=rm["accuracy"], rm_eval_accuracy_ci=[rm["ci_low"], rm["ci_high"]],
+                       rm_eval_pairs=rm["pairs"])
+        checks += [("rm_eval_accuracy", rm["accuracy"], f">= {MIN_RM_ACCURACY}", rm["accuracy"] >= MIN_RM_ACCURACY),
+                   ("rm_eval_pairs", rm["pairs"], f">= {MIN_RM_PAIRS}", rm["pairs"] >= MIN_RM_PAIRS)]
+    for policy in [p for p in POLICIES if p in models and "sft" in models]:
+        win = wins.get(f"{policy} vs sft")
+        if win is None:
+            continue
+        gain = models[policy]["rm_score_mean"] - models["sft"]["rm_score_mean"]
+        summary.update({f"{policy}_win_rate_vs_sft": win["win_rate"],
+                        f"{policy}_win_rate_vs_sft_ci": [win["ci_low"], win["ci_high"]],
+                        f"{policy}_eval_prompts": win["n"], f"{policy}_reward_gain_vs_sft": gain,
+                        f"{policy}_length_ratio": models[policy]["answer_tokens"] / max(models["sft"]["answer_tokens"],
+                                                                                        1e-9)})
+        checks += [(f"{policy}_win_rate_vs_sft", win["win_rate"], f">= {MIN_WIN_RATE}", win["win_rate"] >= MIN_WIN_RATE),
+                   (f"{policy}_eval_prompts", win["n"], f">= {MIN_PROMPTS}", win["n"] >= MIN_PROMPTS)]
+        kl = models[policy].get("kl_to_reference")
+        if kl is not None and results.get("kl_reference") == "sft":
+            summary[f"{policy}_kl_to_sft"] = kl
+            stage_results = out / policy / KL_COEF_KEYS.get(policy, ("", ""))[0]
+            kl_coef = json.loads(stage_results.read_text()).get("kl_coef") if stage_results.is_file() else None
+            if kl_coef:
+                bound = max(gain, 0.0) / kl_coef
+                summary.update({f"{policy}_kl_coef": kl_coef, f"{policy}_kl_bound": bound})
+                checks.append((f"{policy}_kl_to_sft", kl, f"<= {bound:.3g} (reward gain / kl_coef)", kl <= bound))
+    summary["checks"] = [{"name": name, "value": value, "threshold": threshold, "passed": bool(passed)}
+                         for name, value, threshold, passed in checks]
+    summary["all_passed"] = all(check["passed"] for check in summary["checks"])
+    (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def checks_markdown(summary: dict) -> str:
+    lines = ["| check | value | threshold | passed |", "|---|---|---|---|"]
+    lines += [f"| {c['name']} | {c['value']:.3g} | {c['threshold']} | {'yes' if c['passed'] else '**no**'} |"
+              for c in summary["checks"]]
+    intervals = [f"{key[:-3]}: {value[0]:.1%} – {value[1]:.1%}" for key, value in summary.items() if key.endswith("_ci")]
+    if intervals:
+        lines += ["", "95% intervals: " + "; ".join(intervals) + "."]
+    return "\n".join(lines)
+
+
+def write_pipeline_report(config: PipelineConfig, summary: list[dict], checks: dict | None = None) -> str:
+    """report.md: the checks of summary.json, each stage's status, time and report, the training curves (for PPO and
+    RLOO: reward, KL, entropy and length per update), the across-stages evaluation with its plots."""
+    out = Path(config.output_dir)
+    lines = ["# Pipeline: " + " → ".join(config.stages), ""]
+    if checks:
+        lines += ["## Checks (summary.json)", "", checks_markdown(checks), ""]
+    lines += ["| stage | status | minutes | output |", "|---|---|---|---|"]
     for row in summary:
         report = Path(row["stage"]) / "report.md"
         link = f"[{row['stage']}/]({report})" if (out / report).is_file() else f"{row['stage']}/"

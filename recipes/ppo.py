@@ -108,7 +108,7 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     metrics = {f"{key}_before": value for key, value in before.items()}
     metrics.update({f"{key}_after": value for key, value in after.items()})
     metrics["reference_max_logit_change"] = (reference_logits - probe_logits).abs().max().item()
-    metrics["updates"] = trainer.state.global_step
+    metrics["updates"], metrics["kl_coef"] = trainer.state.global_step, config.kl_coef
     metrics["reward_model_eval_accuracy"] = rm_info.get("eval_accuracy")
 
     # Save: the policy merged into one plain model, tokenizer, metrics, samples, report

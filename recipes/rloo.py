@@ -67,6 +67,7 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
     metrics = {f"{key}_before": value for key, value in before.items()}
     metrics.update({f"{key}_after": value for key, value in after.items()})
     metrics["steps"], metrics["reward_model_eval_accuracy"] = trainer.state.global_step, rm_info.get("eval_accuracy")
+    metrics["kl_coef"] = config.beta
 
     # Save: the policy merged into one plain model, tokenizer, metrics, report
     with whole_model(trainer.accelerator, trainer.model, model_args, tokenizer) as merged:  # on every rank

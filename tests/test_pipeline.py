@@ -78,6 +78,19 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, tiny_
         assert (out / picture).stat().st_size > 10_000 and f"({picture})" in report
     assert "ppo vs sft" in report and (out / "evaluate" / "samples.md").is_file()
     assert "(ppo/rl_curves.png)" in report or "(ppo/training_curves.png)" in report
+    # summary.json: the demonstration's figures from the evaluation, each with its check
+    summary = json.loads((out / "summary.json").read_text())
+    models = results["models"]
+    assert summary["rm_eval_accuracy"] == results["reward_model_accuracy"]["accuracy"]
+    assert summary["ppo_win_rate_vs_sft"] == results["win_rates"]["ppo vs sft"]["win_rate"]
+    assert summary["ppo_kl_to_sft"] == models["ppo"]["kl_to_reference"] and results["kl_reference"] == "sft"
+    assert summary["ppo_length_ratio"] == pytest.approx(models["ppo"]["answer_tokens"] / models["sft"]["answer_tokens"])
+    gain = models["ppo"]["rm_score_mean"] - models["sft"]["rm_score_mean"]
+    assert summary["ppo_kl_bound"] == pytest.approx(max(gain, 0.0) / summary["ppo_kl_coef"])
+    checks = {check["name"]: check for check in summary["checks"]}
+    assert checks["rm_eval_accuracy"]["passed"] and not checks["rm_eval_pairs"]["passed"]  # 8 pairs are too few
+    assert not checks["ppo_eval_prompts"]["passed"] and summary["all_passed"] is False
+    assert "## Checks (summary.json)" in report and "rm_eval_pairs" in report
 
     second = run_pipeline(config)
     for stage in stages:
@@ -104,3 +117,21 @@ def test_pipeline_refuses_bad_stage_lists_and_wiring_overrides(tmp_path):
     assert wiring["dpo"]["model_name_or_path"] == os.path.join("out", "sft")
     assert wiring["evaluate"]["models"] == ["base=out/pretrain", "sft=out/sft", "dpo=out/dpo"]
     assert "reward_model" not in wiring["evaluate"]
+
+
+def test_comparison_data_feeds_the_reward_model_and_every_stage_holds_out_sfts_split():
+    from pipeline import PipelineConfig, derived_defaults, stage_paths
+
+    config = PipelineConfig(output_dir="out", stages=["sft", "comparisons", "reward_model", "ppo", "evaluate"],
+                            sft={"eval_split_size": 100, "seed": 7}, reward_model={"eval_split_size": 50})
+    wiring = stage_paths(config)
+    pairs = os.path.join("out", "comparisons", "comparisons.jsonl")
+    assert wiring["comparisons"]["model_name_or_path"] == os.path.join("out", "sft")
+    assert wiring["reward_model"]["dataset_name"] == pairs
+    for stage in ("comparisons", "ppo"):
+        assert derived_defaults(config, stage) == {"sft_eval_split_size": 100, "seed": 7}
+    evaluation = derived_defaults(config, "evaluate")
+    assert evaluation["preference_dataset"] == pairs and evaluation["preference_eval_split_size"] == 50
+    assert evaluation["eval_split_size"] == 100 and evaluation["seed"] == 7 and evaluation["kl_reference"] == "sft"
+    own_prompts = PipelineConfig(output_dir="out", stages=["sft", "ppo"], ppo={"dataset_name": "hh.jsonl"})
+    assert derived_defaults(own_prompts, "ppo") == {}  # another prompt set: nothing of SFT's to leave out

@@ -37,15 +37,16 @@ def perplexity(total_loss: float, token_count: int) -> float:
 # Reward model -------------------------------------------------------------------------------------------------
 
 def pairwise_accuracy(chosen_scores, rejected_scores) -> dict:
-    """Fraction of pairs the reward model ranks as the humans did (a tie counts half), and the mean and
-    standard deviation of the margin score(chosen) - score(rejected)."""
+    """Fraction of pairs the reward model ranks as the labels do (a tie counts half) with its 95% Wilson interval,
+    and the mean and standard deviation of the margin score(chosen) - score(rejected)."""
     chosen = torch.as_tensor(chosen_scores, dtype=torch.float64)
     rejected = torch.as_tensor(rejected_scores, dtype=torch.float64)
     if chosen.shape != rejected.shape or chosen.numel() == 0:
         raise ValueError(f"need equally many chosen and rejected scores (got {chosen.numel()} and {rejected.numel()})")
     margin = chosen - rejected
     correct = (margin > 0).double() + 0.5 * (margin == 0).double()
-    return {"accuracy": correct.mean().item(), "margin_mean": margin.mean().item(),
+    low, high = wilson_interval(correct.sum().item(), chosen.numel())
+    return {"accuracy": correct.mean().item(), "ci_low": low, "ci_high": high, "margin_mean": margin.mean().item(),
             "margin_std": margin.std().item() if margin.numel() > 1 else 0.0, "pairs": chosen.numel()}
 
 
@@ -136,10 +137,11 @@ def sample_answers(model, tokenizer, prompts: list[str], stop_ids: list[int], ma
     """One answer per prompt (sampled at `temperature`, greedy at 0), with the mean entropy of the
     distributions the answer tokens were drawn from (up to and including the stop token)."""
     torch.manual_seed(seed)
-    answers, answer_ids, entropy_sum, entropy_count = [], [], 0.0, 0
+    answers, answer_ids, all_prompt_ids, entropy_sum, entropy_count = [], [], [], 0.0, 0
     for number, batch in enumerate(_batches(prompts, batch_size), start=1):
         has_bos = tokenizer.bos_token is not None and batch[0].startswith(tokenizer.bos_token)
         prompt_ids = [tokenizer(p, add_special_tokens=not has_bos)["input_ids"] for p in batch]
+        all_prompt_ids += prompt_ids
         input_ids = _pad(prompt_ids, tokenizer.pad_token_id, left=True).to(model.device)
         attention_mask = _pad([[1] * len(p) for p in prompt_ids], 0, left=True).to(model.device)
         output = model.generate(
@@ -160,7 +162,30 @@ def sample_answers(model, tokenizer, prompts: list[str], stop_ids: list[int], ma
             answers.append(tokenizer.decode(answer_ids[-1], skip_special_tokens=True).strip())
         if progress:
             say(f"[{progress}] sampled {min(number * batch_size, len(prompts))}/{len(prompts)} answers", flush=True)
-    return {"answers": answers, "answer_ids": answer_ids, "token_entropy": entropy_sum / max(entropy_count, 1)}
+    return {"answers": answers, "answer_ids": answer_ids, "prompt_ids": all_prompt_ids,
+            "token_entropy": entropy_sum / max(entropy_count, 1)}
+
+
+@torch.no_grad()
+def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_token_id: int,
+                    temperature: float = 1.0, batch_size: int = 8) -> list[float]:
+    """log p(answer | prompt) under `model` at `temperature` (the sum over the answer's tokens), each sequence
+    right-padded; the difference of two models' values on one model's own samples is the k1 estimate of their KL."""
+    totals = []
+    for batch in _batches(list(zip(prompt_ids, answer_ids)), batch_size):
+        sequences = [p + a for p, a in batch]
+        input_ids = _pad(sequences, pad_token_id).to(model.device)
+        attention_mask = _pad([[1] * len(s) for s in sequences], 0).to(model.device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logprobs = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
+        for row, (prompt, answer) in enumerate(batch):
+            if not answer:
+                totals.append(0.0)
+                continue
+            positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=logits.device)
+            targets = torch.tensor(answer, device=logits.device)
+            totals.append(logprobs[row, positions, targets].sum().item())
+    return totals
 
 
 @torch.no_grad()

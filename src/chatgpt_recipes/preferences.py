@@ -9,6 +9,8 @@ Shapes read (one row each):
   ShareGPT pairs            {"conversations": [{from, value}], "chosen": {from, value}, "rejected": {from, value}}
   Anthropic HH-RLHF         {"chosen": "\\n\\nHuman: ... \\n\\nAssistant: ...", "rejected": "..."}
   K-wise ranking            {"prompt": str | [turns], "responses": [best, ..., worst]} (optional "ranks": [1, 2, ...])
+  Alpaca-style pairs        {"instruction": str, "input": str, "chosen": str, "rejected": str} (the prompt rendered
+                            like SFT's Alpaca rows; recipes/comparison_data.py writes these)
   Alpaca (PPO prompts only) {"instruction", "input", "output"}
 
 A prompt is kept as what it is (Alpaca pieces, chat turns or verbatim text) and rendered only once the target
@@ -108,10 +110,25 @@ def _pair_of(row: dict, where: str) -> tuple[object, list[str], list | None]:
             return (shared_prompt([chosen_turns[:-1], rejected_turns[:-1]]), answers,
                     [chosen_turns[:-1], rejected_turns[:-1]])
         return chosen_turns[:-1], answers, None
+    if "instruction" in row and "prompt" not in row:  # Alpaca pieces, rendered like SFT's Alpaca rows
+        return (_alpaca_prompt(row, where), [_response_text(chosen, where, "chosen"),
+                                             _response_text(rejected, where, "rejected")], None)
     if "prompt" not in row:
         raise RowError(where, "prompt", f"missing field 'prompt' (fields present: {sorted(row)})")
     return (_prompt_field(row, where), [_response_text(chosen, where, "chosen"),
                                         _response_text(rejected, where, "rejected")], None)
+
+
+def _alpaca_prompt(row: dict, where: str) -> dict:
+    instruction = row["instruction"]
+    if instruction is None or (isinstance(instruction, str) and not instruction.strip()):
+        raise RowError(where, "instruction", "field 'instruction' is " + ("null" if instruction is None else "empty"))
+    if not isinstance(instruction, str):
+        raise RowError(where, "instruction", f"field 'instruction' must be text, found {type(instruction).__name__}")
+    text_input = row.get("input") or ""
+    if not isinstance(text_input, str):
+        raise RowError(where, "input", f"field 'input' must be text, found {type(text_input).__name__}")
+    return {"instruction": instruction, "input": text_input}
 
 
 def _prompt_field(row: dict, where: str):
@@ -159,15 +176,7 @@ def prompt_of_row(row: dict, where: str):
     """The prompt of a PPO/RLOO prompt row: Alpaca, chat/ShareGPT (the turns before the last assistant answer, if
     any), a ranking or pair (its prompt), or {"prompt"}."""
     if "instruction" in row:
-        instruction = row["instruction"]
-        if instruction is None or (isinstance(instruction, str) and not instruction.strip()):
-            raise RowError(where, "instruction", "field 'instruction' is " + ("null" if instruction is None else "empty"))
-        if not isinstance(instruction, str):
-            raise RowError(where, "instruction", f"field 'instruction' must be text, found {type(instruction).__name__}")
-        text_input = row.get("input") or ""
-        if not isinstance(text_input, str):
-            raise RowError(where, "input", f"field 'input' must be text, found {type(text_input).__name__}")
-        return {"instruction": instruction, "input": text_input}
+        return _alpaca_prompt(row, where)
     for field in ("messages", "conversations"):
         if field in row:
             turns = normalize_messages(row[field], where, field)

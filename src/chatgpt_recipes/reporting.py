@@ -20,10 +20,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 # keys drawn together on it (TRL's names: PPOTrainer objective/*, RLOOTrainer reward/kl/entropy, RewardTrainer
 # accuracy/margin, DPOTrainer rewards/*). The RL figure needs a reward key, since SFT also logs `entropy`.
 EXTRA_FIGURES = {
-    "rl_curves.png": ("Reward, KL and entropy per update", [
+    "rl_curves.png": ("Reward, KL, entropy and answer length per update", [
         ("reward", ["objective/scores", "objective/rlhf_reward", "reward"]),
         ("KL to reference", ["objective/kl", "kl"]),
         ("policy entropy", ["objective/entropy", "entropy"]),
+        ("answer length (tokens)", ["response_length", "completions/mean_length"]),
     ]),
     "preference_curves.png": ("Preference accuracy and margin", [
         ("pairwise accuracy", ["accuracy", "eval_accuracy", "rewards/accuracies", "eval_rewards/accuracies"]),
@@ -115,7 +116,8 @@ def write_training_report(output_dir: str, title: str, log_history: list[dict], 
 
 MODEL_COLUMNS = [("perplexity", "perplexity"), ("rm_score_mean", "mean RM score"), ("distinct_1", "distinct-1"),
                  ("distinct_2", "distinct-2"), ("token_entropy", "token entropy (nats)"),
-                 ("answer_words", "mean answer words")]
+                 ("answer_words", "mean answer words"), ("answer_tokens", "mean answer tokens"),
+                 ("kl_to_reference", "KL to reference (nats)")]
 
 
 def plot_model_comparison(models: dict[str, dict], path: str, title: str) -> bool:
@@ -187,8 +189,12 @@ def evaluation_markdown(results: dict) -> str:
                   f"{w['wins']} / {w['ties']} / {w['losses']} |" for pair, w in results["win_rates"].items()]
     if results.get("reward_model_accuracy"):
         rm = results["reward_model_accuracy"]
-        lines += ["", f"Reward model on {rm['pairs']} held-out preference pairs: accuracy {rm['accuracy']:.1%}, "
-                  f"margin {rm['margin_mean']:.3g} ± {rm['margin_std']:.3g}."]
+        interval = f" (95% interval {rm['ci_low']:.1%} – {rm['ci_high']:.1%})" if "ci_low" in rm else ""
+        lines += ["", f"Reward model on {rm['pairs']} held-out preference pairs: accuracy {rm['accuracy']:.1%}"
+                  f"{interval}, margin {rm['margin_mean']:.3g} ± {rm['margin_std']:.3g}."]
+    if results.get("kl_reference"):
+        lines += ["", f"KL to reference: each model's mean KL to `{results['kl_reference']}` on its own sampled "
+                  "answers (sum over answer tokens of log p_model - log p_reference)."]
     return "\n".join(lines)
 
 

@@ -12,10 +12,11 @@ from chatgpt_recipes.models import ModelLoadError, adapter_base, load_tokenizer,
 from chatgpt_recipes.output import say
 from chatgpt_recipes.preferences import prompt_of_row
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
-                                  kept_indices, num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint,
-                                  tokenizer_fingerprint)
-from chatgpt_recipes.templates import (PromptFormatError, check_prompt_format, encode_prompt, read_stage_info,
-                                       render_prompt)
+                                  kept_indices, num_proc_for, raw_dataset, read_rows, rows_of_batch, skips_of,
+                                  source_fingerprint, split_train_eval, tokenizer_fingerprint)
+from chatgpt_recipes.sft_data import sft_rows
+from chatgpt_recipes.templates import (PromptFormatError, check_prompt_format, encode_prompt, example_prompt,
+                                       read_stage_info, render_prompt)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ class RLPromptArguments(DataArguments):
     max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are skipped and counted."})
     max_train_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts for reward/KL before and after."})
+    sft_eval_split_size: float = field(default=0, metadata={
+        "help": "The SFT run's eval_split_size on this dataset (with `seed`, SFT's seed): the prompts SFT held out "
+                "are not trained on, and eval_prompts come from them; 0: hold out the first eval_prompts."})
     min_reward_model_accuracy: float = field(default=0.55, metadata={"help": "RM eval accuracy below this is weak."})
     on_weak_reward_model: str = field(default="error", metadata={"help": "error or warn on a weak reward model."})
 
@@ -60,7 +64,7 @@ def prompt_dataset(source: str, tokenizer, prompt_format: str, max_prompt_length
                    num_proc: int | None = None, max_skipped_fraction: float = 0.05,
                    skips: SkipLog | None = None) -> Dataset:
     """PPO/RLOO prompts from any row shape chatgpt_recipes.preferences reads, rendered exactly as SFT renders them, prepared
-    once and cached (chatgpt_recipes.rows.cached_dataset). tokenized: {"input_ids"} (PPO); else {"prompt": text} (RLOO
+    once and cached (chatgpt_recipes.rows.cached_dataset). tokenized: {"input_ids"} (PPO); False: {"prompt": text} (RLOO
     tokenises itself). Defective rows, prompts the format cannot render and prompts longer than max_prompt_length
     tokens are skipped and counted (into `skips` when given)."""
     columns = columns or {}
@@ -85,6 +89,8 @@ def prompt_dataset(source: str, tokenizer, prompt_format: str, max_prompt_length
         kept = kept[:limit]
     if not kept:
         raise DataError(f"{source}: no usable prompts (see the skip counts above)")
+    if tokenized is None:  # both, for the caller to select from
+        return dataset.select(kept).select_columns(["input_ids", "prompt"])
     return dataset.select(kept).select_columns(["input_ids"] if tokenized else ["prompt"])
 
 
@@ -102,6 +108,20 @@ def rl_prompts(config, tokenizer, tokenized: bool) -> tuple[Dataset, Dataset, Sk
         train = prompt_dataset(config.dataset_name, *args, config.max_train_prompts, config.dataset_split, **options)
         held_out = prompt_dataset(separate[0], *args, config.eval_prompts, separate[1], **options)
         return train, held_out, skips
+    if config.sft_eval_split_size:
+        prompts = prompt_dataset(config.dataset_name, *args, None, config.dataset_split, **{**options,
+                                                                                             "tokenized": None})
+        held_out_texts = sft_held_out_prompts(config, tokenizer)
+        is_held_out = [text in held_out_texts for text in prompts["prompt"]]
+        train_rows = [i for i, held in enumerate(is_held_out) if not held][: config.max_train_prompts]
+        held_out_rows = [i for i, held in enumerate(is_held_out) if held][: config.eval_prompts]
+        if not held_out_rows:
+            raise DataError(f"{config.dataset_name}: none of the {len(held_out_texts)} prompts SFT held out "
+                            f"(sft_eval_split_size={config.sft_eval_split_size}, seed={config.seed}) is among its "
+                            "usable prompts; is it SFT's dataset?")
+        columns = ["input_ids"] if tokenized else ["prompt"]
+        return (prompts.select(train_rows).select_columns(columns),
+                prompts.select(held_out_rows).select_columns(columns), skips)
     limit = config.max_train_prompts and config.max_train_prompts + config.eval_prompts
     prompts = prompt_dataset(config.dataset_name, *args, limit, config.dataset_split, **options)
     if len(prompts) <= config.eval_prompts:
@@ -109,6 +129,14 @@ def rl_prompts(config, tokenizer, tokenized: bool) -> tuple[Dataset, Dataset, Sk
                         f"eval_prompts={config.eval_prompts}")
     return (prompts.select(range(config.eval_prompts, len(prompts))), prompts.select(range(config.eval_prompts)),
             skips)
+
+
+def sft_held_out_prompts(config, tokenizer) -> set[str]:
+    """The prompts of the rows SFT held out of config.dataset_name (its split: sft_eval_split_size, seed), as SFT
+    rendered them; the evaluation recipe holds out the same rows."""
+    examples, _ = sft_rows(read_rows(config.dataset_name, config.dataset_split), config.dataset_name)
+    _, held_out = split_train_eval(examples, config.sft_eval_split_size, config.seed)
+    return {example_prompt(example, tokenizer) for example in held_out}
 
 
 def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: str, reward_path: str,
