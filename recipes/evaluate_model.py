@@ -136,7 +136,8 @@ def kl_to_reference(config, models: dict, samples: dict, device) -> dict[str, fl
         sampled = samples[name]
         reference_logprobs = answer_logprobs(reference, sampled["prompt_ids"], sampled["answer_ids"],
                                              tokenizer.pad_token_id, config.temperature, config.batch_size)
-        kls[name] = sum(own - ref for own, ref in zip(sampled["logprobs"], reference_logprobs)) / len(reference_logprobs)
+        differences = [own - ref for own, ref in zip(sampled["logprobs"], reference_logprobs)]
+        kls[name] = sum(differences) / len(differences)
         print(f"[{name}] KL to {config.kl_reference}: {kls[name]:.3f} nats per answer", flush=True)
     del reference
     gc.collect()

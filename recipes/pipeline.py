@@ -1,6 +1,7 @@
-"""The whole InstructGPT path in one command: [pretrain ->] SFT -> reward model -> PPO -> evaluation.
+"""The whole InstructGPT path in one command: [pretrain ->] SFT -> comparison data -> reward model -> PPO -> eval.
 
-    # the embedded demo: SmolLM2-135M-Instruct on the bundled data, offline, 2-core CPU, about 11 minutes
+    # the embedded demo: SmolLM2-135M-Instruct on the bundled data, offline, 2-core CPU, about 27 minutes; its
+    # summary.json checks that the reward model and PPO learnt (docs/rlhf.md)
     python recipes/pipeline.py
     # a real run: bigger model and data in the YAML, stages launched on 8 GPUs with DeepSpeed
     python recipes/pipeline.py --config my_pipeline.yaml --accelerate_config accelerate_configs/deepspeed_zero2.yaml
@@ -8,9 +9,12 @@
 Each stage is its recipe run as a subprocess through `accelerate launch` with the recipe's own command line:
 the stage's options from the YAML (`sft: {max_steps: 20}` becomes `--max_steps 20`, `config: FILE` picks another
 recipe YAML) plus the paths that chain the stages, which the pipeline sets: every stage writes
-`<output_dir>/<stage>/`, SFT starts from `base_model` (or the pretrain output), the reward model from the SFT
-output, PPO/RLOO from the SFT output with that reward model, DPO from the SFT output, and the evaluation compares
-base, SFT and each RL policy, judged by the reward model.
+`<output_dir>/<stage>/`, SFT starts from `base_model` (or the pretrain output), the comparison data samples the
+SFT output, the reward model starts from the SFT output (and trains on the comparison data when that stage runs),
+PPO/RLOO start from the SFT output with that reward model, DPO from the SFT output, and the evaluation compares
+base, SFT and each RL policy, judged by the reward model. The comparison data, PPO/RLOO and the evaluation hold out
+the rows SFT held out, so the evaluation's prompts were trained on by no stage and never seen by the judge.
+At the end, summary.json holds the demonstration's checks (see `pipeline_summary`).
 
 Resuming: a stage that exits cleanly gets a completion marker (STAGE_DONE.json: its command, a fingerprint of its
 options and of the stages before it, its duration). A rerun skips stages whose marker matches; an interrupted
@@ -242,7 +246,8 @@ def pipeline_summary(config: PipelineConfig) -> dict:
                         f"{policy}_eval_prompts": win["n"], f"{policy}_reward_gain_vs_sft": gain,
                         f"{policy}_length_ratio": models[policy]["answer_tokens"] / max(models["sft"]["answer_tokens"],
                                                                                         1e-9)})
-        checks += [(f"{policy}_win_rate_vs_sft", win["win_rate"], f">= {MIN_WIN_RATE}", win["win_rate"] >= MIN_WIN_RATE),
+        checks += [(f"{policy}_win_rate_vs_sft", win["win_rate"], f">= {MIN_WIN_RATE}",
+                    win["win_rate"] >= MIN_WIN_RATE),
                    (f"{policy}_eval_prompts", win["n"], f">= {MIN_PROMPTS}", win["n"] >= MIN_PROMPTS)]
         kl = models[policy].get("kl_to_reference")
         if kl is not None and results.get("kl_reference") == "sft":
@@ -264,7 +269,8 @@ def checks_markdown(summary: dict) -> str:
     lines = ["| check | value | threshold | passed |", "|---|---|---|---|"]
     lines += [f"| {c['name']} | {c['value']:.3g} | {c['threshold']} | {'yes' if c['passed'] else '**no**'} |"
               for c in summary["checks"]]
-    intervals = [f"{key[:-3]}: {value[0]:.1%} – {value[1]:.1%}" for key, value in summary.items() if key.endswith("_ci")]
+    intervals = [f"{key[:-3]}: {value[0]:.1%} – {value[1]:.1%}" for key, value in summary.items()
+                 if key.endswith("_ci")]
     if intervals:
         lines += ["", "95% intervals: " + "; ".join(intervals) + "."]
     return "\n".join(lines)

@@ -9,7 +9,8 @@ from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison
 SFT_LOG = [{"loss": 2.0 - 0.1 * s, "step": s, "epoch": s / 10} for s in range(1, 11)] + \
           [{"eval_loss": 1.9 - 0.05 * s, "step": s, "epoch": s / 10} for s in (5, 10)]
 PPO_LOG = [{"objective/scores": 0.1 * s, "objective/rlhf_reward": 0.1 * s - 0.01 * s, "objective/kl": 0.01 * s,
-            "objective/entropy": 2.0 - 0.05 * s, "loss/value_avg": 0.3, "step": s} for s in range(1, 9)]
+            "objective/entropy": 2.0 - 0.05 * s, "response_length": 30 - s, "loss/value_avg": 0.3, "step": s}
+           for s in range(1, 9)]
 RM_LOG = [{"loss": 0.7 - 0.02 * s, "accuracy": 0.5 + 0.04 * s, "margin": 0.1 * s, "step": s} for s in range(1, 6)] + \
          [{"eval_accuracy": 0.8, "eval_margin": 0.6, "step": 5}]
 
@@ -27,7 +28,7 @@ def test_training_report_draws_loss_and_eval_loss_together(tmp_path):
 
 def test_ppo_log_gets_reward_kl_and_entropy_curves(tmp_path):
     report = open(write_training_report(str(tmp_path), "PPO", PPO_LOG, {})).read()
-    assert "![Reward, KL and entropy per update](rl_curves.png)" in report
+    assert "![Reward, KL, entropy and answer length per update](rl_curves.png)" in report
     height, width, _ = matplotlib.image.imread(tmp_path / "rl_curves.png").shape
     assert width > 2 * height  # three panels side by side
     assert "training_curves.png" not in report  # PPO logs no plain loss
