@@ -69,8 +69,10 @@ def comparison_row(example: dict, chosen: str, rejected: str, source_row: int) -
 
 
 def main(config: ComparisonDataConfig):
-    examples, _ = sft_rows(read_rows(config.dataset_name, config.dataset_split), config.dataset_name)
-    numbered = list(enumerate(examples, start=1))
+    rows = read_rows(config.dataset_name, config.dataset_split)
+    examples, skips = sft_rows(rows, config.dataset_name)
+    skipped = {record["row"] for record in skips.records}
+    numbered = list(zip([n for n in range(1, len(rows) + 1) if n not in skipped], examples))  # (file row, example)
     usable, held_out = split_train_eval(numbered, config.sft_eval_split_size, config.seed)
     if config.num_pairs > len(usable):
         raise ConfigError(f"num_pairs={config.num_pairs}: {config.dataset_name} has {len(usable)} instructions "
@@ -94,7 +96,7 @@ def main(config: ComparisonDataConfig):
         sampled = sample_answers(model, tokenizer, [example_prompt(e, tokenizer) for _, e in batch], stops,
                                  config.max_answer_tokens, config.temperature, config.seed + position,
                                  config.batch_size)
-        rows = []
+        pairs = []
         for (number, example), answer in zip(batch, sampled["answers"]):
             reference_ids = tokenizer(reference_answer(example), add_special_tokens=False)["input_ids"]
             reference = tokenizer.decode(reference_ids[: config.max_answer_tokens], skip_special_tokens=True).strip()
@@ -102,11 +104,11 @@ def main(config: ComparisonDataConfig):
                       else None)
             if reason:
                 info["skipped"][reason] = info["skipped"].get(reason, 0) + 1
-            elif done + len(rows) < config.num_pairs:
-                rows.append(comparison_row(example, reference, answer, number))
+            elif done + len(pairs) < config.num_pairs:
+                pairs.append(comparison_row(example, reference, answer, number))
         with open(output, "a") as file:
-            file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        done, position = done + len(rows), position + len(batch)
+            file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs)
+        done, position = done + len(pairs), position + len(batch)
         info.update(tried=position, pairs=done, settings=asdict(config))
         with open(info_path, "w") as file:
             json.dump(info, file, indent=1)
