@@ -31,8 +31,7 @@ from chatgpt_recipes.metrics import sample_answers
 from chatgpt_recipes.models import load_for_inference
 from chatgpt_recipes.output import say
 from chatgpt_recipes.precision import inference_dtype
-from chatgpt_recipes.rows import read_rows, split_train_eval
-from chatgpt_recipes.sft_data import sft_rows
+from chatgpt_recipes.sft_data import sft_split
 from chatgpt_recipes.templates import example_prompt
 
 
@@ -69,11 +68,7 @@ def comparison_row(example: dict, chosen: str, rejected: str, source_row: int) -
 
 
 def main(config: ComparisonDataConfig):
-    rows = read_rows(config.dataset_name, config.dataset_split)
-    examples, skips = sft_rows(rows, config.dataset_name)
-    skipped = {record["row"] for record in skips.records}
-    numbered = list(zip([n for n in range(1, len(rows) + 1) if n not in skipped], examples))  # (file row, example)
-    usable, held_out = split_train_eval(numbered, config.sft_eval_split_size, config.seed)
+    usable, held_out = sft_split(config.dataset_name, config.dataset_split, config.sft_eval_split_size, config.seed)
     if config.num_pairs > len(usable):
         raise ConfigError(f"num_pairs={config.num_pairs}: {config.dataset_name} has {len(usable)} instructions "
                           f"outside the SFT held-out split ({len(held_out)} rows)")

@@ -39,7 +39,7 @@ from chatgpt_recipes.preferences import encode_response, read_rankings, tokenize
 from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
 from chatgpt_recipes.reward import load_reward_model
 from chatgpt_recipes.rows import read_rows, split_train_eval
-from chatgpt_recipes.sft_data import sft_rows, tokenize_example
+from chatgpt_recipes.sft_data import sft_split, tokenize_example
 from chatgpt_recipes.templates import example_prompt, example_prompt_ids, read_stage_info
 from chatgpt_recipes.text_data import load_documents, token_blocks
 
@@ -149,8 +149,8 @@ def main(config: EvaluationConfig):
     device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
 
     # Held-out instructions: the split SFT held out (same size, same seed)
-    examples, _ = sft_rows(read_rows(config.dataset_name, config.dataset_split), config.dataset_name)
-    _, eval_examples = split_train_eval(examples, config.eval_split_size, config.seed)
+    _, held_out = sft_split(config.dataset_name, config.dataset_split, config.eval_split_size, config.seed)
+    eval_examples = [example for _, example in held_out]
     if not eval_examples:
         raise ConfigError(f"eval_split_size={config.eval_split_size} holds out no examples of {config.dataset_name}")
     prompt_examples = eval_examples[: config.num_prompts]

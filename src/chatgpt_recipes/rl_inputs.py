@@ -12,9 +12,9 @@ from chatgpt_recipes.models import ModelLoadError, adapter_base, load_tokenizer,
 from chatgpt_recipes.output import say
 from chatgpt_recipes.preferences import prompt_of_row
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
-                                  kept_indices, num_proc_for, raw_dataset, read_rows, rows_of_batch, skips_of,
-                                  source_fingerprint, split_train_eval, tokenizer_fingerprint)
-from chatgpt_recipes.sft_data import sft_rows
+                                  kept_indices, num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint,
+                                  tokenizer_fingerprint)
+from chatgpt_recipes.sft_data import sft_split
 from chatgpt_recipes.templates import (PromptFormatError, check_prompt_format, encode_prompt, example_prompt,
                                        read_stage_info, render_prompt)
 
@@ -134,9 +134,8 @@ def rl_prompts(config, tokenizer, tokenized: bool) -> tuple[Dataset, Dataset, Sk
 def sft_held_out_prompts(config, tokenizer) -> set[str]:
     """The prompts of the rows SFT held out of config.dataset_name (its split: sft_eval_split_size, seed), as SFT
     rendered them; the evaluation recipe holds out the same rows."""
-    examples, _ = sft_rows(read_rows(config.dataset_name, config.dataset_split), config.dataset_name)
-    _, held_out = split_train_eval(examples, config.sft_eval_split_size, config.seed)
-    return {example_prompt(example, tokenizer) for example in held_out}
+    _, held_out = sft_split(config.dataset_name, config.dataset_split, config.sft_eval_split_size, config.seed)
+    return {example_prompt(example, tokenizer) for _, example in held_out}
 
 
 def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: str, reward_path: str,

@@ -12,8 +12,8 @@ from datasets import Dataset
 from chatgpt_recipes.output import say
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, _skip_columns, _text_field, cache_key,
                                   cached_dataset, check_overlong, column, fit_length, iter_rows, normalize_messages,
-                                  num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint,
-                                  tokenizer_fingerprint)
+                                  num_proc_for, raw_dataset, read_rows, rows_of_batch, skips_of, source_fingerprint,
+                                  split_train_eval, tokenizer_fingerprint)
 from chatgpt_recipes.templates import PromptFormatError, render_prompt
 
 
@@ -138,6 +138,17 @@ def sft_rows(rows: list[dict], source: str, max_skipped_fraction: float = 0.05) 
     if not examples:
         raise DataError(f"{source}: no usable rows")
     return examples, skips
+
+
+def sft_split(source: str, split: str, eval_size: float, seed: int) -> tuple[list[tuple[int, dict]], list]:
+    """(training, held-out) SFT examples of a file, split as SFT and the evaluation split it (sft_rows, then
+    chatgpt_recipes.rows.split_train_eval with SFT's eval_split_size and seed), each as (its file row, example):
+    what the comparison data and PPO/RLOO leave out and the evaluation answers."""
+    rows = read_rows(source, split)
+    examples, skips = sft_rows(rows, source)
+    skipped = {record["row"] for record in skips.records}
+    numbered = list(zip([number for number in range(1, len(rows) + 1) if number not in skipped], examples))
+    return split_train_eval(numbered, eval_size, seed)
 
 
 def _chat_text_and_spans(turns: list[dict], tokenizer, where: str) -> tuple[str, list[tuple[int, int]]]:
