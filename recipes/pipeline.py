@@ -41,6 +41,7 @@ SCRIPTS = {"self_instruct": "self_instruct.py", "pretrain": "pretrain.py", "sft"
            "comparisons": "comparison_data.py", "reward_model": "reward_model.py", "ppo": "ppo.py", "rloo": "rloo.py", "dpo": "dpo.py",
            "evaluate": "evaluate_model.py"}
 POLICIES = ("ppo", "rloo", "dpo")  # stages whose output is an aligned policy
+SFT_EVAL_SPLIT_SIZE = 40  # recipes/configs/sft/smollm2_alpaca_lora.yaml's, when the sft options do not set it
 
 
 @dataclass
@@ -98,14 +99,14 @@ def derived_defaults(config: PipelineConfig, stage: str) -> dict:
     sft_data = wiring.get("sft", {}).get("dataset_name", sft.get("dataset_name"))
     if stage in ("comparisons", "ppo", "rloo") and "sft" in config.stages and "dataset_name" not in getattr(config,
                                                                                                          stage):
-        derived = {"dataset_name": sft_data, "sft_eval_split_size": sft.get("eval_split_size", 40),
+        derived = {"dataset_name": sft_data, "sft_eval_split_size": sft.get("eval_split_size", SFT_EVAL_SPLIT_SIZE),
                    "seed": sft.get("seed")}
     elif stage == "evaluate":
         derived = {"dataset_name": sft_data, "eval_split_size": sft.get("eval_split_size"),
                    "seed": sft.get("seed"), "max_length": sft.get("max_length"),
                    "preference_dataset": rm.get("dataset_name"), "preference_eval_split_size": rm.get("eval_split_size"),
                    "kl_reference": "sft" if "sft" in config.stages else None}
-        if "comparisons" in config.stages:
+        if "comparisons" in config.stages and "reward_model" in config.stages:
             derived["preference_dataset"] = wiring["reward_model"]["dataset_name"]
     else:
         derived = {}
