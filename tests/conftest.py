@@ -64,6 +64,16 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture
+def data_cache(tmp_path):
+    """A prepared-data cache of the test's own. Not monkeypatch.setenv: datasets 5.2's map(num_proc=...) rebinds
+    os.environ to a copy taken while the variable was set, so monkeypatch's undo (on the old object) would leave it
+    set for every later test and the recipes they launch."""
+    os.environ["RECIPES_DATA_CACHE"] = str(tmp_path / "cache")
+    yield tmp_path / "cache"
+    os.environ.pop("RECIPES_DATA_CACHE", None)
+
+
 def run_recipe(script: str, *args: str, num_processes: int = 1, timeout: int = 600, check: bool = True,
                cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run recipes/<script> through `accelerate launch` on the CPU; output captured, shown on failure.

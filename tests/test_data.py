@@ -194,12 +194,6 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-@pytest.fixture
-def data_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RECIPES_DATA_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def test_prepared_sft_skips_every_quirk_and_records_it(tiny_llama_dir, tmp_path, data_cache):
     from chatgpt_recipes.sft_data import prepare_sft
 
@@ -252,6 +246,25 @@ def test_rerun_reads_the_cache_without_tokenising(tiny_llama_dir, tmp_path, data
     write_jsonl(tmp_path / "rows.jsonl", GOOD[:-1])  # other content: another key
     with pytest.raises(AssertionError, match="tokenised again"):
         prepare_sft(path, "train", tokenizer, 256)
+
+
+def test_a_cache_saved_meanwhile_by_another_run_is_kept(data_cache):
+    """Two runs preparing the same data at once (two launches on one cache): the one that finishes second reads
+    the first one's copy and removes nothing a reader may have open."""
+    from datasets import Dataset
+
+    from chatgpt_recipes.rows import cached_dataset
+
+    first_copy = []
+
+    def other_run_wins():
+        cached_dataset("key", lambda: Dataset.from_dict({"x": [1, 2]}), "first")
+        first_copy.append((data_cache / "key").stat().st_ino)
+        return Dataset.from_dict({"x": [1, 2]})
+
+    assert cached_dataset("key", other_run_wins, "second")["x"] == [1, 2]
+    assert (data_cache / "key").stat().st_ino == first_copy[0]  # the first run's directory, not replaced
+    assert not list(data_cache.glob("key.tmp*"))
 
 
 def test_num_proc_gives_the_same_dataset(tiny_llama_dir, tmp_path, data_cache):

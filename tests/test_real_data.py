@@ -5,7 +5,6 @@ model; the reward model also with a separate eval file."""
 import gzip
 import json
 
-import pytest
 from conftest import REPO, run_recipe
 
 HH = REPO / "data" / "hh_rlhf_harmless_sample.jsonl.gz"
@@ -20,11 +19,6 @@ def test_the_shipped_sample_has_its_quirks():
     assert len(rows) == 1500
     assert rows[54]["chosen"].endswith("\n\nAssistant: ")
     assert "\n\nAssistant: Alrighty, I’ll do my best, here’s the key:\n\nAssistant:" in rows[1262]["chosen"]
-
-
-@pytest.fixture
-def data_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RECIPES_DATA_CACHE", str(tmp_path / "cache"))
 
 
 def test_reward_model_trains_on_the_real_hh_sample(tmp_path, tiny_llama_dir, data_cache):

@@ -421,8 +421,10 @@ def cached_dataset(key: str, build, what: str) -> Dataset:
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         dataset.save_to_disk(str(tmp))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another run (a second launch on the same cache) saved the same key first: it is read
+            shutil.rmtree(tmp, ignore_errors=True)
         say(f"[data] {what}: prepared and cached in {path}", flush=True)
         return load_from_disk(str(path))
 
