@@ -214,3 +214,20 @@ def test_reward_model_and_pretraining_under_zero3(tiny_llama_dir, tmp_path):
            "--output_dir", str(tmp_path / "pretrain"), config="deepspeed_zero3.yaml", num_processes=2,
            log=tmp_path / "pretrain.log")
     assert "=== After training ===" in (tmp_path / "pretrain.log").read_text()
+
+
+def test_fsdp2_launch_without_gpus_is_refused_with_what_to_use(tiny_llama_dir, tmp_path):
+    """accelerate runs no FSDP on CPUs: fsdp2.yaml there would train unsharded (and the reward model's rank 1 fail
+    on meta tensors), so the recipes stop at once and name the CPU launchers that work."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine runs FSDP2 (scripts/gpu_check.sh)")
+    process = start("reward_model.py", "--model_name_or_path", tiny_llama_dir, "--output_dir", str(tmp_path / "rm"),
+                    config="fsdp2.yaml", num_processes=2, log=tmp_path / "fsdp2.log")
+    process.wait(timeout=300)
+    log = process.log.read_text()
+    assert process.returncode != 0
+    assert "error: an FSDP launcher config (distributed_type: FSDP) on a machine without GPUs" in log
+    assert "accelerate_configs/cpu.yaml" in log and "recipes/reward_model.py\", line" not in log  # no traceback of ours
+    assert not (tmp_path / "rm").exists()

@@ -52,6 +52,7 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
         args = ["--config", str(RECIPES_DIR / "configs" / default_config)] + args
     if "--use_cpu" not in args and not _has_accelerator():
         args += ["--use_cpu", "true"]  # transformers refuses bf16 autocast on a CPU unless told it is one
+    check_launcher()
     config_path = args[args.index("--config") + 1]
     if not Path(config_path).is_file():
         raise ConfigError(f"config file not found: {config_path}")
@@ -86,6 +87,21 @@ def _has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def check_launcher() -> None:
+    """Refuse an FSDP launch (accelerate_configs/fsdp2.yaml) of several processes on a machine without GPUs.
+    accelerate 1.15 builds its FSDP plugin only for GPU-like devices: on a CPU the processes run as plain DDP
+    (MULTI_CPU), or as independent single processes all writing the same output_dir, while transformers, reading
+    the launcher's FSDP variables, loads the weights on rank 0 only and leaves the other ranks' new heads on the meta
+    device. torch's own fully_shard does run on CPUs (scripts/fsdp2_on_cpu.py shows both)."""
+    if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and not _has_accelerator()):
+        raise ConfigError(
+            "an FSDP launcher config (distributed_type: FSDP) on a machine without GPUs: accelerate does not run "
+            "FSDP on CPUs (the processes would not shard, and the reward model's rank 1 would fail on meta "
+            "tensors). On a CPU use accelerate_configs/cpu.yaml (DDP) or accelerate_configs/deepspeed_zero3.yaml "
+            "(sharded, DeepSpeed's CPU accelerator); FSDP2 needs GPUs (docs/scaling.md)")
 
 
 def check_values(config, config_path: str, command_line: set[str] = frozenset()) -> None:
