@@ -53,6 +53,8 @@ TOUCHES = {
     "register_sdpa_variant": ("transformers", lambda: compat.register_sdpa_variant("sdpa_test", print)),
     "attn_implementation": ("transformers", lambda: compat.attn_implementation(tiny_lora_model())),
     "keep_dataset_columns": ("transformers", lambda: compat.keep_dataset_columns(fake_trainer(), ["a"])),
+    "no_step_past_max_steps": ("transformers",
+                               lambda: compat.no_step_past_max_steps(fake_trainer(_run_epoch=print, state=None))),
     "replace_lora_dropouts": ("peft", lambda: compat.replace_lora_dropouts(tiny_lora_model(), lambda d: None)),
     "lora_folded_for_sampling": ("peft", lambda: enter(compat.lora_folded_for_sampling(tiny_lora_model()))),
     "trl_ppo_trainer": ("trl", compat.trl_ppo_trainer),

@@ -120,7 +120,7 @@ def _env():
 
 
 def _kill_at_random_step(command, log: Path, rng: random.Random, marker: str) -> int:
-    """Start the run, SIGKILL its process group at a random point within the step after SAVE_STEPS to
+    """Start the run, SIGKILL its process tree at a random point within the step after SAVE_STEPS to
     MAX_STEPS - 2 logged steps (so that most kills come after or during a save, sometimes in the middle of it,
     and always before the run ends, however fast the machine), and return how many steps it had logged."""
     target = rng.randint(SAVE_STEPS, MAX_STEPS - 2)
@@ -139,7 +139,11 @@ def _kill_at_random_step(command, log: Path, rng: random.Random, marker: str) ->
                 step_time = (now - step_started) / (logged - seen) if seen else step_time
                 seen, step_started = logged, now
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, step_time))  # land anywhere in the next step, its save included
+        # land anywhere in the next step, its save included; a slow first save makes step_time long, so the kill
+        # comes at the latest when the next step is logged
+        kill_at = time.time() + rng.uniform(0, step_time)
+        while time.time() < kill_at and log.read_text().count(marker) <= target:
+            time.sleep(0.005)
     finally:
         # torchrun (under accelerate launch) starts each rank in a session of its own: the group kill alone would
         # leave the ranks training on
@@ -273,6 +277,32 @@ def test_kill_at_random_step_then_rerun_matches_uninterrupted_run(script, tiny_m
     mismatches += [f"weights {name}" for name, tensor in reference.items()
                    if not torch.allclose(resumed[name], tensor, rtol=TOLERANCE, atol=TOLERANCE)]
     assert not mismatches, mismatches[:5]
+
+
+def test_rerun_after_a_kill_during_the_final_save_trains_no_step_more(tiny_models, uninterrupted, tmp_path):
+    """Killed after its last checkpoint (at max_steps) and before its final save, a run is rerun: it resumes from
+    that checkpoint and trains nothing more (transformers' loop alone would take one step past max_steps), so its
+    log and weights are the uninterrupted run's."""
+    reference_dir, output_dir = uninterrupted("pretrain.py"), tmp_path / "run"
+    final_outputs = shutil.ignore_patterns("model.safetensors", "*results.json", "log_history.json",
+                                           "trainer_state.json", "report.md", "README.md", "*.png")
+    shutil.copytree(reference_dir, output_dir,  # the checkpoints whole, the output dir without what a run saves last
+                    ignore=lambda directory, names: final_outputs(directory, names) if directory == str(reference_dir)
+                    else set())
+    assert (output_dir / f"checkpoint-{MAX_STEPS}").is_dir()
+
+    command = [sys.executable, str(REPO / "recipes" / "pretrain.py"),
+               *recipe_args("pretrain.py", tiny_models, output_dir)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert f"Resuming from {output_dir / f'checkpoint-{MAX_STEPS}'}" in result.stdout + result.stderr, \
+        result.stdout[-3000:]
+
+    reference_losses, resumed_losses = _logged(reference_dir, "loss"), _logged(output_dir, "loss")
+    assert sorted(resumed_losses) == sorted(reference_losses) == list(range(1, MAX_STEPS + 1))
+    assert resumed_losses == pytest.approx(reference_losses, rel=TOLERANCE, abs=TOLERANCE)
+    reference, resumed = load_file(reference_dir / "model.safetensors"), load_file(output_dir / "model.safetensors")
+    assert all(torch.equal(resumed[name], tensor) for name, tensor in reference.items())
 
 
 def test_kill_under_deepspeed_zero3_then_rerun_matches_one_process(tiny_models, tmp_path):

@@ -234,6 +234,25 @@ def keep_dataset_columns(trainer, columns: list[str]) -> None:
     trainer._signature_columns = list(columns)
 
 
+def no_step_past_max_steps(trainer) -> None:
+    """Trainer-local: transformers' epoch loop (`Trainer._run_epoch`) looks for the end of training only after a
+    step, so a run resumed from a checkpoint saved at `max_steps` (killed after its last checkpoint, before its final
+    save) would train one step more than the uninterrupted run. Its epochs are skipped instead: the checkpoint is
+    loaded and training ends at once."""
+    touch = "resuming from a checkpoint at max_steps (transformers' Trainer._run_epoch)"
+    check_version("transformers", TRANSFORMERS, touch)
+    require(trainer, ["_run_epoch", "state"], "transformers", TRANSFORMERS, touch)
+    run_epoch = trainer._run_epoch
+
+    @functools.wraps(run_epoch)
+    def run_epoch_unless_done(*args, **kwargs):
+        if 0 < trainer.state.max_steps <= trainer.state.global_step:
+            return None
+        return run_epoch(*args, **kwargs)
+
+    trainer._run_epoch = run_epoch_unless_done
+
+
 def offset_score_head(model, offset: float) -> None:
     """Subtract `offset` from every output of a sequence classifier's `score` head, as a forward hook: TRL's
     get_reward (PPO, RLOO) reads `model.score` directly, not through forward, and the hook leaves the head's weights

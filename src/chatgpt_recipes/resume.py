@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from chatgpt_recipes.compat import no_step_past_max_steps
 from chatgpt_recipes.config import ConfigError, RecipeError
 from chatgpt_recipes.models import check_checkpoint_matches
 from chatgpt_recipes.output import say
@@ -283,5 +284,6 @@ def train_with_resume(trainer):
     if checkpoint:
         check_checkpoint_matches(checkpoint, trainer.model)
         say(f"Resuming from {checkpoint}", flush=True)
+        no_step_past_max_steps(trainer)
     with explain_save_errors(trainer.args.output_dir):
         return trainer.train(resume_from_checkpoint=checkpoint)
