@@ -14,7 +14,8 @@ import os
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator, __version__ as accelerate_version
+from accelerate import Accelerator
+from accelerate import __version__ as accelerate_version
 from torch.distributed.fsdp import fully_shard
 
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Every training recipe under every CPU-provable launcher with 2 processes, on tiny generated models: the runs behind
 # the support table in docs/scaling.md. One line per run in $OUT/summary.txt (launcher, recipe, exit code, seconds),
-# its log next to it. About 10 minutes on 2 CPU cores (the first DeepSpeed run compiles its shm op, 1-3 min).
+# its log next to it. The recipes whose steps are deterministic (no sampling) also run in 1 process with the same
+# global batch (4 = 1 x 4 = 2 x 2, dropout 0); $OUT/curves.txt has, per 2-process run, the largest difference of its
+# per-step losses and gradient norms from that run's. About 12 minutes on 2 CPU cores (the first DeepSpeed run
+# compiles its shm op, 1-3 min).
 #   bash scripts/multiprocess_matrix.sh [OUT] [launcher ...]     # default: cpu deepspeed_zero2 deepspeed_zero3 (fsdp2: refused on a CPU, docs/scaling.md)
+#   RECIPES="sft_lora dpo" bash scripts/multiprocess_matrix.sh ...   # some recipes only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/multiprocess-matrix}; shift || true
@@ -31,23 +35,61 @@ accelerate launch --cpu --num_processes 1 recipes/reward_model.py --model_name_o
     --eval_split_size 12 --max_length 384 --max_steps 2 --centering_samples 4 --save_strategy no --bf16 false \
     --report_to none --output_dir "$RM" > "$OUT/tiny-rm.log" 2>&1 || { echo "reward model failed: $OUT/tiny-rm.log"; exit 1; }
 
+# Per recipe: its tiny arguments, and the per-process batch of the 2-process runs where the curve is compared
 declare -A ARGS=(
-  [sft_lora]="recipes/sft_lora.py --model_name_or_path $TINY --max_train_samples 48 --eval_split_size 4 --max_length 256 --per_device_train_batch_size 2 --max_steps 2 --sample_max_new_tokens 2 --save_strategy no"
-  [sft_full]="recipes/sft_lora.py --use_peft false --model_name_or_path $TINY --max_train_samples 48 --eval_split_size 4 --max_length 256 --per_device_train_batch_size 2 --max_steps 2 --sample_max_new_tokens 2 --save_strategy no"
-  [reward_model]="recipes/reward_model.py --model_name_or_path $TINY --max_train_samples 24 --eval_split_size 12 --max_length 384 --per_device_train_batch_size 2 --max_steps 2 --centering_samples 4 --save_strategy no"
-  [dpo]="recipes/dpo.py --model_name_or_path $TINY --max_steps 2 --max_train_samples 8 --eval_split_size 6 --max_length 128 --save_strategy no"
+  [sft_lora]="recipes/sft_lora.py --model_name_or_path $TINY --max_train_samples 48 --eval_split_size 4 --max_length 256 --max_steps 3 --lora_dropout 0 --learning_rate 1e-3 --warmup_steps 0 --sample_max_new_tokens 2 --save_strategy no"
+  [sft_qlora]="recipes/sft_lora.py --load_in_4bit true --model_name_or_path $TINY --max_train_samples 48 --eval_split_size 4 --max_length 256 --max_steps 3 --lora_dropout 0 --learning_rate 1e-3 --warmup_steps 0 --sample_max_new_tokens 2 --save_strategy no"
+  [sft_full]="recipes/sft_lora.py --use_peft false --model_name_or_path $TINY --max_train_samples 48 --eval_split_size 4 --max_length 256 --max_steps 3 --learning_rate 1e-3 --warmup_steps 0 --sample_max_new_tokens 2 --save_strategy no"
+  [reward_model]="recipes/reward_model.py --model_name_or_path $TINY --max_train_samples 24 --eval_split_size 12 --max_length 384 --max_steps 3 --lora_dropout 0 --learning_rate 1e-3 --warmup_steps 0 --centering_samples 4 --save_strategy no"
+  [dpo]="recipes/dpo.py --model_name_or_path $TINY --max_steps 3 --max_train_samples 30 --eval_split_size 6 --max_length 128 --lora_dropout 0 --learning_rate 1e-3 --warmup_steps 0 --save_strategy no"
   [rloo]="recipes/rloo.py --model_name_or_path $TINY --reward_model_path $RM --on_weak_reward_model warn --max_steps 1 --max_train_prompts 8 --eval_prompts 2 --max_completion_length 6 --save_strategy no"
   [ppo]="recipes/ppo.py --model_name_or_path $TINY --reward_model_path $RM --on_weak_reward_model warn --max_train_prompts 12 --eval_prompts 2 --total_episodes 8 --response_length 6 --num_ppo_epochs 1 --save_steps 1"
   [ppo_ptx]="recipes/ppo.py --model_name_or_path $TINY --reward_model_path $RM --on_weak_reward_model warn --max_train_prompts 12 --eval_prompts 2 --total_episodes 8 --response_length 6 --num_ppo_epochs 1 --ptx_coef 0.5 --save_steps 1"
-  [pretrain]="recipes/pretrain.py --max_steps 3 --save_strategy no"
+  [pretrain]="recipes/pretrain.py --vocab_size 512 --block_size 64 --model_config_overrides n_layer=2,n_embd=64,n_positions=64,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0 --max_steps 3 --eval_strategy no --sample_max_new_tokens 4 --save_strategy no"
 )
+RECIPES=${RECIPES:-sft_lora sft_qlora sft_full reward_model dpo rloo ppo ppo_ptx pretrain}
+declare -A BATCH=()
+for recipe in sft_lora sft_qlora sft_full reward_model dpo pretrain; do [[ " $RECIPES " == *" $recipe "* ]] && BATCH[$recipe]=2; done
+COMMON="--bf16 false --report_to none --logging_steps 1 --seed 42"
+
+for recipe in "${!BATCH[@]}"; do  # the 1-process references
+  python ${ARGS[$recipe]} --per_device_train_batch_size $(( 2 * ${BATCH[$recipe]} )) $COMMON \
+      --output_dir "$OUT/one-$recipe" > "$OUT/one-$recipe.log" 2>&1 || echo "1-process $recipe failed: $OUT/one-$recipe.log"
+done
 for launcher in $LAUNCHERS; do
-  for recipe in sft_lora sft_full reward_model dpo rloo ppo ppo_ptx pretrain; do
+  for recipe in $RECIPES; do
     start=$(date +%s)
+    batch=${BATCH[$recipe]:+--per_device_train_batch_size ${BATCH[$recipe]}}
     timeout 600 accelerate launch --config_file "accelerate_configs/$launcher.yaml" --num_processes 2 ${ARGS[$recipe]} \
-        --bf16 false --report_to none --output_dir "$OUT/$launcher-$recipe" > "$OUT/$launcher-$recipe.log" 2>&1
+        $batch $COMMON --output_dir "$OUT/$launcher-$recipe" > "$OUT/$launcher-$recipe.log" 2>&1
     code=$?
     saved=$(ls "$OUT/$launcher-$recipe" 2>/dev/null | grep -c -E "^(model|adapter_model)\.safetensors$")
     echo "$launcher $recipe exit=$code saved=$saved $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
   done
 done
+
+python - "$OUT" $LAUNCHERS "${!BATCH[@]}" <<'PY' | tee "$OUT/curves.txt"
+import json, sys
+from pathlib import Path
+out, names = Path(sys.argv[1]), sys.argv[2:]
+launchers, recipes = [n for n in names if (Path("accelerate_configs") / f"{n}.yaml").is_file()], [n for n in names if not (Path("accelerate_configs") / f"{n}.yaml").is_file()]
+def curve(directory):
+    history = json.loads((directory / "log_history.json").read_text())
+    return {entry["step"]: (entry["loss"], entry["grad_norm"]) for entry in history if "loss" in entry}
+def relative(a, b):
+    return abs(a - b) / max(abs(a), 1e-12)
+for launcher in launchers:
+    for recipe in sorted(recipes):
+        try:
+            one, two = curve(out / f"one-{recipe}"), curve(out / f"{launcher}-{recipe}")
+        except (OSError, KeyError, ValueError) as error:
+            print(f"{launcher} {recipe} no curve ({error})")
+            continue
+        if one.keys() != two.keys():
+            print(f"{launcher} {recipe} steps differ: {sorted(one)} vs {sorted(two)}")
+            continue
+        loss = max(relative(one[s][0], two[s][0]) for s in one)
+        norm = max(relative(one[s][1], two[s][1]) for s in one)
+        print(f"{launcher} {recipe} steps={len(one)} max_rel_loss_diff={loss:.1e} max_rel_grad_norm_diff={norm:.1e} "
+              f"{'match' if loss <= 1e-4 and norm <= 1e-3 else 'DIFFER'}")
+PY

@@ -197,7 +197,9 @@ def ensure_pad_token(tokenizer, model=None) -> None:
         else:
             tokenizer.pad_token = chosen
     if model is not None:
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        embeddings = model.get_input_embeddings().weight
+        # under ZeRO-3 a weight is an empty placeholder and its whole shape is DeepSpeed's ds_shape
+        if len(tokenizer) > getattr(embeddings, "ds_shape", embeddings.shape)[0]:
             model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:
