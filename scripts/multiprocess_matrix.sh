@@ -3,8 +3,9 @@
 # the support table in docs/scaling.md. One line per run in $OUT/summary.txt (launcher, recipe, exit code, seconds),
 # its log next to it. The recipes whose steps are deterministic (no sampling) also run in 1 process with the same
 # global batch (4 = 1 x 4 = 2 x 2, dropout 0); $OUT/curves.txt has, per 2-process run, the largest difference of its
-# per-step losses and gradient norms from that run's. About 12 minutes on 2 CPU cores (the first DeepSpeed run
-# compiles its shm op, 1-3 min).
+# per-step losses and gradient norms from that run's. Under ZeRO-3 each recipe is also killed (kill -9) after its
+# first complete checkpoint and rerun with the same command; curves.txt compares the resumed curve with the
+# uninterrupted one. About 13 minutes on 2 CPU cores (the first DeepSpeed run compiles its shm op, 1-3 min).
 #   bash scripts/multiprocess_matrix.sh [OUT] [launcher ...]     # default: cpu deepspeed_zero2 deepspeed_zero3 (fsdp2: refused on a CPU, docs/scaling.md)
 #   RECIPES="sft_lora dpo" bash scripts/multiprocess_matrix.sh ...   # some recipes only
 set -uo pipefail
@@ -42,9 +43,9 @@ declare -A ARGS=(
   [sft_full]="recipes/sft_lora.py --use_peft false --model_name_or_path $TINY --max_train_samples 48 --eval_split_size 4 --max_length 256 --max_steps 3 --learning_rate 1e-3 --warmup_steps 0 --sample_max_new_tokens 2 --save_strategy no"
   [reward_model]="recipes/reward_model.py --model_name_or_path $TINY --max_train_samples 24 --eval_split_size 12 --max_length 384 --max_steps 3 --lora_dropout 0 --learning_rate 1e-3 --warmup_steps 0 --centering_samples 4 --save_strategy no"
   [dpo]="recipes/dpo.py --model_name_or_path $TINY --max_steps 3 --max_train_samples 30 --eval_split_size 6 --max_length 128 --lora_dropout 0 --learning_rate 1e-3 --warmup_steps 0 --save_strategy no"
-  [rloo]="recipes/rloo.py --model_name_or_path $TINY --reward_model_path $RM --on_weak_reward_model warn --max_steps 1 --max_train_prompts 8 --eval_prompts 2 --max_completion_length 6 --save_strategy no"
-  [ppo]="recipes/ppo.py --model_name_or_path $TINY --reward_model_path $RM --on_weak_reward_model warn --max_train_prompts 12 --eval_prompts 2 --total_episodes 8 --response_length 6 --num_ppo_epochs 1 --save_steps 1"
-  [ppo_ptx]="recipes/ppo.py --model_name_or_path $TINY --reward_model_path $RM --on_weak_reward_model warn --max_train_prompts 12 --eval_prompts 2 --total_episodes 8 --response_length 6 --num_ppo_epochs 1 --ptx_coef 0.5 --save_steps 1"
+  [rloo]="recipes/rloo.py --model_name_or_path $TINY --reward_model_path $RM --on_weak_reward_model warn --max_steps 3 --max_train_prompts 8 --eval_prompts 2 --max_completion_length 6 --save_strategy no"
+  [ppo]="recipes/ppo.py --model_name_or_path $TINY --reward_model_path $RM --on_weak_reward_model warn --max_train_prompts 12 --eval_prompts 2 --total_episodes 24 --response_length 6 --num_ppo_epochs 1 --save_steps 1"
+  [ppo_ptx]="recipes/ppo.py --model_name_or_path $TINY --reward_model_path $RM --on_weak_reward_model warn --max_train_prompts 12 --eval_prompts 2 --total_episodes 24 --response_length 6 --num_ppo_epochs 1 --ptx_coef 0.5 --save_steps 1"
   [pretrain]="recipes/pretrain.py --vocab_size 512 --block_size 64 --model_config_overrides n_layer=2,n_embd=64,n_positions=64,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0 --max_steps 3 --eval_strategy no --sample_max_new_tokens 4 --save_strategy no"
 )
 RECIPES=${RECIPES:-sft_lora sft_qlora sft_full reward_model dpo rloo ppo ppo_ptx pretrain}
@@ -67,6 +68,28 @@ for launcher in $LAUNCHERS; do
     echo "$launcher $recipe exit=$code saved=$saved $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
   done
 done
+
+# kill -9 under ZeRO-3: each recipe saves every step; once a checkpoint is complete, a random 0-0.9 s later the whole
+# process tree is killed (torchrun starts each rank in a session of its own), then the same command runs again: it
+# must say "Resuming from", finish and save; curves.txt compares its curve with the uninterrupted ZeRO-3 run's
+if [[ " $LAUNCHERS " == *" deepspeed_zero3 "* ]]; then
+  for recipe in $RECIPES; do
+    dir="$OUT/kill-$recipe"; batch=${BATCH[$recipe]:+--per_device_train_batch_size ${BATCH[$recipe]}}
+    extra="--save_strategy steps --save_steps 1"; [[ $recipe == ppo* ]] && extra="--save_steps 1"
+    command="accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 2 ${ARGS[$recipe]} $batch $COMMON $extra --output_dir $dir"
+    $command > "$dir.killed.log" 2>&1 & pid=$!
+    for _ in $(seq 600); do compgen -G "$dir/checkpoint-*/trainer_state.json" > /dev/null && break; sleep 0.2; done
+    sleep "0.$(( RANDOM % 10 ))"
+    python -c "import psutil, sys; tree = psutil.Process(int(sys.argv[1])); [p.kill() for p in [*tree.children(recursive=True), tree]]" $pid 2>/dev/null
+    wait $pid 2>/dev/null
+    killed_at=$(ls -d "$dir"/checkpoint-* 2>/dev/null | sed 's/.*checkpoint-//' | sort -n | tr '\n' ' ')
+    timeout 600 $command > "$dir.log" 2>&1
+    code=$?
+    resumed=$(grep -o "Resuming from [^ ]*" "$dir.log" | head -1 | sed 's/.*checkpoint-/checkpoint-/')
+    saved=$(ls "$dir" 2>/dev/null | grep -c -E "^(model|adapter_model)\.safetensors$")
+    echo "kill-zero3 $recipe checkpoints_at_kill=[${killed_at% }] rerun_exit=$code resumed=${resumed:-no} saved=$saved" | tee -a "$OUT/summary.txt"
+  done
+fi
 
 python - "$OUT" $LAUNCHERS "${!BATCH[@]}" <<'PY' | tee "$OUT/curves.txt"
 import json, sys
@@ -92,4 +115,15 @@ for launcher in launchers:
         norm = max(relative(one[s][1], two[s][1]) for s in one)
         print(f"{launcher} {recipe} steps={len(one)} max_rel_loss_diff={loss:.1e} max_rel_grad_norm_diff={norm:.1e} "
               f"{'match' if loss <= 1e-4 and norm <= 1e-3 else 'DIFFER'}")
+for killed in sorted(out.glob("kill-*/log_history.json")):  # the resumed run against the uninterrupted one
+    recipe = killed.parent.name[len("kill-"):]
+    key = "loss" if recipe not in ("ppo", "ppo_ptx") else "objective/scores"
+    series = [{e["step"]: e[key] for e in json.loads(path.read_text()) if key in e}
+              for path in (out / f"deepspeed_zero3-{recipe}" / "log_history.json", killed)]
+    if series[0].keys() != series[1].keys():
+        print(f"kill-zero3 {recipe} steps differ: {sorted(series[0])} vs {sorted(series[1])}")
+        continue
+    diff = max(relative(series[0][s], series[1][s]) for s in series[0])
+    print(f"kill-zero3 {recipe} {key} steps={len(series[0])} max_rel_diff_to_uninterrupted={diff:.1e} "
+          f"{'match' if diff <= 1e-4 else 'DIFFER'}")
 PY

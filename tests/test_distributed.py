@@ -11,7 +11,9 @@ DeepSpeed ZeRO-2 and ZeRO-3 run here on DeepSpeed's CPU accelerator; the first r
 (deepspeed_shm_comm, 1-3 minutes on 2 cores, cached in ~/.cache/torch_extensions afterwards).
 
 PPO, RLOO and DPO under 2 processes (DDP, ZeRO-3): they finish, save a model the next stage loads, and PPO resumes
-from its checkpoint under ZeRO-3. Their curves are not compared with one process: sampling differs per process."""
+from its checkpoint under ZeRO-3. PPO's and RLOO's steps cannot equal one process's (each process samples its own
+answers): under DDP they are held to the 1-process learning bound instead. DPO's curve is compared with one
+process's by scripts/multiprocess_matrix.sh, with every other deterministic recipe under every launcher."""
 
 import json
 import os
