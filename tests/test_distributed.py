@@ -219,9 +219,9 @@ def test_ppo_and_rloo_under_ddp_learn_as_one_process_does(script, marker_policy_
     common = ["--model_name_or_path", marker_policy_dir, "--reward_model_path", marker_reward_model_dir,
               "--dataset_name", marker_task["prompts"], "--eval_prompts", "4", "--use_peft", "false", "--dtype",
               "float32", "--bf16", "false", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1",
-              "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--seed", os.environ.get("OPTIMISATION_SEED", "42"),
-              "--learning_rate", "1e-3",
-              "--temperature", "1.0", "--output_dir", str(tmp_path / "out")]
+              "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+              "--seed", os.environ.get("OPTIMISATION_SEED", "42"), "--learning_rate", "1e-3", "--temperature", "1.0",
+              "--output_dir", str(tmp_path / "out")]
     if script == "ppo.py":
         args = ["--response_length", "6", "--per_device_train_batch_size", "4", "--local_rollout_forward_batch_size",
                 "4", "--total_episodes", "96", "--num_ppo_epochs", "4", "--kl_coef", "0.01",
