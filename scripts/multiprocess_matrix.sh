@@ -91,39 +91,44 @@ if [[ " $LAUNCHERS " == *" deepspeed_zero3 "* ]]; then
   done
 fi
 
-python - "$OUT" $LAUNCHERS "${!BATCH[@]}" <<'PY' | tee "$OUT/curves.txt"
+python - "$OUT" "$LAUNCHERS" "${!BATCH[*]}" <<'PY' | tee "$OUT/curves.txt"
 import json, sys
 from pathlib import Path
-out, names = Path(sys.argv[1]), sys.argv[2:]
-launchers, recipes = [n for n in names if (Path("accelerate_configs") / f"{n}.yaml").is_file()], [n for n in names if not (Path("accelerate_configs") / f"{n}.yaml").is_file()]
-def curve(directory):
-    history = json.loads((directory / "log_history.json").read_text())
-    return {entry["step"]: (entry["loss"], entry["grad_norm"]) for entry in history if "loss" in entry}
-def relative(a, b):
-    return abs(a - b) / max(abs(a), 1e-12)
-for launcher in launchers:
-    for recipe in sorted(recipes):
+out, launchers, compared = Path(sys.argv[1]), sys.argv[2].split(), sorted(sys.argv[3].split())
+
+def logged(run: str, key: str) -> dict:
+    history = json.loads((out / run / "log_history.json").read_text())
+    return {entry["step"]: entry[key] for entry in history if key in entry}
+
+def largest_difference(run: str, reference: str, keys: list[str]) -> list[float] | str:
+    """Per key, the largest relative difference of `run`'s logged values from `reference`'s, or why there is none."""
+    differences = []
+    for key in keys:
         try:
-            one, two = curve(out / f"one-{recipe}"), curve(out / f"{launcher}-{recipe}")
-        except (OSError, KeyError, ValueError) as error:
-            print(f"{launcher} {recipe} no curve ({error})")
+            values, expected = logged(run, key), logged(reference, key)
+        except OSError as error:
+            return f"no log ({error})"
+        if values.keys() != expected.keys():
+            return f"steps differ: {sorted(values)} vs {sorted(expected)}"
+        differences.append(max(abs(values[s] - expected[s]) / max(abs(expected[s]), 1e-12) for s in expected))
+    return differences
+
+for launcher in launchers:  # 2 processes against 1, per step
+    for recipe in compared:
+        result = largest_difference(f"{launcher}-{recipe}", f"one-{recipe}", ["loss", "grad_norm"])
+        if isinstance(result, str):
+            print(f"{launcher} {recipe} {result}")
             continue
-        if one.keys() != two.keys():
-            print(f"{launcher} {recipe} steps differ: {sorted(one)} vs {sorted(two)}")
-            continue
-        loss = max(relative(one[s][0], two[s][0]) for s in one)
-        norm = max(relative(one[s][1], two[s][1]) for s in one)
-        print(f"{launcher} {recipe} steps={len(one)} max_rel_loss_diff={loss:.1e} max_rel_grad_norm_diff={norm:.1e} "
+        loss, norm = result
+        print(f"{launcher} {recipe} max_rel_loss_diff={loss:.1e} max_rel_grad_norm_diff={norm:.1e} "
               f"{'match' if loss <= 1e-4 and norm <= 1e-3 else 'DIFFER'}")
-for killed in sorted(out.glob("kill-*/log_history.json")):  # the resumed run against the uninterrupted one
-    recipe = killed.parent.name[len("kill-"):]
-    key = "loss" if recipe not in ("ppo", "ppo_ptx") else "objective/scores"
-    series = [{e["step"]: e[key] for e in json.loads(path.read_text()) if key in e}
-              for path in (out / f"deepspeed_zero3-{recipe}" / "log_history.json", killed)]
-    if series[0].keys() != series[1].keys():
-        print(f"kill-zero3 {recipe} steps differ: {sorted(series[0])} vs {sorted(series[1])}")
+for killed in sorted(out.glob("kill-*/")):  # the resumed run against the uninterrupted one
+    recipe = killed.name[len("kill-"):]
+    key = "objective/scores" if recipe.startswith("ppo") else "loss"
+    result = largest_difference(killed.name, f"deepspeed_zero3-{recipe}", [key])
+    if isinstance(result, str):
+        print(f"kill-zero3 {recipe} {result}")
         continue
-    diff = max(relative(series[0][s], series[1][s]) for s in series[0])
-    print(f"kill-zero3 {recipe} {key} steps={len(series[0])} max_rel_diff_to_uninterrupted={diff:.1e} "
-          f"{'match' if diff <= 1e-4 else 'DIFFER'}")
+    print(f"kill-zero3 {recipe} {key} max_rel_diff_to_uninterrupted={result[0]:.1e} "
+          f"{'match' if result[0] <= 1e-4 else 'DIFFER'}")
 PY
