@@ -25,19 +25,64 @@ class ConfigError(RecipeError, ValueError):
 
 def run(main, dataclass_types, default_config: str | None = None) -> None:
     """A script's entry point: parse its options (a YAML recipe when it has a default config, else flags
-    only), call main, and turn a RecipeError into one clear line."""
-    from transformers import HfArgumentParser
-
+    only), check them, call main, and end a RecipeError or a Ctrl-C on one clear line (exit statuses: README,
+    "Errors and exit statuses")."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     use_all_cores_under_accelerate()
+    parsed = []
     try:
-        if default_config is None:
-            main(*HfArgumentParser(dataclass_types).parse_args_into_dataclasses())
-        else:
-            main(*parse_config(dataclass_types, default_config))
+        parsed = parse_flags(dataclass_types) if default_config is None else parse_config(dataclass_types,
+                                                                                            default_config)
+        main(*parsed)
     except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_on_error(str(error))
+    except KeyboardInterrupt:
+        exit_on_interrupt(next((getattr(p, "output_dir", None) for p in parsed if getattr(p, "output_dir", None)),
+                               None))
+
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130  # 130: the shell's own status for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def exit_on_error(message: str) -> None:
+    """Print `error: MESSAGE` once and exit with EXIT_ERROR. Under a multi-process launch every process has
+    the error (they run the same checks on the same inputs): the main process prints it, and each process
+    also leaves it in torch's per-process error file, so that the launcher's failure summary shows this message
+    instead of "To enable traceback see ..." (and shows it for a process that failed alone)."""
+    from chatgpt_recipes.output import record_error_for_launcher, say
+
+    say(f"error: {message}", file=sys.stderr)
+    record_error_for_launcher(f"error: {message}")
+    sys.exit(EXIT_ERROR)
+
+
+def exit_on_interrupt(output_dir: str | None) -> None:
+    """Ctrl-C: one line saying where the run stopped and what rerunning does, exit 130 (no traceback)."""
+    from chatgpt_recipes.output import say
+
+    where = ""
+    if output_dir:
+        from chatgpt_recipes.resume import last_complete_checkpoint
+
+        checkpoint = last_complete_checkpoint(output_dir, quiet=True)
+        where = (f"; the newest complete checkpoint is {checkpoint}: rerun the same command to resume from it"
+                 if checkpoint else f"; {output_dir} holds no complete checkpoint yet: rerunning the same command "
+                                    "starts from the beginning")
+    say(f"\ninterrupted (Ctrl-C){where}", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def parse_flags(dataclass_types, args: list[str] | None = None):
+    """Instances of `dataclass_types` from command-line flags alone (the scripts without a YAML recipe: chat,
+    merge_lora), checked like a recipe's options."""
+    from transformers import HfArgumentParser
+
+    args = list(sys.argv[1:] if args is None else args)
+    parsed = HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args)
+    command_line = {item[2:].split("=", 1)[0] for item in args if item.startswith("--")}
+    for instance in parsed:
+        check_values(instance, None, command_line)
+    return parsed
 
 
 def parse_config(dataclass_types, default_config: str, args: list[str] | None = None):
@@ -54,8 +99,7 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
         args += ["--use_cpu", "true"]  # transformers refuses bf16 autocast on a CPU unless told it is one
     check_launcher()
     config_path = args[args.index("--config") + 1]
-    if not Path(config_path).is_file():
-        raise ConfigError(f"config file not found: {config_path}")
+    check_yaml(config_path)
     command_line = {item[2:].split("=", 1)[0] for item in args if item.startswith("--")} - {"config", "use_cpu"}
     precision = None
     if any("bf16" in dataclass.__dataclass_fields__ for dataclass in dataclass_types):
@@ -66,7 +110,8 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
     except SystemExit as error:  # argparse already printed which flag is bad, or the --help asked for
         if error.code == 0:
             raise
-        raise ConfigError(f"bad command-line option or value (see above); config: {config_path}") from error
+        raise ConfigError(f"{config_path} or the command line: an option value of the wrong type (the line "
+                          "above names the option)") from error
     unknown = [item[2:] for item in remaining if item.startswith("--")]
     if unknown:
         raise ConfigError(f"{config_path} or the command line sets unknown option(s) {unknown}; "
@@ -104,14 +149,40 @@ def check_launcher() -> None:
             "(sharded, DeepSpeed's CPU accelerator); FSDP2 needs GPUs (docs/scaling.md)")
 
 
-def check_values(config, config_path: str, command_line: set[str] = frozenset()) -> None:
-    """Catch values the libraries would accept silently or fail on deep inside. The error names where the value
-    came from: the command line or the YAML."""
-    for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length"):
-        value = getattr(config, name, None)
-        if value is not None and (value < 0 or (value == 0 and name != "learning_rate")):
-            where = f"command-line option --{name}" if name in command_line else f"{config_path}: {name}"
-            raise ConfigError(f"{where} must be positive, got {value}")
+def check_yaml(config_path: str) -> None:
+    """The --config file exists and is a YAML mapping of options; a syntax error names its line and column."""
+    import yaml
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {config_path}" if not path.is_dir() else
+                          f"--config {config_path} is a directory; name a YAML file")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{config_path}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{config_path}: not UTF-8 text (byte {error.start})") from None
+    if content is not None and not isinstance(content, dict):
+        raise ConfigError(f"{config_path}: expected a YAML mapping of option: value, found a "
+                          f"{type(content).__name__}")
+
+
+def check_values(config, config_path: str | None, command_line: set[str] = frozenset()) -> None:
+    """Catch values the libraries would accept silently or fail on deep inside (chatgpt_recipes.option_checks,
+    the one place where option values are checked). The error names where the value came from: the command line
+    or the YAML."""
+    from chatgpt_recipes.option_checks import check_options
+
+    def where(name: str) -> str:
+        if name in command_line or config_path is None:
+            return f"command-line option --{name}"
+        return f"{config_path}: {name}"
+
+    check_options(config, where)
 
 
 def _last_setting(args: list[str], config: dict, name: str):

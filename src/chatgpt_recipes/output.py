@@ -23,3 +23,21 @@ def say(*values, sep: str = " ", end: str = "\n", file=None, flush: bool = True)
     if every_rank and world > 1:
         text = "\n".join(f"[rank {rank}] {line}" for line in text.split("\n"))
     print(text, end=end, file=file or sys.stdout, flush=flush)
+
+
+def record_error_for_launcher(message: str) -> None:
+    """Leave `message` in the error file torch's elastic launcher (torchrun, and `accelerate launch` with several
+    processes or DeepSpeed) gives each process in TORCHELASTIC_ERROR_FILE: its failure summary then shows this
+    message rather than a pointer to its docs. The file format is torch.distributed.elastic's documented one; no
+    py_callstack, since a user error has no traceback worth showing. Nothing without that launcher."""
+    import json
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as file:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, file)
+    except OSError:
+        pass  # the summary then says "To enable traceback see ...": the message is still printed above it

@@ -168,8 +168,22 @@ def _parse_line(source: str, line: str, number: int):
         raise DataError(f"{source}: line {number}: not valid JSON ({error.msg}, column {error.colno})") from None
 
 
+def directory_is_no_dataset(source: str) -> str | None:
+    """Why the local directory `source` is not a dataset the loaders read (they read one file or a hub id), listing
+    the data files it holds; None when `source` is no directory."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None
+    files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _data_suffix(p) in LOCAL_FORMATS)
+    found = f"data files in it: {files[:5]}{' ...' if len(files) > 5 else ''}" if files else \
+        f"it holds no {'/'.join(sorted(LOCAL_FORMATS))} file"
+    return f"{source} is a directory, not a data file: name one file in it ({found})"
+
+
 def _local_path(source: str) -> Path | None:
     path = Path(source).expanduser()
+    if path.is_dir():  # never passed on to the hub loader, which would blame the network
+        raise DataError(directory_is_no_dataset(source))
     if path.is_file():
         if _data_suffix(path) not in LOCAL_FORMATS:
             raise DataError(f"{source}: unknown data file type '{path.suffix}'; use {sorted(LOCAL_FORMATS)} "
