@@ -136,3 +136,73 @@ def test_4bit_layers_stay_trainable_and_a_bitsandbytes_rename_is_refused(tiny_ll
     monkeypatch.setattr(bnb, "__version__", "0.51.0")
     with pytest.raises(LibraryMismatchError, match="bitsandbytes 0.51.0 is installed: pin bitsandbytes==0.50.2"):
         load_model(args, tokenizer)
+
+
+# ---------------------------------------------------------------- model directories diagnosed (issue 24)
+
+def copy_model_dir(source: str, target) -> str:
+    import shutil
+
+    shutil.copytree(source, target)
+    return str(target)
+
+
+def test_directory_with_config_and_tokenizer_but_no_weights(tiny_gpt2_dir, tmp_path):
+    folder = copy_model_dir(tiny_gpt2_dir, tmp_path / "no-weights")
+    (tmp_path / "no-weights" / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"holds a model config but no weights: no model.safetensors") as error:
+        load_model(ModelArguments(model_name_or_path=folder), load_tokenizer(folder))
+    assert "pickle" not in str(error.value)
+
+
+def test_truncated_safetensors_is_named(tiny_gpt2_dir, tmp_path):
+    folder = copy_model_dir(tiny_gpt2_dir, tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=r"model weights in .*truncated are unusable: model.safetensors is "
+                                             r"truncated"):
+        load_model(ModelArguments(model_name_or_path=folder), load_tokenizer(folder))
+
+
+def test_pickle_only_directory_is_refused_as_pickle(tiny_gpt2_dir, tmp_path):
+    folder = copy_model_dir(tiny_gpt2_dir, tmp_path / "pickle")
+    (tmp_path / "pickle" / "model.safetensors").unlink()
+    torch.save({}, tmp_path / "pickle" / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="has no safetensors weights; pickle checkpoints"):
+        load_model(ModelArguments(model_name_or_path=folder), load_tokenizer(folder))
+
+
+def test_causal_lm_or_multi_label_classifier_as_reward_model(tiny_gpt2_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from chatgpt_recipes.rl_inputs import check_reward_model_path
+
+    with pytest.raises(ModelLoadError, match=r"is a GPT2LMHeadModel, not a reward model \(a sequence classifier"):
+        check_reward_model_path(tiny_gpt2_dir)
+    for labels, message in ((3, "is a classifier with 3 labels; a reward model has one score"), (1, None)):
+        folder = tmp_path / f"classifier-{labels}"
+        AutoModelForSequenceClassification.from_pretrained(tiny_gpt2_dir, num_labels=labels).save_pretrained(folder)
+        if message:
+            with pytest.raises(ModelLoadError, match=message):
+                check_reward_model_path(str(folder))
+        else:
+            check_reward_model_path(str(folder))
+
+
+def test_backbone_copy_into_a_classifier_refuses_dropped_keys(tiny_gpt2_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from chatgpt_recipes.models import copy_backbone
+
+    causal = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2_dir, num_labels=1)
+    with torch.no_grad():
+        causal.transformer.h[0].mlp.c_fc.weight.add_(1.0)
+    copy_backbone(causal, classifier, "sft")  # only the heads differ: fine, and the backbone is copied
+    assert torch.equal(classifier.transformer.h[0].mlp.c_fc.weight, causal.transformer.h[0].mlp.c_fc.weight)
+    llama_config = tiny_model("llama").config
+    llama_config.num_labels = 1
+    other = AutoModelForSequenceClassification.from_config(llama_config)
+    with pytest.raises(ModelLoadError, match=r"their weights do not match \(classifier weights the causal LM lacks: "
+                                             r"\d+ \(\['model."):
+        copy_backbone(causal, other, "sft")

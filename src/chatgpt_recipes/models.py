@@ -158,8 +158,41 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id such as "gpt2" or "Qwen/Qwen2.5-0.5B"
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_model_directory(path: str, allow_pickle_weights: bool = False) -> None:
+    """A local model or adapter directory's weights, diagnosed before transformers reads them: none at all (a
+    config and tokenizer alone), a truncated or corrupt safetensors file (an interrupted save or download), or
+    pickle weights only. Directories of other kinds (no config.json or adapter_config.json) are left to the loaders."""
+    from chatgpt_recipes.resume import _weights_problem
+
+    folder = Path(path).expanduser()
+    is_adapter = (folder / "adapter_config.json").is_file()
+    if not folder.is_dir() or not (is_adapter or (folder / "config.json").is_file()):
+        return
+    problem = _weights_problem(folder)
+    what = "adapter" if is_adapter else "model"
+    if problem == "no model weights":
+        present = sorted(p.name for p in folder.iterdir())[:8]
+        expected = "adapter_model.safetensors" if is_adapter else "model.safetensors (or an index of shards)"
+        raise ModelLoadError(f"{path} holds a {what} config but no weights: no {expected}; files there: "
+                             f"{present}. A save that did not finish, or a config/tokenizer-only folder: point at "
+                             "the directory the weights were saved in")
+    if problem is not None:
+        raise ModelLoadError(f"{what} weights in {path} are unusable: {problem} (an interrupted save or "
+                             "download); save or download them again")
+    has_safetensors = any(folder.glob("*.safetensors"))
+    if not has_safetensors and not allow_pickle_weights:
+        raise ModelLoadError(
+            f"{what} '{path}' has no safetensors weights; pickle checkpoints can run code when loaded and are "
+            "refused. Set `allow_pickle_weights: true` if you trust the file.")
+
+
 def _from_pretrained(loader, path: str, what: str, **kwargs):
     """Call a transformers loader and turn its failures into one clear message."""
+    if loader.__name__ != "AutoTokenizer":
+        check_model_directory(path, allow_pickle_weights=kwargs.get("use_safetensors") is not True)
     try:
         return loader.from_pretrained(path, **kwargs)
     except Exception as error:
@@ -297,7 +330,7 @@ def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None 
             causal = _from_pretrained(AutoModelForCausalLM, resolve_model_path(base), "base model of adapter " + path,
                                       **{k: v for k, v in kwargs.items() if k != "num_labels"})
             ensure_pad_token(tokenizer, causal)
-            model.load_state_dict(load_adapter(causal, path).merge_and_unload().state_dict(), strict=False)
+            copy_backbone(load_adapter(causal, path).merge_and_unload(), model, path)
         else:
             model = load_adapter(model, path).merge_and_unload()
     ensure_pad_token(tokenizer, model)
@@ -305,6 +338,27 @@ def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None 
         keep_4bit_layers_trainable(model)
         prepare_quantized_for_training(model)
     return model
+
+
+CLASSIFIER_HEADS, LM_HEADS = ("score.", "classifier."), ("lm_head.",)
+
+
+def copy_backbone(causal_lm, classifier, source: str) -> None:
+    """Copy a causal LM's weights into a sequence classifier of the same architecture. Only the heads may differ
+    (the LM head has no place in the classifier; its score head stays new): any other key that does not match is
+    listed and refused, where a `strict=False` load would drop it silently and train on random weights."""
+    result = classifier.load_state_dict(causal_lm.state_dict(), strict=False)
+    missing = [key for key in result.missing_keys if not key.startswith(CLASSIFIER_HEADS)]
+    unexpected = [key for key in result.unexpected_keys if not key.startswith(LM_HEADS)]
+    if missing or unexpected:
+        def listed(keys):
+            return f"{len(keys)} ({keys[:8]}{' ...' if len(keys) > 8 else ''})"
+
+        raise ModelLoadError(
+            f"cannot copy {source} into a {type(classifier).__name__}: their weights do not match (classifier "
+            f"weights the causal LM lacks: {listed(missing)}; causal-LM weights the classifier has no place for: "
+            f"{listed(unexpected)}), so part of the model would start random. Merge the adapter into its base "
+            "(recipes/merge_lora.py) and pass the merged model")
 
 
 def prepare_quantized_for_training(model) -> None:

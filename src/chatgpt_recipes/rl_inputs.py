@@ -194,6 +194,37 @@ def check_policy_path(name: str) -> None:
 
 
 
+def check_reward_model_path(reward_path: str) -> None:
+    """The reward model is a sequence classifier with one score, with whole weights: a causal LM (e.g. the SFT
+    model) would load with a random score head, and a classifier with several labels gives PPO a score per label."""
+    import json
+    from pathlib import Path
+
+    from chatgpt_recipes.models import check_model_directory
+
+    folder = Path(resolve_model_path(reward_path))
+    hint = "train one with recipes/reward_model.py (--model_name_or_path <SFT dir>) and pass its output_dir"
+    adapter_file = folder / "adapter_config.json"
+    if adapter_file.is_file():
+        task = json.loads(adapter_file.read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise ModelLoadError(f"reward_model_path {reward_path} is a LoRA adapter for {task or 'an unknown task'}, "
+                                 f"not a reward model (a sequence classifier with one score): {hint}")
+    elif not (folder / "config.json").is_file():
+        raise ModelLoadError(f"reward_model_path {reward_path} holds no config.json, so it is no model: {hint}")
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        architectures = config.get("architectures") or []
+        if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
+            raise ModelLoadError(f"reward_model_path {reward_path} is a {', '.join(architectures)}, not a reward "
+                                 f"model (a sequence classifier with one score): {hint}")
+        labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 1)
+        if labels != 1:
+            raise ModelLoadError(f"reward_model_path {reward_path} is a classifier with {labels} labels; a reward "
+                                 f"model has one score output: {hint}")
+    check_model_directory(str(folder))
+
+
 def checked_rl_inputs(config, model_args, trust_remote_code: bool = False):
     """The checks an RL stage (PPO, RLOO) makes before any model loads: the policy path is a trained model, the
     policy and the reward model render prompts as `config.prompt_format` and read the same tokens, and the reward
@@ -202,6 +233,7 @@ def checked_rl_inputs(config, model_args, trust_remote_code: bool = False):
     check_policy_path(model_args.model_name_or_path)
     policy_path, reward_path = resolve_model_path(model_args.model_name_or_path), config.reward_model_path
     check_prompt_format(policy_path, config.prompt_format, "the policy")
+    check_reward_model_path(reward_path)
     check_prompt_format(reward_path, config.prompt_format, "the reward model")
     rm_info = check_reward_model_quality(reward_path, config.min_reward_model_accuracy, config.on_weak_reward_model)
     tokenizer = load_tokenizer(policy_path, trust_remote_code)
