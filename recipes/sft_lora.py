@@ -23,6 +23,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from chatgpt_recipes import compat
 from chatgpt_recipes.config import ConfigError, run
 from chatgpt_recipes.data_args import DataArguments
 from chatgpt_recipes.generation import generate
@@ -91,14 +92,15 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
     check_context_length(model.config, config.max_length, "max_length", model_args.model_name_or_path)
     base_answer = generate(model, tokenizer, demo_prompt, config.sample_max_new_tokens)
 
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(model_args, model),
-    )
+    with compat.quiet_trl_packing_warnings(config, model):  # enable_fast_training gives per-example attention
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(model_args, model),
+        )
     enable_fast_training(trainer)  # packed attention, fused loss (chatgpt_recipes/speed.py)
     train_result = train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
 

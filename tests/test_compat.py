@@ -43,6 +43,8 @@ def enter(context):
         pass
 
 
+PACKING = types.SimpleNamespace(padding_free=False, packing=True, packing_strategy="bfd")
+
 # Each touch, by the library whose version it checks first
 TOUCHES = {
     "trl_sft_loss": ("trl", lambda: enter(compat.trl_sft_loss(speed.fused_linear_cross_entropy))),
@@ -62,6 +64,7 @@ TOUCHES = {
     "complete_ppo_trainer_state": ("transformers", lambda: compat.complete_ppo_trainer_state(types.SimpleNamespace())),
     "replaced_generate": ("transformers", lambda: enter(compat.replaced_generate(tiny_lora_model(), print))),
     "turn_off_4bit_cpu_repacking": ("bitsandbytes", lambda: compat.turn_off_4bit_cpu_repacking(tiny_4bit_model())),
+    "quiet_trl_packing_warnings": ("trl", lambda: enter(compat.quiet_trl_packing_warnings(PACKING, tiny_lora_model()))),
 }
 TESTED = {"trl": compat.TRL, "transformers": compat.TRANSFORMERS, "peft": compat.PEFT,
           "bitsandbytes": compat.BITSANDBYTES}
@@ -301,3 +304,37 @@ def test_policy_reachable_through_a_ddp_wrapper():
         assert dict(wrapped.named_parameters()).keys() == before.keys()  # not registered: DDP's view unchanged
     finally:
         dist.destroy_process_group()
+
+
+def test_trl_packing_warnings_are_dropped_only_where_per_example_attention_follows(caplog):
+    """TRL's two packing warnings, logged through accelerate's adapter ("[RANK 0] ..."), do not apply when the
+    recipe swaps sdpa for its per-example attention; another warning, or another attention, keeps them."""
+    import logging
+
+    from accelerate import PartialState
+    from accelerate.logging import get_logger
+
+    from chatgpt_recipes.compat import _TRL_PACKING_WARNINGS
+
+    PartialState()
+    trl_logger = get_logger("trl.trainer.sft_trainer")
+    model = tiny_lora_model()
+    assert compat.attn_implementation(model) == "sdpa"
+
+    def logged_inside(args, model) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="trl.trainer.sft_trainer"):
+            with compat.quiet_trl_packing_warnings(args, model):
+                for text in (*_TRL_PACKING_WARNINGS, "Another warning"):
+                    trl_logger.warning(text + " ...", main_process_only=False)
+        return [record.getMessage() for record in caplog.records]
+
+    kept = logged_inside(PACKING, model)
+    assert len(kept) == 1 and "Another warning" in kept[0], kept
+    no_packing = types.SimpleNamespace(padding_free=False, packing=False, packing_strategy="bfd")
+    assert len(logged_inside(no_packing, model)) == 3
+    model.set_attn_implementation("eager")
+    assert len(logged_inside(PACKING, model)) == 3
+    caplog.clear()
+    trl_logger.warning(_TRL_PACKING_WARNINGS[0], main_process_only=False)  # after the block: kept
+    assert len(caplog.records) == 1

@@ -1,9 +1,10 @@
 """Every place the recipes touch a library's internals: a private function replaced, a private attribute read or
 set, a class imported from a module the library does not export, an assumption about what a library does inside.
 
-Each touch checks, when it is applied (never at import), that the installed library is in the range it was written
-and tested for (the versions below, as pinned in requirements.txt, up to the next minor release) and that the
-attributes it relies on exist. A mismatch raises LibraryMismatchError naming the library, its version and the pin;
+Each touch checks, when it is applied (a patch when it is made; a subclass of a library class when the module that
+defines it is imported, as ppo_trainer.py's PPOTrainer is, since the class is built on the library's then), that the
+installed library is in the range it was written and tested for (the versions below, as pinned in requirements.txt,
+up to the next minor release) and that the attributes it relies on exist. A mismatch raises LibraryMismatchError naming the library, its version and the pin;
 nothing falls back silently to something that would change results. Patches are scoped (a context manager, or
 local to one trainer or model) and undone afterwards.
 """
@@ -403,3 +404,32 @@ def models_built_whole():
         yield
     finally:
         hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+_TRL_PACKING_WARNINGS = ("You are using packing, but the attention implementation is not set to a supported Flash",
+                         "Padding-free training is enabled, but the attention implementation is not set to a")
+
+
+@contextmanager
+def quiet_trl_packing_warnings(args, model):
+    """While SFTTrainer is built: drop TRL 1.12's two warnings that packing (padding-free batches) without
+    FlashAttention lets examples attend to each other, when the recipe then swaps the model's sdpa for its own
+    per-example attention (chatgpt_recipes.speed.enable_fast_training, the same condition), where they do not
+    apply. Any other attention keeps them. Relies on TRL logging them by that text on its sft_trainer logger."""
+    import logging
+
+    packs = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
+    if not (packs and attn_implementation(model) == "sdpa"):
+        yield
+        return
+    check_version("trl", TRL, "silencing SFTTrainer's packing warnings by their text")
+    trl_logger = logging.getLogger("trl.trainer.sft_trainer")
+
+    def not_applicable(record) -> bool:  # accelerate's logger adapter puts "[RANK n] " before the text
+        return not any(text in str(record.msg) for text in _TRL_PACKING_WARNINGS)
+
+    trl_logger.addFilter(not_applicable)
+    try:
+        yield
+    finally:
+        trl_logger.removeFilter(not_applicable)

@@ -4,6 +4,7 @@ A recipe run with no `--config` uses its default YAML, so `python recipes/X.py` 
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from transformers import set_seed
@@ -27,7 +28,10 @@ def run(main, dataclass_types, default_config: str | None = None) -> None:
     """A script's entry point: parse its options (a YAML recipe when it has a default config, else flags
     only), check them, call main, and end a RecipeError or a Ctrl-C on one clear line (exit statuses: README,
     "Errors and exit statuses")."""
+    from chatgpt_recipes.output import quiet_warnings_that_do_not_apply
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_warnings_that_do_not_apply()
     use_all_cores_under_accelerate()
     parsed = []
     try:
@@ -106,7 +110,13 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
         precision, args = resolve_precision_flags(args, config_path)
     parser = TrlParser(dataclass_types)
     try:
-        *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
+        with warnings.catch_warnings():
+            # TRL 1.12's configs default `gradient_checkpointing` (trl/trainer/base_config.py), so transformers
+            # 5.23 warns that this name is deprecated on every run, whatever the YAML says; in 5.x it still works
+            # (it mirrors `activation_checkpointing`)
+            warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
     except SystemExit as error:  # argparse already printed which flag is bad, or the --help asked for
         if error.code == 0:
             raise

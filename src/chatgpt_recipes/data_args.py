@@ -30,7 +30,8 @@ def parse_columns(value) -> dict[str, str]:
 
 @dataclass
 class DataArguments:
-    """Options of the shared data loaders (chatgpt_recipes.data, chatgpt_recipes.preferences, chatgpt_recipes.rl_inputs)."""
+    """Options of the shared data loaders (chatgpt_recipes.sft_data, chatgpt_recipes.preferences,
+    chatgpt_recipes.rl_inputs)."""
 
     columns: dict | str | None = field(default=None, metadata={
         "help": "Read fields under other names: YAML {instruction: question, output: answer} or "

@@ -37,6 +37,9 @@ CHOICES = {
 # the dtype of a model the recipe loads; merge_lora's saved weights are never float16 (its help says why not)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_CHOICES = {"MergeArguments": ("auto", "float32", "bfloat16")}
+# options naming a model directory (or a hub id); the reward model ones must be a one-score classifier
+MODEL_OPTIONS = ("model_name_or_path", "adapter_path", "reward_model_path", "reward_model")
+REWARD_MODEL_OPTIONS = ("reward_model_path", "reward_model")
 # options naming a data file (or a hub dataset id)
 DATA_OPTIONS = ("dataset_name", "eval_dataset_name", "ptx_dataset_name", "preference_dataset", "text_dataset",
                 "seed_tasks")
@@ -63,6 +66,9 @@ def check_options(config, where) -> None:
                 raise ConfigError(f"{where(name)} must be one of {list(allowed)}, got {value!r}")
         if name in DATA_OPTIONS and isinstance(value, str):
             check_data_path(value, where(name), corpus=hasattr(config, "txt_sample_by"))
+        if name in MODEL_OPTIONS and isinstance(value, str) and Path(value).expanduser().is_dir():
+            check_model_option(value, where(name), name in REWARD_MODEL_OPTIONS,
+                               getattr(config, "allow_pickle_weights", False))
         if name == "output_dir" and isinstance(value, str) and Path(value).expanduser().exists() \
                 and not Path(value).expanduser().is_dir():
             raise ConfigError(f"{where(name)} is {value}, an existing file, not a directory: choose another "
@@ -104,6 +110,20 @@ def check_data_path(value: str, where: str, corpus: bool = False) -> None:
     if problem:
         glob_hint = f"; for a corpus of many files give a glob, e.g. '{value.rstrip('/')}/*.txt'" if corpus else ""
         raise ConfigError(f"{where}: {problem}{glob_hint}")
+
+
+def check_model_option(value: str, where: str, reward_model: bool, allow_pickle_weights: bool) -> None:
+    """A local model directory with its weights whole (and, for a reward model, a one-score classifier): found
+    wrong now rather than after the data is prepared."""
+    from chatgpt_recipes.models import ModelLoadError, check_model_directory
+    from chatgpt_recipes.rl_inputs import check_reward_model_path
+
+    try:
+        if reward_model:
+            check_reward_model_path(value)
+        check_model_directory(value, allow_pickle_weights)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"{where}: {error}") from None
 
 
 def _type_hints(cls) -> dict:

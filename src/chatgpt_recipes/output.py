@@ -41,3 +41,21 @@ def record_error_for_launcher(message: str) -> None:
             json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, file)
     except OSError:
         pass  # the summary then says "To enable traceback see ...": the message is still printed above it
+
+
+def quiet_warnings_that_do_not_apply() -> None:
+    """Silence, by their exact text, library warnings that every run would print and that do not apply to what
+    the recipes do (a new user takes them for failures). Others stay.
+    - bitsandbytes 0.50, on CPUs with AVX512-BF16, logs at import that its optional `kernels` package is missing;
+      it then uses its own CPU kernel, which the recipes' QLoRA path is tested with.
+    - transformers 5.23 warns that `is_gradient_checkpointing` is deprecated when TRL and PEFT read it: their code,
+      not the user's."""
+    import logging
+    import warnings
+
+    def not_kernels_missing(record) -> bool:
+        return not (str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+                    and "No module named 'kernels'" in record.getMessage())
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(not_kernels_missing)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
