@@ -16,6 +16,7 @@ In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits.
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import TextStreamer
 
 from chatgpt_recipes.config import run
@@ -58,6 +59,7 @@ def main(args: ChatArguments):
     tokenizer, model = load_for_inference(args.model_name_or_path, args.trust_remote_code, inference_dtype(args.dtype))
     if args.adapter_path:
         model = load_adapter(model, args.adapter_path).eval()
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # the device `dtype: auto` was chosen for
     prompt_format = (saved_prompt_format(args.adapter_path, args.model_name_or_path)
                      if args.prompt_format == "auto" else args.prompt_format)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -146,6 +146,60 @@ def rl_policy_adapter_without_base(tmp_path, models):
     return check_policy_path(adapter_dir(tmp_path, str(tmp_path / "deleted-sft-base")))
 
 
+def model_dir_without(tmp_path, models, name="model.safetensors", truncate=False):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(models["gpt2"], folder)
+    weights = folder / name
+    if truncate:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.unlink()
+    return str(folder)
+
+
+def sft_model_dir_without_weights(tmp_path, models):
+    return sft_config(["--config", config_file(tmp_path, ""), "--model_name_or_path",
+                       model_dir_without(tmp_path, models)])
+
+
+def sft_model_dir_truncated(tmp_path, models):
+    return sft_config(["--config", config_file(tmp_path, ""), "--model_name_or_path",
+                       model_dir_without(tmp_path, models, truncate=True)])
+
+
+def rl_causal_lm_as_reward_model(tmp_path, models):
+    from chatgpt_recipes.rl_inputs import check_reward_model_path
+
+    return check_reward_model_path(models["gpt2"])
+
+
+def rl_classifier_with_two_labels(tmp_path, models):
+    from transformers import AutoModelForSequenceClassification
+
+    from chatgpt_recipes.rl_inputs import check_reward_model_path
+
+    AutoModelForSequenceClassification.from_pretrained(models["gpt2"], num_labels=2).save_pretrained(tmp_path / "rm")
+    return check_reward_model_path(str(tmp_path / "rm"))
+
+
+def flags_of(script: str, args: list[str]):
+    import importlib
+
+    from chatgpt_recipes.config import parse_flags
+
+    module = importlib.import_module(script)
+    arguments = {"merge_lora": "MergeArguments", "chat": "ChatArguments"}[script]
+    return parse_flags((getattr(module, arguments),), args)
+
+
+def dataset_directory(tmp_path, models):
+    (tmp_path / "my_data").mkdir()
+    write(tmp_path / "my_data", "train.jsonl", json.dumps(ALPACA_ROW) + "\n")
+    return sft_config(["--config", config_file(tmp_path, ""), "--dataset_name", str(tmp_path / "my_data")])
+
+
 # (id, what to call, expected error class or "skip", strings the message or the printed skip count must hold)
 CASES = [
     # --- data files (every recipe reads them with chatgpt_recipes.rows.read_rows) ---
@@ -250,6 +304,45 @@ CASES = [
      ConfigError, ["max_stepz"]),
     ("config-file-missing", lambda t, m: sft_config(["--config", str(t / "nope.yaml")]),
      ConfigError, ["nope.yaml", "not found"]),
+    # --- options, all checked by chatgpt_recipes.option_checks before anything heavy loads ---
+    ("yaml-syntax-error", lambda t, m: sft_config(["--config", config_file(t, "max_steps: 3\n  lora_r: : 8\n")]),
+     ConfigError, ["recipe.yaml: not valid YAML at line 3, column 9"]),
+    ("yaml-not-a-mapping", lambda t, m: sft_config(["--config", write(t, "recipe.yaml", "- max_steps\n")]),
+     ConfigError, ["recipe.yaml: expected a YAML mapping of option: value, found a list"]),
+    ("yaml-value-of-wrong-type", lambda t, m: sft_config(["--config", config_file(
+        t, "per_device_train_batch_size: 2.5\n")]), ConfigError, ["recipe.yaml: per_device_train_batch_size must be "
+                                                                  "an integer, got 2.5"]),
+    ("cli-value-of-wrong-type", lambda t, m: sft_config(["--config", config_file(t, ""), "--max_length", "long"]),
+     ConfigError, ["recipe.yaml or the command line: an option value of the wrong type"]),
+    ("output-dir-is-a-file", lambda t, m: sft_config(["--config", config_file(t, ""), "--output_dir",
+                                                      write(t, "notes.txt", "x")]),
+     ConfigError, ["command-line option --output_dir is", "notes.txt, an existing file, not a directory"]),
+    ("dataset-is-a-directory", dataset_directory, ConfigError,
+     ["command-line option --dataset_name", "my_data is a directory, not a data file", "train.jsonl"]),
+    ("zero-training-steps", lambda t, m: sft_config(["--config", config_file(t, ""), "--num_train_epochs", "0",
+                                                     "--max_steps", "-1"]),
+     ConfigError, ["--num_train_epochs is 0.0", "--max_steps is -1", "would train 0 steps"]),
+    ("negative-eval-split", lambda t, m: sft_config(["--config", config_file(t, "eval_split_size: -0.1\n")]),
+     ConfigError, ["recipe.yaml: eval_split_size must not be negative, got -0.1"]),
+    ("lora-rank-zero", lambda t, m: sft_config(["--config", config_file(t, "use_peft: true\n"), "--lora_r", "0"]),
+     ConfigError, ["command-line option --lora_r must be positive, got 0"]),
+    ("lora-dropout-above-one", lambda t, m: sft_config(["--config", config_file(t, "use_peft: true\nlora_dropout: 1.5\n")]),
+     ConfigError, ["recipe.yaml: lora_dropout must be between 0 and 1, got 1.5"]),
+    ("unknown-choice", lambda t, m: sft_config(["--config", config_file(t, "overlong: cut\n")]),
+     ConfigError, ["recipe.yaml: overlong must be one of ['drop', 'truncate'], got 'cut'"]),
+    ("merge-dtype-unknown", lambda t, m: flags_of("merge_lora", ["--dtype", "fast"]),
+     ConfigError, ["command-line option --dtype must be one of ['auto', 'float32', 'bfloat16'], got 'fast'"]),
+    ("chat-max-new-tokens-negative", lambda t, m: flags_of("chat", ["--max_new_tokens", "-1"]),
+     ConfigError, ["command-line option --max_new_tokens must be positive, got -1"]),
+    # --- model directories ---
+    ("model-dir-without-weights", sft_model_dir_without_weights, ModelLoadError,
+     ["--model_name_or_path", "holds a model config but no weights: no model.safetensors"]),
+    ("model-weights-truncated", sft_model_dir_truncated, ModelLoadError,
+     ["model weights in", "unusable: model.safetensors is truncated"]),
+    ("causal-lm-as-reward-model", rl_causal_lm_as_reward_model, ModelLoadError,
+     ["is a GPT2LMHeadModel, not a reward model (a sequence classifier with one score)", "recipes/reward_model.py"]),
+    ("reward-model-with-two-labels", rl_classifier_with_two_labels, ModelLoadError,
+     ["is a classifier with 2 labels; a reward model has one score output"]),
 ]
 
 
@@ -303,3 +396,86 @@ def test_cli_reward_model_chosen_equals_rejected_ends_on_our_error(tmp_path):
                          cwd=tmp_path)
     last = _final_error_line(result)
     assert last.startswith("error: ") and f"{bad}: row 2" in last and "same text" in last
+
+
+# ---------------------------------------------------------------- under `accelerate launch`, as the README runs them
+# One row per class of error (data, options of a YAML recipe and of a flags-only script, model directories), each
+# refused before any model loads; the table above has every case of each class, in-process. The exit statuses are
+# the README's ("Errors and exit statuses"): 2 from the recipe itself; accelerate reports any failure as 1.
+ACCELERATE_EXIT = 1
+
+
+def _accelerate_launch(script, *args, cwd, num_processes=1):
+    launcher = ["-q"] if num_processes == 1 else [
+        "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"), "--num_processes", str(num_processes)]
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launcher,
+                           str(REPO / "recipes" / script), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _last_line(result) -> str:
+    lines = [line for line in (result.stdout + "\n" + result.stderr).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+CLI_CASES = [
+    ("data-malformed-jsonl", "sft_lora.py", lambda t, m: [
+        "--dataset_name", write(t, "train.jsonl", json.dumps(ALPACA_ROW) + "\n{oops\n"), "--output_dir", t / "out"],
+     "train.jsonl: line 2: not valid JSON"),
+    ("option-zero-steps", "sft_lora.py", lambda t, m: ["--num_train_epochs", "0", "--max_steps", "-1",
+                                                       "--output_dir", t / "out"], "the run would train 0 steps"),
+    ("option-merge-dtype", "merge_lora.py", lambda t, m: ["--adapter_path", t, "--dtype", "fast"],
+     "command-line option --dtype must be one of"),
+    ("model-causal-lm-as-reward-model", "ppo.py", lambda t, m: ["--reward_model_path", m["gpt2"],
+                                                                "--output_dir", t / "out"],
+     "is a GPT2LMHeadModel, not a reward model"),
+]
+
+
+@pytest.mark.parametrize("case_id,script,args,message", CLI_CASES, ids=[case[0] for case in CLI_CASES])
+def test_under_accelerate_launch_the_last_line_is_the_error(case_id, script, args, message, tiny_models, tmp_path):
+    result = _accelerate_launch(script, *args(tmp_path, tiny_models), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == ACCELERATE_EXIT, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = _last_line(result)
+    assert last.startswith("error: ") and message in last, output[-3000:]
+    assert output.count("error: ") == 1
+    assert "FutureWarning" not in output, output[-3000:]  # transformers' deprecations that do not apply: silenced
+
+
+def test_under_two_processes_the_error_is_printed_once_and_named_in_the_launcher_summary(tmp_path):
+    """Several processes (torchrun under accelerate): torch's launcher ends with its failure summary and accelerate
+    with a ChildFailedError traceback, whatever the recipe does; the README says so. The recipe's line is printed
+    once, by the main process, and the summary shows it as each process's failure instead of a link to docs."""
+    result = _accelerate_launch("sft_lora.py", "--lora_r", "0", "--use_peft", "true", "--output_dir", tmp_path / "out",
+                                cwd=tmp_path, num_processes=2)
+    message = "error: command-line option --lora_r must be positive, got 0"
+    assert result.returncode == ACCELERATE_EXIT, result.stderr[-3000:]
+    assert result.stderr.count(f"\n{message}\n") + result.stderr.startswith(message) == 1, result.stderr[-3000:]
+    assert result.stderr.count(f"traceback : {message}") == 2, result.stderr[-3000:]
+    assert "To enable traceback see" not in result.stderr
+
+
+def test_ctrl_c_ends_on_one_line_naming_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+    """KeyboardInterrupt anywhere in a recipe: one line saying where the run stopped and what rerunning does, exit
+    status 130, no traceback. (The checkpoint check itself is tests/test_kill_resume.py's.)"""
+    from sft_lora import SFTRecipeConfig
+
+    from chatgpt_recipes import resume
+    from chatgpt_recipes.config import EXIT_INTERRUPTED, run
+
+    def interrupted(config, model_args):
+        raise KeyboardInterrupt
+
+    for checkpoint, expected in ((None, f"{tmp_path / 'out'} holds no complete checkpoint yet: rerunning the same "
+                                        "command starts from the beginning"),
+                                 (str(tmp_path / "out" / "checkpoint-4"), f"the newest complete checkpoint is "
+                                  f"{tmp_path / 'out' / 'checkpoint-4'}: rerun the same command to resume from it")):
+        monkeypatch.setattr(resume, "last_complete_checkpoint", lambda output_dir, **kwargs: checkpoint)
+        monkeypatch.setattr(sys, "argv", ["sft_lora.py", "--output_dir", str(tmp_path / "out")])
+        with pytest.raises(SystemExit) as stop:
+            run(interrupted, (SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml")
+        assert stop.value.code == EXIT_INTERRUPTED
+        printed = capsys.readouterr().err.strip().splitlines()
+        assert printed[-1] == f"interrupted (Ctrl-C); {expected}", printed[-3:]

@@ -179,7 +179,8 @@ def test_causal_lm_or_multi_label_classifier_as_reward_model(tiny_gpt2_dir, tmp_
 
     with pytest.raises(ModelLoadError, match=r"is a GPT2LMHeadModel, not a reward model \(a sequence classifier"):
         check_reward_model_path(tiny_gpt2_dir)
-    for labels, message in ((3, "is a classifier with 3 labels; a reward model has one score"), (1, None)):
+    for labels, message in ((3, "is a classifier with 3 labels; a reward model has one score"),
+                            (2, "is a classifier with 2 labels"), (1, None)):
         folder = tmp_path / f"classifier-{labels}"
         AutoModelForSequenceClassification.from_pretrained(tiny_gpt2_dir, num_labels=labels).save_pretrained(folder)
         if message:

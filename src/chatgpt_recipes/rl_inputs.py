@@ -218,7 +218,8 @@ def check_reward_model_path(reward_path: str) -> None:
         if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
             raise ModelLoadError(f"reward_model_path {reward_path} is a {', '.join(architectures)}, not a reward "
                                  f"model (a sequence classifier with one score): {hint}")
-        labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 1)
+        # transformers saves id2label only when it is not its default of 2 labels
+        labels = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
         if labels != 1:
             raise ModelLoadError(f"reward_model_path {reward_path} is a classifier with {labels} labels; a reward "
                                  f"model has one score output: {hint}")
