@@ -7,6 +7,7 @@ user meets them, and check that the process ends on our error with its message, 
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -344,6 +345,95 @@ CASES = [
     ("reward-model-with-two-labels", rl_classifier_with_two_labels, ModelLoadError,
      ["is a classifier with 2 labels; a reward model has one score output"]),
 ]
+
+
+# The README's table ("Bad input: what you see"), row by row: case id, the input as the README names it, the recipes
+# that read it. test_readme_table_is_the_test_table checks the README against it and against each case's phrases.
+README_ROWS = [
+    ("malformed-json", "malformed JSON", "all"),
+    ("malformed-jsonl-line", "malformed JSONL line", "all"),
+    ("latin1-encoding", "Latin-1 file", "all"),
+    ("utf16-encoding", "UTF-16 file", "all"),
+    ("json-object-not-list", "JSON object instead of a list", "all"),
+    ("row-not-an-object", "a row that is not an object", "all"),
+    ("empty-file", "empty file", "all"),
+    ("unknown-file-type", "unknown file type", "all"),
+    ("data-file-missing", "data file missing", "all"),
+    ("sft-misnamed-fields", "misnamed fields (`instuction`, `response`) in every row", "SFT"),
+    ("sft-missing-output-in-most-rows", "`output` missing in most rows", "SFT"),
+    ("sft-one-odd-row", "one row of an unknown shape", "SFT"),
+    ("sft-one-row-missing-output", "one row without `output`", "SFT"),
+    ("sft-output-null", "`output` null", "SFT"),
+    ("sft-output-not-text", "`output` not text", "SFT"),
+    ("sft-output-list", "`output` a list", "SFT"),
+    ("sft-empty-response", "empty response", "SFT"),
+    ("sft-empty-prompt", "empty prompt", "SFT"),
+    ("chat-roles-out-of-order", "chat roles out of order in one row", "SFT"),
+    ("chat-unknown-role", "unknown chat role", "SFT"),
+    ("chat-no-assistant-turn", "chat without an assistant turn", "SFT"),
+    ("chat-roles-out-of-order-everywhere", "chat roles out of order in every row", "SFT"),
+    ("sft-over-long-sample", "sample longer than `max_length`", "SFT"),
+    ("pair-chosen-equals-rejected", "chosen == rejected in one row", "RM, DPO"),
+    ("pairs-mostly-chosen-equals-rejected", "chosen == rejected in most rows", "RM, DPO"),
+    ("pair-empty-chosen", "empty chosen", "RM, DPO"),
+    ("pair-missing-prompt", "pair without a prompt", "RM, DPO"),
+    ("pair-misnamed-field", "misnamed `rejectd`", "RM, DPO"),
+    ("ranking-of-one", "ranking of one response", "RM"),
+    ("ranking-with-ties", "ranking with ties", "RM"),
+    ("hh-empty-final-turn", "HH pair with an empty final Assistant turn", "RM, DPO"),
+    ("pair-over-long", "pair longer than `max_length`", "RM"),
+    ("rl-prompt-empty-instruction", "empty prompt", "PPO, RLOO"),
+    ("rl-prompt-over-long", "prompt longer than `max_prompt_length`", "PPO, RLOO"),
+    ("rl-weak-reward-model", "reward model near chance", "PPO, RLOO"),
+    ("rl-policy-adapter-without-base", "policy adapter whose base is gone", "PPO, RLOO"),
+    ("unknown-model-id", "unknown model id", "all"),
+    ("model-path-missing", "model path missing", "all"),
+    ("adapter-without-its-base", "adapter without its base", "all"),
+    ("adapter-names-no-base", "adapter naming no base", "all"),
+    ("lora-targets-not-in-model", "LoRA targets not in the model", "all with LoRA"),
+    ("rm-tokenizer-differs", "RM tokenizer differs from the policy's", "PPO, RLOO"),
+    ("block-size-beyond-context", "`block_size` beyond the model's context", "pretrain"),
+    ("yaml-unknown-key", "YAML key that does not exist", "all"),
+    ("negative-learning-rate", "negative learning rate", "all"),
+    ("cli-unknown-flag", "unknown command-line flag", "all"),
+    ("config-file-missing", "config file missing", "all"),
+    ("yaml-syntax-error", "YAML syntax error in `--config`", "all"),
+    ("yaml-not-a-mapping", "YAML that is not a mapping", "all"),
+    ("yaml-value-of-wrong-type", "YAML value of the wrong type", "all"),
+    ("cli-value-of-wrong-type", "command-line value of the wrong type", "all"),
+    ("output-dir-is-a-file", "`output_dir` an existing file", "all"),
+    ("dataset-is-a-directory", "a local directory as `dataset_name`", "all but pretrain (a glob there)"),
+    ("zero-training-steps", "`--num_train_epochs 0 --max_steps -1`", "all that train"),
+    ("negative-eval-split", "negative `eval_split_size`", "SFT, evaluation"),
+    ("lora-rank-zero", "`--lora_r 0`", "all with LoRA"),
+    ("lora-dropout-above-one", "`lora_dropout` above 1", "all with LoRA"),
+    ("unknown-choice", "a value outside an option's choices", "all"),
+    ("merge-dtype-unknown", "`merge_lora.py --dtype fast`", "merge_lora"),
+    ("chat-max-new-tokens-negative", "`chat.py --max_new_tokens -1`", "chat"),
+    ("model-dir-without-weights", "model directory without weights (config and tokenizer only)", "all"),
+    ("model-weights-truncated", "truncated `model.safetensors`", "all"),
+    ("causal-lm-as-reward-model", "a causal LM as `--reward_model_path`", "PPO, RLOO"),
+    ("reward-model-with-two-labels", "a classifier with 2 labels as `--reward_model_path`", "PPO, RLOO"),
+]
+
+
+def readme_table() -> list[list[str]]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Bad input: what you see", 1)[1].split("\n### ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| input |")]
+    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows]
+
+
+def test_readme_table_is_the_test_table():
+    """Every case of CASES is a README row, in this order, and the README quotes its message: each phrase the test
+    finds in the real message is in the README's cell."""
+    assert [case_id for case_id, _, _ in README_ROWS] == [case[0] for case in CASES]
+    table = readme_table()
+    assert [row[:2] for row in table] == [[label, recipes] for _, label, recipes in README_ROWS]
+    phrases = {case[0]: case[3] for case in CASES}
+    wrong = [f"{case_id}: {phrase!r} not in {row[2]!r}" for (case_id, _, _), row in zip(README_ROWS, table)
+             for phrase in phrases[case_id] if phrase not in row[2].replace("\\|", "|")]
+    assert not wrong, "\n".join(wrong)
 
 
 @pytest.fixture(scope="module")

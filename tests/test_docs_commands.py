@@ -1,6 +1,7 @@
-"""The commands the docs quote still work: README.md, docs/*.md and the recipes' own docstrings. Every repo path
-they name exists, and every script a quoted command runs answers `--help` listing each option the docs pass it.
-The scripts run once each, inside one child process (torch and TRL are imported once, not per script)."""
+"""The commands the docs quote still work: README.md, docs/*.md, the recipes' own docstrings and the comments of
+the config files (accelerate_configs/, recipes/configs/). Every repo path they name exists, every test they cite
+exists, and every script a quoted command runs answers `--help` listing each option the docs pass it. The scripts
+run once each, inside one child process (torch and TRL are imported once, not per script)."""
 
 import ast
 import json
@@ -11,7 +12,8 @@ import sys
 from conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-REPO_PATH = re.compile(r"(?<![\w./-])((?:recipes|src|accelerate_configs|ds_configs|data|benchmarks|scripts|tests|docs)/"
+REPO_PATH = re.compile(r"(?<![\w./-])((?:recipes|src|accelerate_configs|ds_configs|data|benchmarks|scripts|tests|docs|"
+                       r"notes|\.ci)/"
                        r"[\w./-]*[\w/])")
 SCRIPT = re.compile(r"(?<![\w./-])((?:recipes|benchmarks)/\w+\.py)\b")
 CODE = re.compile(r"```[^\n]*\n(.*?)```|`([^`\n]+)`", re.S)
@@ -22,10 +24,21 @@ def recipe_docstrings() -> dict[str, str]:
             for path in sorted((REPO / "recipes").glob("*.py"))}
 
 
+CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml")) + sorted((REPO / "recipes" / "configs").glob("*/*.yaml"))
+
+
+def config_comments() -> dict[str, str]:
+    """The comments of every config file, by its repo path: what they cite is checked like the docs."""
+    return {str(path.relative_to(REPO)): "\n".join(line.split("#", 1)[1] for line in path.read_text().splitlines()
+                                                 if "#" in line)
+            for path in CONFIGS}
+
+
 def quoted_commands() -> list[tuple[str, str]]:
     """(where, command line) of every quoted line that runs a repo script, continuation lines joined."""
     texts = {path.name: "\n".join(a or b for a, b in CODE.findall(path.read_text())) for path in DOCS}
     texts.update(recipe_docstrings())
+    texts.update(config_comments())
     commands = []
     for where, text in texts.items():
         for line in text.replace("\\\n", " ").splitlines():
@@ -36,13 +49,27 @@ def quoted_commands() -> list[tuple[str, str]]:
 
 
 def test_every_named_repo_path_exists():
-    texts = {path.name: path.read_text() for path in DOCS} | recipe_docstrings()
+    texts = {path.name: path.read_text() for path in DOCS} | recipe_docstrings() | config_comments()
     missing = [f"{where}: {name}" for where, text in texts.items() for name in REPO_PATH.findall(text)
                if not (REPO / name.rstrip(".")).exists()]
     # chatgpt_recipes/X.py alone (docs name shared modules that way) is src/chatgpt_recipes/X.py
     missing += [f"{where}: {name}" for where, text in texts.items()
                 for name in re.findall(r"(?<![\w/])chatgpt_recipes/\w+\.py", text) if not (REPO / "src" / name).exists()]
     assert not missing, "the docs name files that do not exist:\n" + "\n".join(missing)
+
+
+def test_every_cited_test_exists():
+    """A statement about behaviour that names the test proving it (`test_x`, or tests/test_file.py::test_x) names a
+    test that is there."""
+    texts = {path.name: path.read_text() for path in DOCS} | recipe_docstrings() | config_comments()
+    defined = {name for path in (REPO / "tests").glob("test_*.py")
+               for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
+    missing = [f"{where}: {name}" for where, text in texts.items()
+               for name in re.findall(r"(?<![\w/])(test_\w+)(?![\w.])", text) if name not in defined]
+    missing += [f"{where}: {file}::{name}" for where, text in texts.items()
+                for file, name in re.findall(r"(tests/test_\w+\.py)::(test_\w+)", text)
+                if not (REPO / file).is_file() or f"def {name}(" not in (REPO / file).read_text()]
+    assert not missing, "the docs cite tests that do not exist:\n" + "\n".join(missing)
 
 
 HELP_RUNNER = """
