@@ -68,3 +68,61 @@ def test_single_cpu_process_under_accelerate_launch_uses_every_core(monkeypatch)
         assert torch.get_num_threads() == cores
     finally:
         torch.set_num_threads(threads)
+
+
+RECIPE_OF_CONFIG_DIR = {"sft": "sft_lora", "dpo": "dpo", "reward": "reward_model", "ppo": "ppo", "rloo": "rloo",
+                        "pretrain": "pretrain", "evaluate": "evaluate_model", "comparison_data": "comparison_data",
+                        "self_instruct": "self_instruct", "pipeline": "pipeline"}
+
+
+def recipe_config_types(recipe: str) -> tuple:
+    """The dataclasses a recipe's entry point parses: `run(main, (A, B), ...)` in its source."""
+    import importlib
+    import re
+
+    from chatgpt_recipes.config import RECIPES_DIR
+
+    module = importlib.import_module(recipe)
+    names = re.search(r"run\(main, \(([\w, ]+)\)", (RECIPES_DIR / f"{recipe}.py").read_text()).group(1)
+    return tuple(getattr(module, name.strip()) for name in names.split(",") if name.strip())
+
+
+def test_every_shipped_yaml_passes_the_option_checks(tmp_path):
+    """The option checks (chatgpt_recipes.option_checks) refuse no recipe the repository ships."""
+    from chatgpt_recipes.config import RECIPES_DIR
+
+    configs = sorted((RECIPES_DIR / "configs").glob("*/*.yaml"))
+    assert {path.parent.name for path in configs} == set(RECIPE_OF_CONFIG_DIR)
+    for path in configs:
+        extra = [] if path.parent.name == "pipeline" else ["--output_dir", str(tmp_path / "out")]
+        parse_config(recipe_config_types(RECIPE_OF_CONFIG_DIR[path.parent.name]), "unused", ["--config", str(path),
+                                                                                          *extra])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max_steps: 3\n  bad: : 1\n", r"bad.yaml: not valid YAML at line 2, column 6: mapping values are not allowed"),
+    ("learning_rate: [1, 2]\n", r"bad.yaml: learning_rate must be a number, got \[1, 2\]"),
+    ("learning_rate: .nan\n", r"bad.yaml: learning_rate must be a finite number, got nan"),
+    ("max_length: 0\n", r"bad.yaml: max_length must be positive, got 0"),
+    ("max_skipped_fraction: 2\n", r"max_skipped_fraction must be between 0 and 1, got 2"),
+    ("num_train_epochs: 0\nmax_steps: 0\n", r"would train 0 steps"),
+])
+def test_option_values_are_refused_with_the_file_and_the_option(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TYPES, DEFAULT, ["--config", str(path)])
+
+
+def test_flags_only_scripts_are_checked_like_recipes():
+    from chat import ChatArguments
+    from merge_lora import MergeArguments
+
+    from chatgpt_recipes.config import parse_flags
+
+    with pytest.raises(ConfigError, match=r"command-line option --temperature must not be negative, got -1.0"):
+        parse_flags((ChatArguments,), ["--temperature", "-1"])
+    with pytest.raises(ConfigError, match=r"command-line option --prompt_format must be one of \['auto', 'alpaca'"):
+        parse_flags((ChatArguments,), ["--prompt_format", "chatml"])
+    (merge,) = parse_flags((MergeArguments,), ["--dtype", "bfloat16"])
+    assert merge.dtype == "bfloat16"

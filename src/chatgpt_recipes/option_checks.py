@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 from chatgpt_recipes.config import ConfigError
+from chatgpt_recipes.templates import PROMPT_FORMATS
 
 # > 0 when set
 POSITIVE = {
@@ -18,14 +19,13 @@ POSITIVE = {
     "ptx_batch_size", "ptx_max_length", "block_size", "batch_size", "num_pairs", "max_answer_tokens",
     "num_instructions", "num_prompt_instructions", "request_batch_size", "num_prompts", "max_train_samples",
     "max_train_prompts", "max_train_minutes", "num_generations", "num_mini_batches", "num_ppo_epochs",
-    "text_eval_documents", "request_timeout", "lora_r", "lora_alpha", "learning_rate",
+    "text_eval_documents", "request_timeout", "lora_r", "lora_alpha", "learning_rate", "dataset_num_proc",
 }
 # >= 0
 NON_NEGATIVE = {
     "weight_decay", "max_grad_norm", "warmup_steps", "eval_split_size", "sft_eval_split_size",
     "preference_eval_split_size", "temperature", "kl_coef", "ptx_coef", "vf_coef", "beta", "eval_prompts",
-    "sample_every", "max_retries", "max_unparseable_batches", "num_workers", "seed", "dataset_num_proc",
-    "save_total_limit",
+    "sample_every", "max_retries", "max_unparseable_batches", "num_workers", "seed", "save_total_limit",
 }
 # within [0, 1]
 FRACTION = {"lora_dropout", "max_skipped_fraction", "min_reward_model_accuracy", "warmup_ratio", "top_p",
@@ -33,7 +33,11 @@ FRACTION = {"lora_dropout", "max_skipped_fraction", "min_reward_model_accuracy",
 CHOICES = {
     "overlong": ("drop", "truncate"),
     "on_weak_reward_model": ("error", "warn"),
+    "txt_sample_by": ("line", "paragraph", "document"),
+    "prompt_style": ("completion", "chat"),
+    "prompt_format": PROMPT_FORMATS,
 }
+CHOICES_OF = {("ChatArguments", "prompt_format"): ("auto", *PROMPT_FORMATS)}  # auto: read stage_info.json
 # the dtype of a model the recipe loads; merge_lora's saved weights are never float16 (its help says why not)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_CHOICES = {"MergeArguments": ("auto", "float32", "bfloat16")}
@@ -58,8 +62,9 @@ def check_options(config, where) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
                 name.startswith("lora_") and getattr(config, "use_peft", True) is False):  # unused without LoRA
             _check_number(name, value, where)
-        if name in CHOICES and value not in CHOICES[name]:
-            raise ConfigError(f"{where(name)} must be one of {list(CHOICES[name])}, got {value!r}")
+        choices = CHOICES_OF.get((type(config).__name__, name), CHOICES.get(name))
+        if choices and value not in choices:
+            raise ConfigError(f"{where(name)} must be one of {list(choices)}, got {value!r}")
         if name == "dtype" and isinstance(value, str):
             allowed = DTYPE_CHOICES.get(type(config).__name__, DTYPES)
             if value not in allowed:
