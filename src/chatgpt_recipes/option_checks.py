@@ -121,11 +121,12 @@ def check_model_option(value: str, where: str, reward_model: bool, allow_pickle_
     """A local model directory with its weights whole (and, for a reward model, a one-score classifier): found
     wrong now rather than after the data is prepared."""
     from chatgpt_recipes.models import ModelLoadError, check_model_directory
-    from chatgpt_recipes.rl_inputs import check_reward_model_path
+    from chatgpt_recipes.rl_inputs import check_policy_path, check_reward_model_path
 
     try:
         if reward_model:
             check_reward_model_path(value)
+        check_policy_path(value)  # an adapter's base first: without it, its weights are of no use
         check_model_directory(value, allow_pickle_weights)
     except ModelLoadError as error:
         raise ModelLoadError(f"{where}: {error}") from None
