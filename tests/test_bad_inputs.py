@@ -514,7 +514,7 @@ CLI_CASES = [
      "train.jsonl: line 2: not valid JSON"),
     ("option-zero-steps", "sft_lora.py", lambda t, m: ["--num_train_epochs", "0", "--max_steps", "-1",
                                                        "--output_dir", t / "out"], "the run would train 0 steps"),
-    ("option-merge-dtype", "merge_lora.py", lambda t, m: ["--adapter_path", t, "--dtype", "fast"],
+    ("option-merge-dtype", "merge_lora.py", lambda t, m: ["--adapter_path", t / "adapter", "--dtype", "fast"],
      "command-line option --dtype must be one of"),
     ("model-causal-lm-as-reward-model", "ppo.py", lambda t, m: ["--reward_model_path", m["gpt2"],
                                                                 "--output_dir", t / "out"],
