@@ -124,8 +124,6 @@ def evaluate_policy(name: str, path: str, index: int, config, eval_examples, pro
 def kl_to_reference(config, models: dict, samples: dict, device) -> dict[str, float]:
     """Each model's mean KL to the reference model on its own sampled answers (k1: log p_model - log p_ref,
     summed over answer tokens, at the sampling temperature); the reference is loaded once more for it."""
-    if config.kl_reference not in models:
-        raise ConfigError(f"kl_reference: '{config.kl_reference}' is not one of the models {list(models)}")
     tokenizer, reference = load_for_inference(models[config.kl_reference],
                                               dtype=inference_dtype(config.dtype, config.use_cpu))
     reference.to(device)
@@ -146,6 +144,8 @@ def kl_to_reference(config, models: dict, samples: dict, device) -> dict[str, fl
 
 def main(config: EvaluationConfig):
     models = parse_models(config.models)
+    if config.kl_reference is not None and config.kl_reference not in models:  # before any model is evaluated
+        raise ConfigError(f"kl_reference: '{config.kl_reference}' is not one of the models {list(models)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
 
     # Held-out instructions: the split SFT held out (same size, same seed)

@@ -335,6 +335,9 @@ CASES = [
      ConfigError, ["command-line option --dtype must be one of ['auto', 'float32', 'bfloat16'], got 'fast'"]),
     ("chat-max-new-tokens-negative", lambda t, m: flags_of("chat", ["--max_new_tokens", "-1"]),
      ConfigError, ["command-line option --max_new_tokens must be positive, got -1"]),
+    ("evaluation-kl-reference-unknown", lambda t, m: __import__("evaluate_model").main(__import__(
+        "evaluate_model").EvaluationConfig(models=["base=b", "sft=s"], kl_reference="stf")),
+     ConfigError, ["kl_reference: 'stf' is not one of the models ['base', 'sft']"]),
     # --- model directories ---
     ("model-dir-without-weights", sft_model_dir_without_weights, ModelLoadError,
      ["--model_name_or_path", "holds a model config but no weights: no model.safetensors"]),
@@ -410,6 +413,7 @@ README_ROWS = [
     ("unknown-choice", "a value outside an option's choices", "all"),
     ("merge-dtype-unknown", "`merge_lora.py --dtype fast`", "merge_lora"),
     ("chat-max-new-tokens-negative", "`chat.py --max_new_tokens -1`", "chat"),
+    ("evaluation-kl-reference-unknown", "`kl_reference` naming no model of `models`", "evaluation"),
     ("model-dir-without-weights", "model directory without weights (config and tokenizer only)", "all"),
     ("model-weights-truncated", "truncated `model.safetensors`", "all"),
     ("causal-lm-as-reward-model", "a causal LM as `--reward_model_path`", "PPO, RLOO"),
