@@ -126,3 +126,25 @@ def test_flags_only_scripts_are_checked_like_recipes():
         parse_flags((ChatArguments,), ["--prompt_format", "chatml"])
     (merge,) = parse_flags((MergeArguments,), ["--dtype", "bfloat16"])
     assert merge.dtype == "bfloat16"
+
+
+def test_warnings_that_do_not_apply_are_silenced_by_their_text_only(caplog):
+    import logging
+    import warnings
+
+    from chatgpt_recipes.output import quiet_warnings_that_do_not_apply
+
+    quiet_warnings_that_do_not_apply()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_warnings_that_do_not_apply()  # as run() installs it, after any "always"
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`something_else` is deprecated and will be removed in v6.", FutureWarning)
+    assert [str(w.message) for w in caught] == ["`something_else` is deprecated and will be removed in v6."]
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=bnb.name):
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...",
+                    ModuleNotFoundError("No module named 'kernels'"))
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...",
+                    RuntimeError("kernel build failed"))  # another cause applies: kept
+    assert len(caplog.records) == 1 and "kernel build failed" in caplog.records[0].getMessage()
