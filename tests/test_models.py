@@ -207,3 +207,24 @@ def test_backbone_copy_into_a_classifier_refuses_dropped_keys(tiny_gpt2_dir):
     with pytest.raises(ModelLoadError, match=r"their weights do not match \(classifier weights the causal LM lacks: "
                                              r"\d+ \(\['model."):
         copy_backbone(causal, other, "sft")
+
+
+def test_sft_adapter_under_a_score_head_copies_every_backbone_weight(tiny_llama_dir, tmp_path):
+    """load_model(num_labels=1) of an SFT (causal-LM) LoRA adapter: merged into its base, copied into the
+    classifier through copy_backbone, which would refuse any key but the heads that does not match."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    causal = load_model(ModelArguments(model_name_or_path=tiny_llama_dir, dtype="float32"), tokenizer)
+    adapter_config = lora_config(ModelArguments(use_peft=True, lora_r=4, lora_alpha=8), causal)
+    adapter_config.init_lora_weights = False
+    torch.manual_seed(0)
+    get_peft_model(causal, adapter_config).save_pretrained(tmp_path / "sft")
+    classifier = load_model(ModelArguments(model_name_or_path=str(tmp_path / "sft"), dtype="float32"), tokenizer,
+                            num_labels=1)
+    merged = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter_config)
+    merged.load_adapter(str(tmp_path / "sft"), adapter_name="default")
+    expected = merged.merge_and_unload().state_dict()
+    for name, weight in classifier.state_dict().items():
+        if not name.startswith("score."):
+            assert torch.allclose(weight, expected[name][: weight.shape[0]]), name
