@@ -104,7 +104,7 @@ def test_every_shipped_yaml_passes_the_option_checks(tmp_path):
     ("learning_rate: [1, 2]\n", r"bad.yaml: learning_rate must be a number, got \[1, 2\]"),
     ("learning_rate: .nan\n", r"bad.yaml: learning_rate must be a finite number, got nan"),
     ("max_length: 0\n", r"bad.yaml: max_length must be positive, got 0"),
-    ("max_skipped_fraction: 2\n", r"max_skipped_fraction must be between 0 and 1, got 2"),
+    ("max_skipped_fraction: 2\n", r"bad.yaml: max_skipped_fraction must be between 0 and 1, got 2"),
     ("num_train_epochs: 0\nmax_steps: 0\n", r"would train 0 steps"),
 ])
 def test_option_values_are_refused_with_the_file_and_the_option(tmp_path, text, message):

@@ -44,9 +44,7 @@ class DataArguments:
         "help": "Split for eval data, e.g. test (of eval_dataset_name, else of dataset_name)."})
 
     def __post_init__(self):
-        self.columns = parse_columns(self.columns)
-        if not 0 <= self.max_skipped_fraction <= 1:
-            raise ConfigError(f"max_skipped_fraction must be between 0 and 1, got {self.max_skipped_fraction}")
+        self.columns = parse_columns(self.columns)  # its range and the other values: chatgpt_recipes.option_checks
         parent = super()
         if hasattr(parent, "__post_init__"):
             parent.__post_init__()

@@ -38,7 +38,7 @@ CHOICES = {
     "prompt_format": PROMPT_FORMATS,
 }
 CHOICES_OF = {("ChatArguments", "prompt_format"): ("auto", *PROMPT_FORMATS)}  # auto: read stage_info.json
-# the dtype of a model the recipe loads; merge_lora's saved weights are never float16 (its help says why not)
+# the dtype of a model the recipe loads; merge_lora saves float32 or bfloat16 (its --dtype help), never float16
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_CHOICES = {"MergeArguments": ("auto", "float32", "bfloat16")}
 # options naming a model directory (or a hub id); the reward model ones must be a one-score classifier
