@@ -63,6 +63,9 @@ def run_sft(out, *args):
 
 @pytest.mark.parametrize("mode", [[], ["--load_in_4bit", "true"], ["--use_peft", "false"]], ids=["lora", "qlora", "full"])
 def test_sft_on_gpu(tmp_path, tiny_llama_dir, mode, capsys):
+    from chatgpt_recipes import speed
+
+    speed.announce_attention.cache_clear()  # printed once per process: once per run here
     on_gpu(f"sft {mode}", run_sft, tmp_path / "sft", "--model_name_or_path", tiny_llama_dir, *mode)
     printed = capsys.readouterr().out
     assert "[attention]" in printed and "[batch] cuda:" in printed  # the choices are printed at start
