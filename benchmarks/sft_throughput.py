@@ -404,6 +404,8 @@ def base_eval() -> dict:
 
     _, eval_examples = eval_examples_and_train()
     tokenizer, model = load_for_inference(MODEL)
+    if cuda():
+        model.to("cuda")
     return dict(config="base_model", eval_loss=heldout_loss(model, tokenizer, eval_examples))
 
 
