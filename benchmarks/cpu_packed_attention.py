@@ -55,7 +55,8 @@ def main():
                                    doc.numel(), doc.numel(), device="cpu")
     lines = [f"{time.strftime('%Y-%m-%d')} | {machine()} | {versions()}",
              f"one attention layer, {HEADS}/{KV_HEADS} heads x {DIM}, {len(LENGTHS)} examples in {sum(LENGTHS)} "
-             f"tokens, fp32, forward + backward, best of {ROUNDS} interleaved rounds", "", "| kernel | ms | max abs diff vs sdpa_packed |",
+             f"tokens, fp32, forward + backward, best of {ROUNDS} interleaved rounds", "",
+             "| kernel | ms | max abs diff vs sdpa_packed |",
              "|---|---|---|"]
     kernels = {"sdpa_packed": sdpa_packed, "masked_sdpa": masked_sdpa, "flex_eager": flex_eager}
     best, outputs, failed = {name: float("inf") for name in kernels}, {}, {}
@@ -80,7 +81,8 @@ def main():
         else:
             difference = (outputs[name] - outputs["sdpa_packed"]).abs().max()
             lines.append(f"| {name} | {1000 * best[name]:.1f} | {difference:.1e} |")
-    lines.append(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the core count: "
+    lines.append(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the core "
+                 "count: "
                  "contended, other jobs ran beside it)")
     text = "\n".join(lines)
     print(text)

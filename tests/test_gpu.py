@@ -61,7 +61,8 @@ def run_sft(out, *args):
     sft_lora.main(config, model_args)
 
 
-@pytest.mark.parametrize("mode", [[], ["--load_in_4bit", "true"], ["--use_peft", "false"]], ids=["lora", "qlora", "full"])
+@pytest.mark.parametrize("mode", [[], ["--load_in_4bit", "true"], ["--use_peft", "false"]],
+                         ids=["lora", "qlora", "full"])
 def test_sft_on_gpu(tmp_path, tiny_llama_dir, mode, capsys):
     from chatgpt_recipes import speed
 

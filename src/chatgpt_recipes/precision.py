@@ -128,7 +128,8 @@ def detect_capability(use_cpu: bool = False) -> Capability:
     forced = _forced()
     if _mps_available() and not use_cpu:
         native = torch.backends.mps.is_macos_or_newer(14, 0) if forced is None else forced
-        return Capability("mps", native, False, f"Apple MPS: {'bf16 (macOS 14+)' if native else 'no bf16 before macOS 14'}")
+        evidence = "Apple MPS: " + ("bf16 (macOS 14+)" if native else "no bf16 before macOS 14")
+        return Capability("mps", native, False, evidence)
     if torch.cuda.is_available() and not use_cpu:
         name = torch.cuda.get_device_name()
         native = torch.cuda.is_bf16_supported(including_emulation=False) if forced is None else forced
