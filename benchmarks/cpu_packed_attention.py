@@ -82,8 +82,7 @@ def main():
             difference = (outputs[name] - outputs["sdpa_packed"]).abs().max()
             lines.append(f"| {name} | {1000 * best[name]:.1f} | {difference:.1e} |")
     lines.append(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the core "
-                 "count: "
-                 "contended, other jobs ran beside it)")
+                 "count: contended, other jobs ran beside it)")
     text = "\n".join(lines)
     print(text)
     Path(__file__).with_suffix(".txt").write_text(text + "\n")
