@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-from bench_utils import machine, recipe_module, spread, versions  # noqa: E402
+from bench_utils import GpuBusy, machine, recipe_module, spread, versions  # noqa: E402
 VARIANTS = {"trl_example": "TRL PPO example settings (fp32: bf16 ignored)",
             "trl_best": "TRL PPO example + --use_peft, no gradient checkpointing",
             "recipe": "our recipe (recipes/ppo.py settings, precision auto)"}
@@ -106,15 +106,24 @@ def run_variant(args) -> dict:
 
     sampling, batch_generation = [0.0], trl_ppo.batch_generation
 
+    def synchronize():  # a CUDA timer stops when the GPU's work is done
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     def timed_batch_generation(*gen_args, **gen_kwargs):
+        synchronize()
         begin = time.time()
         output = batch_generation(*gen_args, **gen_kwargs)
+        synchronize()
         sampling[0] += time.time() - begin
         return output
 
     trl_ppo.batch_generation = timed_batch_generation
+    synchronize()
     start = time.time()
-    trainer.train()
+    with GpuBusy() as busy:
+        trainer.train()
+    synchronize()
     seconds = time.time() - start
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -128,7 +137,8 @@ def run_variant(args) -> dict:
             "episodes_per_s": episodes / seconds, "peak_memory_mb": peak, "weights_mb": weights,
             "trained_parameters": trained, "scores": [e["objective/scores"] for e in trainer.state.log_history
                                                       if "objective/scores" in e],
-            "memory_kind": "GPU max_memory_allocated" if torch.cuda.is_available() else "peak RSS"}
+            "memory_kind": "GPU max_memory_allocated" if torch.cuda.is_available() else "peak RSS",
+            **({"gpu_busy_share": busy.share} if busy.share is not None else {})}
 
 
 def main():
@@ -180,6 +190,10 @@ def main():
               f"{spread([r['peak_memory_mb'] for r in variant_runs], '.0f')} | "
               + "/".join(f"{weights[k]:.0f}" if k in weights else "-" for k in ("policy", "reference", "value", "reward"))
               + f" | {variant_runs[0]['trained_parameters'] / 1e6:.2f}M |")
+    for variant, variant_runs in by_variant.items():
+        if "gpu_busy_share" in variant_runs[0]:
+            print(f"{variant}: GPU busy {spread([100 * r['gpu_busy_share'] for r in variant_runs], '.0f')}% of "
+                  "train() (nvidia-smi utilization.gpu, sampled every 100 ms)")
     if "recipe" in mean:
         for base in [v for v in args.variants if v != "recipe"]:
             print(f"recipe / {base}: {mean['recipe'] / mean[base]:.2f}x episodes/s, peak memory "

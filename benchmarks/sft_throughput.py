@@ -9,14 +9,16 @@ recipe's `auto` precision, in one run, on the same model, data, LoRA rank, max l
     python benchmarks/sft_throughput.py --summarise benchmarks/sft_throughput.json   # table of a saved run
     python benchmarks/sft_throughput.py --configs recipe --rows 52002 --epoch --rounds 1   # GPU: one Alpaca-52K epoch
 
-Configurations (LoRA r=16, alpha 32, dropout 0.05 on every attention and MLP projection, batch 4, max length 512):
+Configurations (LoRA r=16, alpha 32, dropout 0.05 on every attention and MLP projection, batch 4 on a CPU and 16 on a
+CUDA GPU (8192 tokens per step; --batch), max length 512):
   trl_defaults      SFTTrainer(model=<path>, args=SFTConfig(...), train_dataset=<prompt/completion>,
                     peft_config=LoraConfig(...)) as TRL's docs show; only the shared settings above are set (and
                     use_cpu on a CPU, without which TRL's default bf16=True refuses to start). On a CPU without
                     native bf16 this is pathologically slow (~80x in matmuls): it is timed on one step, and says so.
   trl_fp32          the same with bf16=False
   trl_best          TRL's best flags for this hardware: packing=True (bfd, padding-free), gradient_checkpointing=False
-                    (TRL defaults it to True), bf16=True only where bf16 is native
+                    (TRL defaults it to True), bf16=True only where bf16 is native; on CUDA also Liger
+                    (use_liger_kernel) when liger-kernel is installed and flash_attention_2 when flash-attn is
   recipe            recipes/sft_lora.py's own main() with its default YAML (bf16/dtype auto); only max_steps (from the
                     token budget), output_dir, and no mid-run eval/save/report/time budget are overridden
 
@@ -25,7 +27,11 @@ rotated order, because the machine may be shared. Every process trains until it 
 its throughput is real tokens over the wall time of all steps but the first. The eval loss is the same for all: the
 mean NLL of the response tokens of the recipe's 40 held-out Alpaca examples after training (heldout_loss()).
 MFU is model FLOPs per second over the best matmul throughput measured in this run in the precision that configuration
-computes in (bf16 or fp32; see model_flops()).
+computes in (bf16 or fp32; see model_flops()); on a GPU the datasheet's dense bf16 peak is printed beside it.
+
+On a CUDA GPU the step timer synchronises the device, one step (--profile_step, default the third) is profiled with
+CUDA activity and left out of the throughput: the GPU-busy share of that step (kernel time over wall time) and its top
+kernels are reported, with each configuration's peak GPU memory.
 """
 
 import argparse
@@ -39,18 +45,44 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-from bench_utils import machine, recipe_module, spread, versions  # noqa: E402
+from bench_utils import GpuBusy, machine, recipe_module, spread, versions  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "smollm2-135m-instruct"
 DATA = "data/alpaca_en_demo.json"
-EVAL_ROWS, SEED, BATCH, MAX_LENGTH = 40, 42, 4, 512
+EVAL_ROWS, SEED, MAX_LENGTH = 40, 42, 512
+BATCH = 4  # --batch; 16 on a CUDA GPU
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
 CONFIGS = ["trl_defaults", "trl_fp32", "trl_best", "recipe"]
 PROFILE_STEP = None  # --profile_step: the step whose ops are profiled (recorded in the results)
 TIMING_WARMUP_STEPS = 1  # the first step builds oneDNN kernels, caches and the dataloader
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), printed beside the measured peak
+DATASHEET_BF16_TFLOPS = {"H200": 989, "H100 SXM": 989, "H100 80GB HBM3": 989, "H100 PCIe": 756, "H100 NVL": 835,
+                         "A100": 312}
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def sync() -> None:
+    if cuda():
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def datasheet_bf16() -> tuple[str, float | None]:
+    """(GPU name, its datasheet dense bf16 peak in FLOP/s or None when not in DATASHEET_BF16_TFLOPS)."""
+    import torch
+
+    name = torch.cuda.get_device_name()
+    match = next((key for key in DATASHEET_BF16_TFLOPS if key in name), None)
+    return name, DATASHEET_BF16_TFLOPS[match] * 1e12 if match else None
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
@@ -114,17 +146,23 @@ def make_bench_trainer(token_budget: int, epochs: bool, single_step: bool = Fals
 
         def on_step_begin(self, args, state, control, **kwargs):
             if PROFILE_STEP is not None and state.global_step == PROFILE_STEP:
-                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if cuda():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
                 self.profiler.__enter__()
+                self.profile_start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            sync()  # on a GPU the step ends when its kernels do
             if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
-                self.profile = op_time_shares(self.profiler)
+                self.profile = op_time_shares(self.profiler, time.perf_counter() - self.profile_start)
                 self.profiler = None
             self.marks.append((time.perf_counter(), time.process_time()))
 
         def on_train_begin(self, args, state, control, **kwargs):
+            sync()
             self.marks.append((time.perf_counter(), time.process_time()))
 
     class BenchTrainer(SFTTrainer):
@@ -152,7 +190,7 @@ def make_bench_trainer(token_budget: int, epochs: bool, single_step: bool = Fals
             elif single_step:
                 self.args.max_steps = 1
             else:
-                self.args.max_steps = max(TIMING_WARMUP_STEPS + 2,
+                self.args.max_steps = max(TIMING_WARMUP_STEPS + 2 + (PROFILE_STEP is not None),
                                           round(token_budget / (per_step * sum(lengths) / len(lengths))))
             self.timer = StepTimer()
             self.add_callback(self.timer)
@@ -164,13 +202,26 @@ def make_bench_trainer(token_budget: int, epochs: bool, single_step: bool = Fals
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention")
 
 
-def op_time_shares(profiler) -> dict:
-    """Self CPU time of one profiled step: total, the share in matmul kernels (GEMMs and SDPA), the top ops."""
-    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+def op_time_shares(profiler, wall_seconds: float) -> dict:
+    """Self CPU time of one profiled step: total, the share in matmul kernels (GEMMs and SDPA), the top ops. On a
+    GPU also its kernels: their time (sum of self device time), the share of the step's wall time the GPU was busy
+    (kernels overlap rarely in a training step; capped at 1), the number of kernels and the top kernels."""
+    averages = profiler.key_averages()
+    events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMUL_OPS))
-    return dict(self_cpu_seconds=total / 1e6, matmul_share=matmul / total,
-                top_ops=[(e.key, round(e.self_cpu_time_total / total, 4), e.count) for e in events[:15]])
+    shares = dict(self_cpu_seconds=total / 1e6, matmul_share=matmul / total, wall_seconds=wall_seconds,
+                  top_ops=[(e.key, round(e.self_cpu_time_total / total, 4), e.count) for e in events[:15]])
+    if cuda():
+        kernels = [e for e in averages if getattr(e, "self_device_time_total", 0) > 0
+                   and str(getattr(e, "device_type", "")).endswith("CUDA")]
+        device = sum(e.self_device_time_total for e in kernels)
+        kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        shares.update(gpu_seconds=device / 1e6, gpu_busy_share=min(1.0, device / 1e6 / wall_seconds),
+                      kernel_launches=sum(e.count for e in kernels),
+                      top_kernels=[(e.key[:80], round(e.self_device_time_total / max(device, 1), 4), e.count)
+                                   for e in kernels[:10]])
+    return shares
 
 
 def eval_examples_and_train():
@@ -196,6 +247,7 @@ def heldout_loss(model, tokenizer, examples, batch_size: int = 4) -> float:
     from chatgpt_recipes.sft_data import tokenize_example
 
     model = model.float().eval()
+    device = model.device  # a GPU model takes its batches there
     items = [tokenize_example(example, tokenizer) for example in examples]
     items = [{k: v[:MAX_LENGTH] for k, v in item.items()} for item in items]
     total, count = 0.0, 0
@@ -203,9 +255,11 @@ def heldout_loss(model, tokenizer, examples, batch_size: int = 4) -> float:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             width = max(len(item["input_ids"]) for item in chunk)
-            ids = torch.tensor([i["input_ids"] + [tokenizer.pad_token_id] * (width - len(i["input_ids"])) for i in chunk])
-            mask = torch.tensor([[1] * len(i["input_ids"]) + [0] * (width - len(i["input_ids"])) for i in chunk])
-            labels = torch.tensor([i["labels"] + [-100] * (width - len(i["labels"])) for i in chunk])
+            ids = torch.tensor([i["input_ids"] + [tokenizer.pad_token_id] * (width - len(i["input_ids"])) for i in chunk],
+                               device=device)
+            mask = torch.tensor([[1] * len(i["input_ids"]) + [0] * (width - len(i["input_ids"])) for i in chunk],
+                                device=device)
+            labels = torch.tensor([i["labels"] + [-100] * (width - len(i["labels"])) for i in chunk], device=device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             target = labels[:, 1:]
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
@@ -231,12 +285,21 @@ def run_trl(name: str, out_dir: str, token_budget: int, epochs: bool, rows: int 
         flags.update(bf16=False)
     if name == "trl_best":
         flags.update(packing=True, gradient_checkpointing=False, bf16=native_bf16())
+        if torch.cuda.is_available():
+            from chatgpt_recipes.speed import liger_available
+            from transformers.utils import is_flash_attn_2_available
+
+            if liger_available():
+                flags.update(use_liger_kernel=True)
+            if is_flash_attn_2_available():
+                flags.update(model_init_kwargs={"attn_implementation": "flash_attention_2"})
     args = SFTConfig(**flags)
     pathological = args.bf16 and not native_bf16()
     trainer = make_bench_trainer(token_budget, epochs, single_step=pathological)(
         model=resolve_model_path(MODEL), args=args, train_dataset=Dataset.from_list(train),
         peft_config=LoraConfig(**LORA))
-    trainer.train()
+    with GpuBusy() as trainer.gpu_busy:
+        trainer.train()
     return trainer, trainer.processing_class, "bfloat16" if args.bf16 else "float32"
 
 
@@ -246,7 +309,8 @@ def run_recipe(out_dir: str, token_budget: int, epochs: bool, rows: int | None):
     from chatgpt_recipes.models import ModelArguments, load_tokenizer
 
     args = ["--model_name_or_path", MODEL, "--output_dir", out_dir, "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-            "--logging_steps", str(10**6), "--sample_max_new_tokens", "1"]
+            "--logging_steps", str(10**6), "--sample_max_new_tokens", "1", "--per_device_train_batch_size", str(BATCH),
+            "--gpu_tokens_per_step", "0"]  # the same batch as the TRL configurations
     if rows:
         rows_file = Path(out_dir) / "rows.json"
         from chatgpt_recipes.rows import read_rows
@@ -259,7 +323,9 @@ def run_recipe(out_dir: str, token_budget: int, epochs: bool, rows: int | None):
     sft_lora.SFTTrainer = bench_trainer  # the recipe's own code path, with a timed and counted trainer
     config, model_args = parse_config((sft_lora.SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml", args)
     config.max_train_minutes = None  # the token budget decides the steps
-    sft_lora.main(config, model_args)
+    with GpuBusy() as busy:  # over the whole recipe (loading, demo answers, training): a lower bound for training
+        sft_lora.main(config, model_args)
+    bench_trainer.last.gpu_busy = busy
     return bench_trainer.last, load_tokenizer(model_args.model_name_or_path), "bfloat16" if config.bf16 else "float32"
 
 
@@ -275,9 +341,10 @@ def worker(name: str, token_budget: int, epochs: bool, rows: int | None) -> dict
     marks, batches = trainer.timer.marks, trainer.batches
     steps = len(marks) - 1
     warmup = TIMING_WARMUP_STEPS if steps > TIMING_WARMUP_STEPS else 0  # a single-step run times its one step
-    timed = range(warmup, steps)  # step i runs between marks[i] and marks[i + 1]
-    wall = marks[-1][0] - marks[warmup][0]
-    cpu = marks[-1][1] - marks[warmup][1]
+    # step i runs between marks[i] and marks[i + 1]; a profiled step (slowed by the profiler) is not timed
+    timed = [i for i in range(warmup, steps) if i != PROFILE_STEP or steps - warmup == 1]
+    wall = sum(marks[i + 1][0] - marks[i][0] for i in timed)
+    cpu = sum(marks[i + 1][1] - marks[i][1] for i in timed)
     shape = model_shape(trainer.model)
     real = sum(batches[i][0] for i in timed)
     flops = sum(model_flops(shape, *batches[i]) for i in timed)
@@ -293,6 +360,9 @@ def worker(name: str, token_budget: int, epochs: bool, rows: int | None) -> dict
     )
     if torch.cuda.is_available():
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_gpu_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
+        if trainer.gpu_busy.share is not None:
+            result["gpu_utilisation"] = trainer.gpu_busy.share
     if trainer.timer.profile:
         result["profile"] = trainer.timer.profile
     return result
@@ -304,6 +374,8 @@ def matmul_peak(seconds: float = 6.0) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [(2048, 2048, 2048), (2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (4096, 4096, 4096)]
+    if device == "cuda":  # a large GEMM reaches the tensor cores' peak
+        shapes += [(8192, 8192, 8192), (8192, 2048, 8192)]
     best = {}
     for dtype in (torch.bfloat16, torch.float32):
         # emulated bf16 (~1 GFLOP/s) would take minutes per large GEMM: its peak is measured on a small one
@@ -315,13 +387,15 @@ def matmul_peak(seconds: float = 6.0) -> dict:
                 a @ b
                 if device == "cuda":
                     torch.cuda.synchronize()
-                start, repeats = time.perf_counter(), 3
+                start, repeats = time.perf_counter(), 10 if device == "cuda" else 3
                 for _ in range(repeats):
                     a @ b
                 if device == "cuda":
                     torch.cuda.synchronize()
                 top = max(top, 2 * m * k * n * repeats / (time.perf_counter() - start))
         best[str(dtype).replace("torch.", "")] = top
+    if device == "cuda":
+        best["device"], best["datasheet_bfloat16"] = datasheet_bf16()
     return best
 
 
@@ -330,6 +404,8 @@ def base_eval() -> dict:
 
     _, eval_examples = eval_examples_and_train()
     tokenizer, model = load_for_inference(MODEL)
+    if cuda():
+        model.to("cuda")
     return dict(config="base_model", eval_loss=heldout_loss(model, tokenizer, eval_examples))
 
 
@@ -337,7 +413,7 @@ def base_eval() -> dict:
 
 def spawn(task: str, args, result_file: Path) -> dict:
     command = [sys.executable, __file__, "--worker", task, "--tokens", str(args.tokens), "--result", str(result_file),
-               "--model", args.model]
+               "--model", args.model, "--batch", str(args.batch)]
     if args.epoch:
         command.append("--epoch")
     if args.rows:
@@ -359,6 +435,11 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
     peak = {dtype: max(p[dtype] for p in peaks) for dtype in ("bfloat16", "float32")}
     lines = [f"matmul peak measured in this run: bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 "
              f"{peak['float32'] / 1e9:.0f} GFLOP/s (best of {len(peaks)} measurements)", ""]
+    if peaks and "device" in peaks[0]:
+        datasheet = peaks[0].get("datasheet_bfloat16")
+        lines[-1:-1] = [f"{peaks[0]['device']}: datasheet dense bf16 peak "
+                        + (f"{datasheet / 1e12:.0f} TFLOP/s (MFU below is against the measured peak, "
+                           f"{100 * peak['bfloat16'] / datasheet:.0f}% of it)" if datasheet else "not on file")]
     if base:
         lines += [f"held-out loss of the untrained model: {base['eval_loss']:.4f}", ""]
     lines += ["mean [min-max] over rounds",
@@ -383,6 +464,15 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
     for name, runs in by_config.items():
         if runs[0].get("timed_steps") == 1 and runs[0]["steps"] == 1:
             lines.append(f"{name}: bf16 is emulated on this CPU (pathologically slow): timed on a single step")
+    for name, runs in by_config.items():
+        if "peak_gpu_memory_gb" in runs[0]:
+            busy = [r["profile"]["gpu_busy_share"] for r in runs if "gpu_busy_share" in r.get("profile", {})]
+            lines.append(f"{name}: peak GPU memory {spread([r['peak_gpu_memory_gb'] for r in runs], '.1f')} GB "
+                         f"allocated, {spread([r['peak_gpu_reserved_gb'] for r in runs], '.1f')} GB reserved"
+                         + (f"; GPU busy {spread([100 * b for b in busy], '.0f')}% of the profiled step" if busy else "")
+                         + (f"; nvidia-smi utilisation {spread([100 * r['gpu_utilisation'] for r in runs], '.0f')}%"
+                            if "gpu_utilisation" in runs[0] else "")
+                         + f"; s/step {spread([r['timed_seconds'] / r['timed_steps'] for r in runs], '.3f')}")
     for result in results:
         if "profile" in result:
             profile = result["profile"]
@@ -395,6 +485,10 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
             lines.append(f"{result['config']}: MFU {100 * mfu:.1f}%; with its matmul kernels at the measured peak and "
                          f"the other {100 * other:.0f}% of the step unchanged, MFU would be at most "
                          f"{100 * mfu / (mfu + other):.0f}%")
+            if "top_kernels" in profile:
+                lines.append(f"{result['config']}: profiled step {profile['wall_seconds']:.3f} s, GPU busy "
+                             f"{100 * profile['gpu_busy_share']:.0f}%, {profile['kernel_launches']} kernels; top: "
+                             + ", ".join(f"{name} {100 * share:.0f}%" for name, share, _ in profile["top_kernels"][:5]))
     if "recipe" in means:
         for name in means:
             if name != "recipe":
@@ -405,7 +499,7 @@ def summarise(results: list[dict], peaks: list[dict], base: dict | None) -> str:
 
 
 def main():
-    global MODEL, PROFILE_STEP
+    global MODEL, PROFILE_STEP, BATCH
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--model", default=MODEL, help="model name, directory or offline alias (all configs)")
@@ -415,14 +509,21 @@ def main():
     parser.add_argument("--epoch", action="store_true", help="train one epoch instead of --tokens")
     parser.add_argument("--no_base_eval", action="store_true", help="skip the untrained model's held-out loss")
     parser.add_argument("--json", default="benchmarks/sft_throughput.json", help="where all raw results go")
-    parser.add_argument("--profile_step", type=int, help="profile this step's ops (0-based) and print the shares")
+    parser.add_argument("--profile_step", type=int, help="profile this step's ops (0-based) and print the shares; "
+                        "on a CUDA GPU step 2 by default (left out of the timing)")
+    parser.add_argument("--batch", type=int, help="sequences per step for every configuration (default: 4 on a "
+                        "CPU, 16 on a CUDA GPU)")
     parser.add_argument("--summarise", metavar="JSON", help="print the table of a saved (or interrupted) run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.batch is None:
+        args.batch = 16 if cuda() else 4
+    if args.profile_step is None and cuda() and not args.summarise:
+        args.profile_step = 2
     if args.worker:
-        MODEL, PROFILE_STEP = args.model, args.profile_step
+        MODEL, PROFILE_STEP, BATCH = args.model, args.profile_step, args.batch
         result = {"matmul_peak": matmul_peak, "base_model": base_eval}.get(args.worker)
         result = result() if result else worker(args.worker, args.tokens, args.epoch, args.rows)
         Path(args.result).write_text(json.dumps(result))

@@ -16,13 +16,12 @@ In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits.
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import TextStreamer
 
 from chatgpt_recipes.config import run
 from chatgpt_recipes.generation import generate
 from chatgpt_recipes.models import load_adapter, load_for_inference
-from chatgpt_recipes.precision import inference_dtype
+from chatgpt_recipes.precision import inference_device, inference_dtype
 from chatgpt_recipes.templates import PROMPT_FORMATS, check_format, read_stage_info, render_conversation
 
 
@@ -59,7 +58,7 @@ def main(args: ChatArguments):
     tokenizer, model = load_for_inference(args.model_name_or_path, args.trust_remote_code, inference_dtype(args.dtype))
     if args.adapter_path:
         model = load_adapter(model, args.adapter_path).eval()
-    model.to("cuda" if torch.cuda.is_available() else "cpu")  # the device `dtype: auto` was chosen for
+    model.to(inference_device())  # the GPU (CUDA or Apple MPS) when there is one
     prompt_format = (saved_prompt_format(args.adapter_path, args.model_name_or_path)
                      if args.prompt_format == "auto" else args.prompt_format)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -60,7 +60,10 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
                           peft_config=lora_config(model_args, policy))
     policy = trainer.accelerator.unwrap_model(trainer.model)
     eval_args = (tokenizer, eval_texts, config.max_completion_length, config.temperature, config.seed)
+    # full fine-tuning: a frozen copy on the policy's device (load_model places it), sharded like it under ZeRO-3
     reference = None if model_args.use_peft else load_model(model_args, tokenizer).eval()
+    if reference is not None and not hasattr(next(reference.parameters()), "ds_id"):
+        reference.to(next(policy.parameters()).device)
     before = evaluate_policy(policy, reference, reward_model, *eval_args)
     train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
     after = evaluate_policy(policy, reference, reward_model, *eval_args)

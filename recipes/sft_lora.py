@@ -33,7 +33,7 @@ from chatgpt_recipes.reporting import record_metrics, write_training_report
 from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.rows import DataError, SkipLog, eval_source, train_and_eval
 from chatgpt_recipes.sft_data import prepare_sft, streamed_sft
-from chatgpt_recipes.speed import enable_fast_training
+from chatgpt_recipes.speed import enable_fast_training, gpu_training_defaults
 from chatgpt_recipes.templates import example_prompt, save_stage_info
 from chatgpt_recipes.time_budget import TimeBudgetArguments
 
@@ -59,6 +59,9 @@ class SFTRecipeConfig(DataArguments, TimeBudgetArguments, SFTConfig):
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     overlong: str = field(default="drop", metadata={"help": "Examples over max_length: drop or truncate."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the before/after demo answers."})
+    gpu_tokens_per_step: int = field(default=8192, metadata={
+        "help": "On a CUDA GPU, raise per_device_train_batch_size to this many tokens per step (max_length each); "
+                "0 keeps per_device_train_batch_size. No effect on a CPU."})
 
 
 def main(config: SFTRecipeConfig, model_args: ModelArguments):
@@ -92,6 +95,7 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
     check_context_length(model.config, config.max_length, "max_length", model_args.model_name_or_path)
     base_answer = generate(model, tokenizer, demo_prompt, config.sample_max_new_tokens)
 
+    gpu_training_defaults(config, PartialState().device.type)  # Liger kernels, batch by tokens: CUDA only
     with compat.quiet_trl_packing_warnings(config, model):  # enable_fast_training gives per-example attention
         trainer = SFTTrainer(
             model=model,

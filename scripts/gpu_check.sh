@@ -1,53 +1,93 @@
 #!/usr/bin/env bash
-# The checks a CPU cannot make, on one GPU, in about 10 minutes: QLoRA SFT on CUDA; SFT, the reward model and PPO
-# under ZeRO-2 and ZeRO-3 (one process); the precision decision; SFT real tokens/s and MFU. One results file:
-# $OUT/gpu_check.jsonl (one JSON line per check: name, exit code, seconds, log), plus the precision and throughput JSON.
-# Self-contained and offline: the machine's own torch (CUDA) is used; the repository's other requirements come from
-# the wheels handed in WHEELS (installed with --no-index), the model from MODEL (a local directory).
-#   WHEELS=.whl MODEL=/path/to/SmolLM2-135M-Instruct OUT=/tmp/gpu-check bash scripts/gpu_check.sh
-# Status: written for the first GPU machine lent to this project; not run yet (none was lent so far).
+# The checks a CPU cannot make, on one CUDA GPU, in at most 8 minutes (one global deadline, GPU_CHECK_SECONDS=480):
+# each step has its own time limit, the most valuable steps run first, and a step that no longer fits before the
+# deadline is recorded as skipped (the limits add up to more than 8 minutes: which steps fit in one 8-minute run is
+# for the first GPU run to show; GPU_CHECK_SECONDS=1500 runs them all). Offline: the machine's own CUDA torch is used; the other pinned libraries come from
+# BUNDLE/wheels, the models are made from benchmarks/gpu_models with random weights and BUNDLE/tokenizer (both written
+# on a machine with the package index by scripts/prepare_gpu_check.sh), unless MODELS names a folder that holds
+# smollm2-135m and smollm2-1.7b already.
+#   bash scripts/gpu_check.sh --dry-run        # the steps and their limits; needs no GPU
+#   BUNDLE=.gpu-bundle OUT=/tmp/gpu-check bash scripts/gpu_check.sh
+# Writes OUT/gpu_check.jsonl (one JSON line per step: step, status, exit, seconds, limit, log) and OUT/gpu_check.md
+# (a machine line and the table of steps, then the benchmarks' tables), which it prints.
+# Status: not run on a GPU yet (none was lent to the session that wrote it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gpu-check}; MODEL=${MODEL:?MODEL: a local model directory (SmolLM2-135M-Instruct)}
+DRY_RUN=0; [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
+OUT=${OUT:-/tmp/gpu-check}; BUNDLE=${BUNDLE:-.gpu-bundle}; MODELS=${MODELS:-$OUT/models}
+DEADLINE_SECONDS=${GPU_CHECK_SECONDS:-480}
+M135=$MODELS/smollm2-135m; M17=$MODELS/smollm2-1.7b
+LAUNCH="python3 -m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml"
+ZERO() { echo "python3 -m accelerate.commands.launch --config_file accelerate_configs/deepspeed_$1.yaml --num_processes 1"; }
+SHORT="--report_to none --save_strategy no --eval_strategy no"
+SFT="recipes/sft_lora.py --model_name_or_path $M135 --max_steps 10 --sample_max_new_tokens 8 $SHORT"
+RM="recipes/reward_model.py --model_name_or_path $M135 --max_steps 10 --centering_samples 32 $SHORT"
+PPO="recipes/ppo.py --model_name_or_path $M135 --total_episodes 32 --response_length 32 --eval_prompts 4 \
+  --save_steps 100 --on_weak_reward_model warn --report_to none"
+
+# name | seconds | command, most valuable first
+STEPS=(
+  "decisions|20|python3 scripts/gpu_report.py decisions"
+  "sft_lora_default|60|$LAUNCH $SFT --output_dir $OUT/sft"
+  "gpu_tests|150|python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider"
+  "sft_throughput_1.7b|150|python3 benchmarks/sft_throughput.py --model $M17 --configs trl_defaults trl_best recipe \
+--rounds 1 --tokens 32768 --no_base_eval --json $OUT/sft_throughput_1.7b.json"
+  "qlora_sft|60|$LAUNCH $SFT --load_in_4bit true --output_dir $OUT/qlora"
+  "sft_full_zero3|60|$(ZERO zero3) $SFT --use_peft false --output_dir $OUT/sft-zero3"
+  "alpaca_epoch_135m|200|python3 benchmarks/sft_throughput.py --model $M135 --configs recipe --rows 52002 --epoch \
+--rounds 1 --no_base_eval --json $OUT/alpaca_epoch_135m.json"
+  "reward_model_zero3|60|$(ZERO zero3) $RM --output_dir $OUT/rm-zero3"
+  "ppo_zero3|90|$(ZERO zero3) $PPO --reward_model_path $OUT/rm-zero3 --output_dir $OUT/ppo-zero3"
+  "ppo_throughput|120|python3 benchmarks/ppo_throughput.py --model $M135 --rounds 1 --json $OUT/ppo_throughput.json"
+  "sft_full_zero2|60|$(ZERO zero2) $SFT --use_peft false --output_dir $OUT/sft-zero2"
+  "reward_model_zero2|60|$(ZERO zero2) $RM --output_dir $OUT/rm-zero2"
+  "ppo_zero2|90|$(ZERO zero2) $PPO --reward_model_path $OUT/rm-zero2 --output_dir $OUT/ppo-zero2"
+  "sft_throughput_135m|120|python3 benchmarks/sft_throughput.py --model $M135 --configs trl_defaults trl_best recipe \
+--rounds 1 --tokens 32768 --no_base_eval --json $OUT/sft_throughput_135m.json"
+)
+
+if [ $DRY_RUN = 1 ]; then
+  echo "gpu_check: ${#STEPS[@]} steps in this order under one deadline of ${DEADLINE_SECONDS} s (setup first: wheels,"
+  echo "random-weight models); a step that no longer fits is skipped. Results: $OUT/gpu_check.jsonl and .md"
+  echo "| # | step | limit (s) | command |"; echo "|---|---|---|---|"
+  total=0; i=0
+  for step in "${STEPS[@]}"; do
+    IFS='|' read -r name limit command <<< "$step"; i=$((i + 1)); total=$((total + limit))
+    echo "| $i | $name | $limit | \`$command\` |"
+  done
+  echo "sum of the limits: $total s; global deadline: $DEADLINE_SECONDS s"
+  exit 0
+fi
+
+start_all=$(date +%s); deadline=$((start_all + DEADLINE_SECONDS))
 mkdir -p "$OUT"; : > "$OUT/gpu_check.jsonl"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RECIPES_CACHE=${RECIPES_CACHE:-$OUT/cache}
-if [ -n "${WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$OUT/site" "$WHEELS"/*.whl || exit 1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export RECIPES_CACHE=${RECIPES_CACHE:-$OUT/cache}
+if [ -d "$BUNDLE/wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$OUT/site" "$BUNDLE"/wheels/*.whl \
+    > "$OUT/setup.log" 2>&1 || { echo "wheel install failed: $OUT/setup.log"; exit 1; }
   export PYTHONPATH="$OUT/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
+if [ ! -f "$M135/model.safetensors" ] || [ ! -f "$M17/model.safetensors" ]; then
+  python3 scripts/make_models.py "$MODELS" "$BUNDLE/tokenizer" >> "$OUT/setup.log" 2>&1 \
+    || { echo "making the models failed: $OUT/setup.log"; exit 1; }
+fi
+echo "setup: $(( $(date +%s) - start_all )) s (log: $OUT/setup.log)"
 
-check() {  # check NAME SECONDS COMMAND...: run it with a time limit, log it, append its result line
-  local name=$1 limit=$2; shift 2
-  local start; start=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local code=$?
-  printf '{"check": "%s", "exit": %d, "seconds": %d, "log": "%s"}\n' "$name" "$code" "$(( $(date +%s) - start ))" \
-      "$OUT/$name.log" | tee -a "$OUT/gpu_check.jsonl"
-}
-
-check precision 60 python3 -c "
-import json, torch
-from chatgpt_recipes.precision import choose_precision, detect_capability
-capability = detect_capability()
-print(json.dumps({'device': torch.cuda.get_device_name(0), 'capability': str(capability),
-                  'precision': str(choose_precision(capability))}))" 
-cp "$OUT/precision.log" "$OUT/precision.json" 2>/dev/null
-
-LAUNCH="python3 -m accelerate.commands.launch"
-SFT="recipes/sft_lora.py --model_name_or_path $MODEL --max_steps 10 --eval_split_size 8 --save_strategy no --report_to none"
-check qlora_sft_cuda 150 $LAUNCH --config_file accelerate_configs/single_gpu.yaml $SFT --load_in_4bit true \
-    --output_dir "$OUT/qlora"
-for zero in zero2 zero3; do
-  launcher="$LAUNCH --config_file accelerate_configs/deepspeed_$zero.yaml --num_processes 1"
-  check "sft_full_$zero" 120 $launcher $SFT --use_peft false --output_dir "$OUT/sft-$zero"
-  check "reward_model_$zero" 120 $launcher recipes/reward_model.py --model_name_or_path "$MODEL" --max_steps 10 \
-      --eval_split_size 20 --save_strategy no --report_to none --output_dir "$OUT/rm-$zero"
-  check "ppo_$zero" 150 $launcher recipes/ppo.py --model_name_or_path "$MODEL" --reward_model_path "$OUT/rm-$zero" \
-      --on_weak_reward_model warn --total_episodes 32 --response_length 32 --eval_prompts 4 --save_steps 2 \
-      --report_to none --output_dir "$OUT/ppo-$zero"
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name limit command <<< "$step"
+  left=$((deadline - $(date +%s))); log="$OUT/$name.log"
+  if [ $left -lt 20 ]; then
+    status=skipped; code=-1; seconds=0; run_limit=0
+  else
+    run_limit=$(( limit < left ? limit : left )); begin=$(date +%s)
+    timeout -k 10 "$run_limit" bash -c "$command" > "$log" 2>&1; code=$?
+    seconds=$(( $(date +%s) - begin ))
+    case $code in 0) status=pass ;; 124|137) status=timeout ;; *) status=fail ;; esac
+  fi
+  printf '{"step": "%s", "status": "%s", "exit": %d, "seconds": %d, "limit": %d, "log": "%s"}\n' \
+    "$name" "$status" "$code" "$seconds" "$run_limit" "$log" | tee -a "$OUT/gpu_check.jsonl"
 done
-check sft_throughput 240 python3 benchmarks/sft_throughput.py --configs recipe trl_best --rounds 1 --model "$MODEL" \
-    --tokens 65536 --no_base_eval --json "$OUT/sft_throughput.json"
-echo "results: $OUT/gpu_check.jsonl"
+python3 scripts/gpu_report.py table "$OUT" $(( $(date +%s) - start_all ))

@@ -16,6 +16,8 @@ CUDA_BF16 = Capability("cuda", native_bf16=True, fp16=True, evidence="A100")
 CUDA_NO_BF16 = Capability("cuda", native_bf16=False, fp16=True, evidence="T4")
 CPU_BF16 = Capability("cpu", native_bf16=True, fp16=False, evidence="avx512_bf16", bf16_speedup=2.4)
 CPU_NO_BF16 = Capability("cpu", native_bf16=False, fp16=False, evidence="AVX2 only", bf16_speedup=1 / 80)
+MPS_BF16 = Capability("mps", native_bf16=True, fp16=False, evidence="Apple MPS: bf16 (macOS 14+)")
+MPS_OLD = Capability("mps", native_bf16=False, fp16=False, evidence="Apple MPS: no bf16 before macOS 14")
 
 
 @pytest.mark.parametrize("capability, bf16, fp16, compute", [
@@ -23,6 +25,8 @@ CPU_NO_BF16 = Capability("cpu", native_bf16=False, fp16=False, evidence="AVX2 on
     (CUDA_NO_BF16, False, True, "float16"),
     (CPU_BF16, True, False, "bfloat16"),
     (CPU_NO_BF16, False, False, "float32"),
+    (MPS_BF16, True, False, "bfloat16"),
+    (MPS_OLD, False, False, "float32"),
 ])
 def test_auto_follows_the_hardware(capability, bf16, fp16, compute):
     chosen = choose_precision(capability)
@@ -146,3 +150,28 @@ def test_sft_recipe_trains_in_the_forced_precision(forced, native, tiny_llama_di
         handle.remove()
     assert seen["autocast"] == {native}
     assert seen["frozen_dtypes"] == {torch.bfloat16 if native else torch.float32}
+
+
+def test_mps_is_detected_and_used(monkeypatch):
+    """An Apple-silicon GPU is the run's device (bf16 on macOS 14+, else fp32), not the CPU path; use_cpu wins."""
+    monkeypatch.setattr(precision, "_mps_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) <= (14, 0))
+    monkeypatch.delenv(precision.FORCE_ENV, raising=False)
+    detect_capability.cache_clear()
+    try:
+        capability = detect_capability()
+        assert capability.device == "mps" and capability.native_bf16
+        assert choose_precision(capability).reason.startswith("bf16 autocast: mps")
+        assert precision.inference_device().type == ("cuda" if torch.cuda.is_available() else "mps")
+        assert precision.inference_device(use_cpu=True).type == "cpu"
+        assert detect_capability(use_cpu=True).device == "cpu"
+    finally:
+        detect_capability.cache_clear()
+
+
+def test_training_weights_stay_on_the_cpu_without_a_gpu():
+    from chatgpt_recipes.models import training_device_map
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: tests/test_gpu.py checks the GPU placement")
+    assert training_device_map(quantized=False) is None and training_device_map(quantized=True) is None

@@ -208,3 +208,61 @@ def test_lora_folded_for_sampling_gives_the_adapter_model_and_restores_the_base(
     for m in layers:
         weight, values = bases[id(m)]
         assert not m.merged and m.base_layer.weight is weight and torch.equal(weight.data, values)
+
+
+def test_gpu_check_dry_run_lists_its_steps_and_limits():
+    """scripts/gpu_check.sh --dry-run needs no GPU: every step with its time limit, in priority order, and the
+    global deadline of 8 minutes."""
+    import subprocess
+
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                            text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "OUT": "/nonexistent"})
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    steps = [row[2].strip() for row in rows]
+    assert steps[:3] == ["decisions", "sft_lora_default", "gpu_tests"]
+    assert {"qlora_sft", "sft_full_zero2", "sft_full_zero3", "reward_model_zero2", "reward_model_zero3", "ppo_zero2",
+            "ppo_zero3", "sft_throughput_1.7b", "ppo_throughput", "alpaca_epoch_135m"} <= set(steps)
+    assert all(0 < int(row[3]) <= 300 for row in rows)
+    assert "--rows 52002 --epoch" in result.stdout and "global deadline: 480 s" in result.stdout
+    assert not (REPO / "nonexistent").exists()
+
+
+def test_packed_attention_choice_and_batch_bounds():
+    """The CPU keeps per-example SDPA (benchmarks/cpu_packed_attention.txt); CUDA in bf16/fp16 gets a varlen kernel,
+    fp32 CUDA the per-example path. The varlen bounds of a packed row: cumulative starts, longest example."""
+    assert speed.packed_attention_choice("cpu", False)[0] == speed.PACKED_SDPA
+    assert speed.packed_attention_choice("cpu", True)[0] == speed.PACKED_SDPA
+    assert speed.packed_attention_choice("cuda", False)[0] == speed.PACKED_SDPA
+    assert speed.packed_attention_choice("cuda", True)[0] in (speed.PACKED_VARLEN, "flash_attention_2",
+                                                              "flash_attention_3")
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    cu_seqlens, longest = speed.packed_cu_seqlens(positions)
+    assert cu_seqlens.tolist() == [0, 3, 5, 9] and cu_seqlens.dtype == torch.int32 and longest == 4
+    assert speed.packed_cu_seqlens(positions)[0] is cu_seqlens  # the same batch: computed once, reused by each layer
+
+
+def test_varlen_attention_falls_back_to_per_example_sdpa_off_cuda():
+    """Registered as varlen_packed, on a CPU (no varlen kernel here) the model computes what per-example SDPA
+    computes, so a CUDA-chosen name never breaks a CPU run."""
+    speed.register_varlen_attention()
+    lengths = [6, 4, 9]
+    ids = torch.randint(0, 300, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        expected = tiny_llama(speed.PACKED_SDPA)(input_ids=ids, position_ids=positions).logits
+        got = tiny_llama(speed.PACKED_VARLEN)(input_ids=ids, position_ids=positions).logits
+    torch.testing.assert_close(got, expected)
+
+
+def test_gpu_training_defaults_change_nothing_off_cuda():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(use_liger_kernel=False, loss_type="chunked_nll", gpu_tokens_per_step=8192,
+                             max_length=512, per_device_train_batch_size=4)
+    speed.gpu_training_defaults(config, "cpu")
+    assert config == SimpleNamespace(use_liger_kernel=False, loss_type="chunked_nll", gpu_tokens_per_step=8192,
+                                     max_length=512, per_device_train_batch_size=4)
+    speed.gpu_training_defaults(config, "cuda")
+    assert config.per_device_train_batch_size == 16  # 8192 tokens per step at max_length 512
+    assert config.use_liger_kernel == speed.liger_available()

@@ -39,7 +39,10 @@ def merged_model(model, model_args: ModelArguments, tokenizer, num_labels: int |
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         full = replace(model_args, load_in_4bit=False, load_in_8bit=False, dtype=checkpoint_dtype(model_args))
-        base = load_model(full, tokenizer, num_labels=num_labels)
+        device = next(model.parameters()).device
+        base = load_model(full, tokenizer, num_labels=num_labels)  # on this process's GPU when there is one
+        if base.device != device:
+            base.to(device)
         return load_adapter(base, tmp).merge_and_unload()
 
 

@@ -291,6 +291,23 @@ def quantization_config(model_args: ModelArguments):
     return None
 
 
+def training_device_map(quantized: bool) -> dict | None:
+    """Where from_pretrained puts a training model's weights: this process's own GPU (CUDA or Apple MPS), so the
+    demo answer before training and any reference model run there, not on the CPU; bitsandbytes also needs it to
+    quantize on the GPU. None on a CPU, and under DeepSpeed ZeRO-3 or FSDP (not quantized), whose engines place the
+    weights themselves."""
+    from accelerate import PartialState
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    state = PartialState()
+    if state.device.type not in ("cuda", "mps"):
+        return None
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if not quantized and (is_deepspeed_zero3_enabled() or fsdp):
+        return None
+    return {"": state.local_process_index if state.device.type == "cuda" else "mps"}
+
+
 def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None = None,
                trust_remote_code: bool = False):
     """A causal LM, or a sequence classifier with `num_labels` outputs (reward and value models), from a name,
@@ -308,6 +325,7 @@ def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None 
         attn_implementation=model_args.attn_implementation,
         quantization_config=quantization_config(model_args),
         use_safetensors=None if model_args.allow_pickle_weights else True,
+        device_map=training_device_map(model_args.load_in_4bit or model_args.load_in_8bit),
     )
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
@@ -335,7 +353,8 @@ def load_model(model_args: ModelArguments, tokenizer, *, num_labels: int | None 
             model = load_adapter(model, path).merge_and_unload()
     ensure_pad_token(tokenizer, model)
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        keep_4bit_layers_trainable(model)
+        if model.device.type == "cpu":  # a workaround for bitsandbytes' CPU kernels only
+            keep_4bit_layers_trainable(model)
         prepare_quantized_for_training(model)
     return model
 

@@ -1,6 +1,10 @@
 """One precision decision for every recipe: bf16 where the hardware computes it natively, fp16 mixed precision on
 CUDA GPUs without bf16, fp32 everywhere else.
 
+Apple MPS (Apple-silicon GPUs) is used, as accelerate and transformers pick it: bf16 where PyTorch supports it there
+(macOS 14 or newer, transformers' own test), else fp32 (fp16 mixed precision on MPS is not offered: it needs a loss
+scaler we have not tested there).
+
 On a CPU, bf16 is only fast with AVX512-BF16 or AMX: without them (AVX2-only CPUs such as AMD Zen 3 and most
 Intel laptops before Sapphire Rapids) PyTorch emulates bf16 matmuls, about 80x slower than fp32. So the CPU is
 probed twice: its flags (and oneDNN's own query), then a few-millisecond matmul timing, since flags can lie
@@ -34,7 +38,7 @@ _MIN_NATIVE_SPEEDUP = 0.5
 class Capability:
     """What the device computes natively. `bf16_speedup`: measured fp32 / bf16 matmul time (CPU only)."""
 
-    device: str  # "cuda" or "cpu"
+    device: str  # "cuda", "mps" or "cpu"
     native_bf16: bool
     fp16: bool  # fp16 mixed precision (CUDA only)
     evidence: str
@@ -95,6 +99,20 @@ def measure_bf16_speedup(rounds: int = 3) -> float:
     return best_time(torch.float32) / max(best_time(torch.bfloat16), 1e-9)
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def inference_device(use_cpu: bool = False) -> torch.device:
+    """The device inference-only recipes run on: CUDA or Apple MPS when present (unless `use_cpu`), else the CPU."""
+    if use_cpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("mps") if _mps_available() else torch.device("cpu")
+
+
 def _forced() -> bool | None:
     value = os.environ.get(FORCE_ENV, "").strip().lower()
     if value in ("1", "true", "yes"):
@@ -106,8 +124,12 @@ def _forced() -> bool | None:
 
 @functools.lru_cache(maxsize=None)
 def detect_capability(use_cpu: bool = False) -> Capability:
-    """Probe the device the recipes will run on (CUDA unless `use_cpu` or none is present)."""
+    """Probe the device the recipes will run on (Apple MPS or CUDA unless `use_cpu` or none is present)."""
     forced = _forced()
+    if _mps_available() and not use_cpu:
+        native = torch.backends.mps.is_macos_or_newer(14, 0) if forced is None else forced
+        evidence = "Apple MPS: " + ("bf16 (macOS 14+)" if native else "no bf16 before macOS 14")
+        return Capability("mps", native, False, evidence)
     if torch.cuda.is_available() and not use_cpu:
         name = torch.cuda.get_device_name()
         native = torch.cuda.is_bf16_supported(including_emulation=False) if forced is None else forced

@@ -15,11 +15,23 @@
   `bernoulli_` draws one generator call per element, and on the AMD EPYC we measured one [2048 x 576] mask cost as
   much as a [2048 x 576] x [576 x 1536] bf16 matmul: a fifth of the step with dropout on all 7 projections.
 
+On a CUDA GPU the per-example SDPA would sync the host in every layer (the bounds) and launch one kernel per
+example, so packed attention there is a varlen kernel, chosen by `packed_attention_choice` and printed once as the
+`[attention]` line: FlashAttention-3/2 when installed (transformers' own `flash_attention_3`/`_2`, padding-free by
+position_ids), else PyTorch's own `varlen_attn` (`varlen_packed`: the example bounds computed once per batch and
+reused by every layer). The CPU keeps `sdpa_packed`: there a host sync costs nothing and per-example SDPA is the
+fastest kernel measured (docs/speed.md). On CUDA `gpu_training_defaults` also turns on Liger kernels when
+liger-kernel is installed (requirements-gpu.txt) and sizes the batch by tokens per step; `[batch]` line.
+FastDropout and the LoRA dropout swap act on a CPU only.
+
 `enable_fast_training(trainer)` turns them on for an SFT run; the recipe calls it once the trainer is built.
 PPO (chatgpt_recipes/ppo_trainer.py) uses the LoRA-input switch too, and samples through `lora_folded_for_sampling`.
 What these touch inside the libraries is in chatgpt_recipes/compat.py, checked against the versions it was written for.
 """
 
+import functools
+import importlib.util
+import os
 from contextlib import ExitStack
 
 import torch
@@ -28,8 +40,10 @@ from peft.helpers import disable_input_dtype_casting
 from transformers import TrainerCallback
 
 from chatgpt_recipes import compat
+from chatgpt_recipes.output import say
 
 PACKED_SDPA = "sdpa_packed"
+PACKED_VARLEN = "varlen_packed"
 _INT16_MIN = -(2**15)
 LOSS_CHUNK_TOKENS = 512  # loss memory: 2 x chunk x vocab fp32 (200 MB for a 49K vocabulary)
 
@@ -74,6 +88,111 @@ def register_packed_attention() -> None:
     """Make `attn_implementation="sdpa_packed"` available (with sdpa's mask, used only when the input is not
     packed, the sdpa fallback). A name of its own: registering changes no other attention."""
     compat.register_sdpa_variant(PACKED_SDPA, packed_sdpa_attention)
+
+
+def _torch_varlen_attention():
+    """PyTorch's own varlen (FlashAttention) kernel, `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA,
+    bf16/fp16), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+class _BatchBounds:
+    """The cumulative example bounds (int32, on the device) and the longest example of the packed batch whose
+    position_ids tensor is `position_ids`: computed at the first attention layer, reused by the others (and by a
+    gradient-checkpointing recomputation), so a batch costs one host sync, not one per layer."""
+
+    position_ids = None
+    cu_seqlens = None
+    max_length = 0
+
+
+def packed_cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens [examples + 1] int32 on position_ids' device, longest example) of a packed [1, tokens] row."""
+    if _BatchBounds.position_ids is position_ids:
+        return _BatchBounds.cu_seqlens, _BatchBounds.max_length
+    positions = position_ids[0]
+    restarts = torch.ones_like(positions, dtype=torch.bool)
+    restarts[1:] = positions[1:] != positions[:-1] + 1
+    starts = torch.nonzero(restarts).flatten()
+    cu_seqlens = torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
+    max_length = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # the batch's one host sync
+    _BatchBounds.position_ids, _BatchBounds.cu_seqlens, _BatchBounds.max_length = position_ids, cu_seqlens, max_length
+    return cu_seqlens, max_length
+
+
+def varlen_packed_attention(sdpa, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal attention within each packed example in one varlen kernel call (PyTorch's varlen_attn); inputs it
+    cannot take (not one packed row, cached decoding, attention dropout, fp32) go to `packed_sdpa_attention`."""
+    position_ids = kwargs.get("position_ids")
+    varlen = _torch_varlen_attention()
+    if (varlen is None or position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1
+            or query.shape[0] != 1 or key.shape[2] != query.shape[2] or dropout > 0
+            or query.dtype not in (torch.float16, torch.bfloat16) or query.device.type != "cuda"):
+        return packed_sdpa_attention(sdpa, module, query, key, value, attention_mask, dropout=dropout,
+                                     scaling=scaling, **kwargs)
+    cu_seqlens, max_length = packed_cu_seqlens(position_ids)
+    # [1, heads, tokens, dim] -> [tokens, heads, dim]
+    q, k, v = (states[0].transpose(0, 1) for states in (query, key, value))
+    output = varlen(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, scale=scaling,
+                    window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
+    return output.unsqueeze(0), None  # [1, tokens, heads, dim], as transformers' attentions return
+
+
+def register_varlen_attention() -> None:
+    """Make `attn_implementation="varlen_packed"` available (sdpa's mask, for the sdpa fallback)."""
+    compat.register_sdpa_variant(PACKED_VARLEN, varlen_packed_attention)
+
+
+def packed_attention_choice(device_type: str, half_precision: bool) -> tuple[str, str]:
+    """(attn_implementation, why) for packed, padding-free training on `device_type` (`half_precision`: bf16 or
+    fp16 compute, which the varlen kernels need)."""
+    if device_type == "cuda" and half_precision:
+        if importlib.util.find_spec("flash_attn_interface") is not None:
+            return "flash_attention_3", "FlashAttention-3 is installed: transformers' flash_attention_3, padding-free"
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2", "FlashAttention-2 is installed: transformers' flash_attention_2, padding-free"
+        if _torch_varlen_attention() is not None:
+            return PACKED_VARLEN, ("PyTorch's varlen_attn (no flash-attn installed): one kernel per layer, example "
+                                   "bounds computed once per batch")
+    if device_type == "cuda":
+        return PACKED_SDPA, "causal SDPA per packed example: fp32 on CUDA (the varlen kernels need bf16/fp16)"
+    return PACKED_SDPA, f"causal SDPA per packed example on {device_type} (the fastest measured on a CPU)"
+
+
+@functools.lru_cache(maxsize=None)
+def announce_attention(line: str) -> None:
+    """Print the attention line once per process (main process only), as the precision line is."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        say(f"[attention] {line}", flush=True)
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def gpu_training_defaults(config, device_type: str) -> None:
+    """SFT settings for a CUDA GPU, set on `config` before the trainer is built and printed: Liger kernels (fused
+    linear cross-entropy, RMSNorm, RoPE, SwiGLU through TRL/transformers' `use_liger_kernel`) when liger-kernel is
+    installed, and a batch of `gpu_tokens_per_step` tokens per device step. Nothing changes on other devices."""
+    if device_type != "cuda":
+        return
+    if liger_available() and not config.use_liger_kernel:
+        config.use_liger_kernel = True
+        if config.loss_type == "chunked_nll":  # TRL refuses chunked_nll with Liger; Liger's fused loss replaces it
+            config.loss_type = "nll"
+        say("[kernels] liger-kernel installed: Liger's fused linear cross-entropy, RMSNorm, RoPE and SwiGLU",
+            flush=True)
+    tokens = getattr(config, "gpu_tokens_per_step", 0)
+    if tokens and config.max_length:
+        batch = max(config.per_device_train_batch_size, tokens // config.max_length)
+        if batch != config.per_device_train_batch_size:
+            config.per_device_train_batch_size = batch
+        say(f"[batch] cuda: {batch} sequences x {config.max_length} tokens = {batch * config.max_length} tokens per "
+            f"device step (gpu_tokens_per_step={tokens}; 0 keeps per_device_train_batch_size)", flush=True)
 
 
 class FastDropout(torch.nn.Dropout):
@@ -168,18 +287,26 @@ def fused_linear_cross_entropy(hidden_states, lm_head_weight, chunk_size=None, l
 
 def enable_fast_training(trainer) -> None:
     """Speed-ups for an SFTTrainer built with TRL's defaults: packed attention when it packs without padding (and
-    the model uses sdpa), the fused loss in place of TRL's chunked_nll during this trainer's compute_loss only,
-    under autocast LoRA inputs left in the compute dtype (see below), and FastDropout."""
+    the model uses sdpa; the kernel by packed_attention_choice, printed), the fused loss in place of TRL's
+    chunked_nll during this trainer's compute_loss only, under autocast LoRA inputs left in the compute dtype (see
+    below), and on a CPU FastDropout."""
     args, model = trainer.args, trainer.model
+    device_type = trainer.accelerator.device.type
     packs = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
     if packs and compat.attn_implementation(model) == "sdpa":
-        register_packed_attention()
-        model.set_attn_implementation(PACKED_SDPA)
+        attention, why = packed_attention_choice(device_type, bool(args.bf16 or args.fp16))
+        if attention == PACKED_SDPA:
+            register_packed_attention()
+        elif attention == PACKED_VARLEN:
+            register_varlen_attention()
+        model.set_attn_implementation(attention)
+        announce_attention(f"{attention}: {why}")
     if args.loss_type == "chunked_nll":
         compat.use_trl_sft_loss(trainer, fused_linear_cross_entropy)
     if args.bf16 or args.fp16:
         trainer.add_callback(LoraInputsInComputeDtype(model))
-    use_fast_lora_dropout(model)
+    if device_type == "cpu":  # FastDropout is a CPU kernel; elsewhere it would be nn.Dropout anyway
+        use_fast_lora_dropout(model)
 
 
 class LoraInputsInComputeDtype(TrainerCallback):
