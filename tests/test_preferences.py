@@ -109,7 +109,7 @@ def test_rendering_matches_sft(tokenizer):
     text = render_prompt(alpaca, tokenizer, "alpaca")
     sft = tokenize_example({"prompt": text, "completion": "Blue."}, tokenizer)
     prompt_ids = encode_prompt(text, tokenizer, "alpaca")
-    assert sft["input_ids"] == prompt_ids + encode_response("Blue.", tokenizer)
+    assert sft["input_ids"] == prompt_ids + encode_response("Blue.", tokenizer, "alpaca")
     assert sft["labels"][: len(prompt_ids)] == [-100] * len(prompt_ids)
     turns = [{"role": "user", "content": "Name a color."}]
     chat = render_prompt(turns, tokenizer, "chat")

@@ -159,7 +159,8 @@ class RecipePPOTrainer(PPOTrainer):
             self._generation_s += time.time() - start
             sequences = getattr(output, "sequences", output)
             response = sequences[:, gen_kwargs["input_ids"].shape[1]:]
-            ended = response == self.processing_class.eos_token_id
+            stop = self.processing_class.eos_token_id if self.stop_token_id is None else self.stop_token_id
+            ended = response == stop
             first_eos = torch.where(ended.any(1), ended.float().argmax(1) + 1, response.shape[1])
             self._lengths += first_eos.tolist()
         return output

@@ -15,8 +15,10 @@ Shapes read (one row each):
 
 A prompt is kept as what it is (Alpaca pieces, chat turns or verbatim text) and rendered only once the target
 format is known, by chatgpt_recipes.templates.render_prompt, which renders SFT's and PPO's prompts too.
-Reward-model and PPO sequences are then tokens(prompt) + tokens(response) + EOS, tokenised separately, which is
-exactly what PPO generates (query tokens, then sampled tokens up to the EOS the SFT model learnt to emit)."""
+Reward-model and PPO sequences are then tokens(prompt) + tokens(response) + the token that ends an answer (EOS, or
+the chat template's end-of-turn token in the chat format: templates.answer_end_token_id), tokenised separately,
+which is exactly what PPO generates (query tokens, then sampled tokens up to the end token the SFT model learnt to
+emit)."""
 
 import json
 from itertools import combinations
@@ -28,12 +30,14 @@ from chatgpt_recipes.output import say
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
                                   check_overlong, column, kept_indices, normalize_messages, num_proc_for, raw_dataset,
                                   rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint, train_and_eval)
-from chatgpt_recipes.templates import PromptFormatError, check_format, encode_prompt, render_prompt
+from chatgpt_recipes.templates import (PromptFormatError, answer_end_token_id, check_format, encode_prompt,
+                                       render_prompt)
 
 
-def encode_response(text: str, tokenizer) -> list[int]:
-    """A response's token ids ending with EOS: the stop token PPO truncates at and the token the RM scores."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_response(text: str, tokenizer, prompt_format: str) -> list[int]:
+    """A response's token ids ending with the token that ends an answer (EOS, or the chat template's end of turn:
+    templates.answer_end_token_id): the stop token PPO truncates at and the token the RM scores."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [answer_end_token_id(tokenizer, prompt_format)]
 
 
 # ---------------------------------------------------------------- rows to rankings
@@ -230,14 +234,15 @@ def ranking_sequences(ranking: dict, tokenizer, prompt_format: str, max_length: 
     ranking longer than max_length (overlong: drop) or whose answers become identical when cut (truncate)."""
     prompts = ranking.get("response_prompts") or [ranking["prompt"]] * len(ranking["responses"])
     prompt_ids = [encode_prompt(render_prompt(p, tokenizer, prompt_format), tokenizer, prompt_format) for p in prompts]
-    sequences = [ids + encode_response(text, tokenizer) for ids, text in zip(prompt_ids, ranking["responses"])]
+    sequences = [ids + encode_response(text, tokenizer, prompt_format) for ids, text in zip(prompt_ids, ranking["responses"])]
     if max_length and max(len(s) for s in sequences) > max_length:
         room = max_length - max(len(ids) for ids in prompt_ids) - 1
         if overlong == "drop":
             raise SkipRanking(f"longer than max_length={max_length} tokens")
         if room < 16:
             raise SkipRanking(f"prompt leaves fewer than 16 of max_length={max_length} tokens for the answer")
-        sequences = [s if len(s) <= max_length else s[: max_length - 1] + [tokenizer.eos_token_id] for s in sequences]
+        end = answer_end_token_id(tokenizer, prompt_format)
+        sequences = [s if len(s) <= max_length else s[: max_length - 1] + [end] for s in sequences]
         if len({tuple(s) for s in sequences}) < len(sequences):
             raise SkipRanking(f"answers identical within max_length={max_length} tokens")
     return sequences
@@ -261,7 +266,8 @@ def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_l
         except (PromptFormatError, SkipRanking) as error:
             skipped.add(source, group + 1, None, str(error), UNUSABLE)
             continue
-        if max_length and any(s[-1] == tokenizer.eos_token_id and len(s) == max_length for s in sequences):
+        if max_length and any(s[-1] == answer_end_token_id(tokenizer, prompt_format) and len(s) == max_length
+                              for s in sequences):
             cut += 1
         rows += [{"chosen_ids": sequences[better], "rejected_ids": sequences[worse], "weight": weight,
                   "group": group} for better, worse, weight in ranking_pairs(len(sequences))]
@@ -276,9 +282,11 @@ def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_l
 
 def dpo_pairs(ranking: dict, tokenizer, prompt_format: str) -> list[dict]:
     """DPO rows {prompt, chosen, rejected} of one ranking as text, the prompt rendered like SFT and each answer
-    ending with EOS. When the answers follow different conversations, the prompt is their longest common prefix
+    ending with the token that ends an answer (its text; TRL's DPOTrainer then adds no EOS of its own, see
+    recipes/dpo.py). When the answers follow different conversations, the prompt is their longest common prefix
     ending with a user turn and each answer is the rest of its own transcript."""
-    responses = [text + tokenizer.eos_token for text in ranking["responses"]]
+    end = tokenizer.convert_ids_to_tokens(answer_end_token_id(tokenizer, prompt_format))
+    responses = [text + end for text in ranking["responses"]]
     if ranking.get("response_prompts"):
         prompt = render_prompt(ranking["prompt"], tokenizer, prompt_format) if ranking["prompt"] else ""
         full = [render_prompt(p, tokenizer, prompt_format) + r for p, r in zip(ranking["response_prompts"], responses)]
