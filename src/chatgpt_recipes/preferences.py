@@ -4,11 +4,15 @@ pairs (DPO).
 
 Shapes read (one row each):
   pairwise, standard        {"prompt": str, "chosen": str, "rejected": str}
-  pairwise, conversational  {"prompt": [turns], "chosen": [turns], "rejected": [turns]}  (or no prompt: the
-                            shared leading turns of chosen and rejected are the prompt)
+  pairwise, conversational  {"prompt": [turns], "chosen": [assistant turn], "rejected": [assistant turn]}, or
+                            whole transcripts {"chosen": [user, assistant, ...], "rejected": [...]} with or without
+                            a "prompt" (UltraFeedback-binarized): the shared leading turns of the transcripts are the
+                            prompt, their last assistant turns the answers
+  (content may be text or OpenAI-style parts [{"type": "text", "text": ...}], read as text)
   ShareGPT pairs            {"conversations": [{from, value}], "chosen": {from, value}, "rejected": {from, value}}
   Anthropic HH-RLHF         {"chosen": "\\n\\nHuman: ... \\n\\nAssistant: ...", "rejected": "..."}
-  K-wise ranking            {"prompt": str | [turns], "responses": [best, ..., worst]} (optional "ranks": [1, 2, ...])
+  K-wise ranking            {"prompt": str | [turns], "responses": [best, ..., worst]} (optional "ranks": [1, 2, ...],
+                            integers, 1 the best, one per response, no ties; "2" and 2.0 read as 2)
   Alpaca-style pairs        {"instruction": str, "input": str, "chosen": str, "rejected": str} (the prompt rendered
                             like SFT's Alpaca rows; recipes/comparison_data.py writes these)
   Alpaca (PPO prompts only) {"instruction", "input", "output"}
@@ -28,7 +32,8 @@ from datasets import Dataset
 
 from chatgpt_recipes.output import say
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
-                                  check_overlong, column, kept_indices, normalize_messages, num_proc_for, raw_dataset,
+                                  check_overlong, column, content_text, kept_indices, normalize_messages, num_proc_for,
+                                  raw_dataset,
                                   rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint, train_and_eval)
 from chatgpt_recipes.templates import (PromptFormatError, answer_end_token_id, check_format, encode_prompt,
                                        render_prompt)
@@ -52,6 +57,8 @@ def _response_text(value, where: str, field: str) -> str:
         value = turns[0].get("content", turns[0].get("value"))
     if value is None:
         raise RowError(where, field, f"field '{field}' is null")
+    if isinstance(value, list):  # OpenAI-style content parts
+        value = content_text(value, where, field)
     if not isinstance(value, str):
         raise RowError(where, field, f"field '{field}' must be text, found {type(value).__name__}")
     if not value.strip():
@@ -103,7 +110,7 @@ def _pair_of(row: dict, where: str) -> tuple[object, list[str], list | None]:
             return (shared_prompt([prompt, rejected_prompt]), [chosen_text, rejected_text],
                     [prompt, rejected_prompt])
         return prompt, [chosen_text, rejected_text], None
-    if isinstance(chosen, list) and "prompt" not in row:  # conversational, implicit prompt
+    if isinstance(chosen, list) and ("prompt" not in row or _is_transcript(chosen)):  # conversational transcripts
         chosen_turns = normalize_messages(chosen, where, "chosen")
         rejected_turns = normalize_messages(rejected, where, "rejected")
         if chosen_turns[-1]["role"] != "assistant" or rejected_turns[-1]["role"] != "assistant":
@@ -121,6 +128,37 @@ def _pair_of(row: dict, where: str) -> tuple[object, list[str], list | None]:
         raise RowError(where, "prompt", f"missing field 'prompt' (fields present: {sorted(row)})")
     return (_prompt_field(row, where), [_response_text(chosen, where, "chosen"),
                                         _response_text(rejected, where, "rejected")], None)
+
+
+def _is_transcript(value: list) -> bool:
+    """A list of turns that holds more than the answer: a whole conversation (UltraFeedback-binarized's chosen and
+    rejected repeat the prompt's user turn although the row also has a prompt field)."""
+    return any(isinstance(t, dict) and t.get("role", t.get("from")) not in ("assistant", "gpt") for t in value)
+
+
+def same_text(first: str, second: str) -> bool:
+    """Equal once whitespace is normalised: answers that differ only in spacing teach no preference."""
+    return first.split() == second.split()
+
+
+def _ranks(row: dict, where: str, count: int) -> list[int]:
+    """The `ranks` of a K-wise row as integers (2, 2.0 and "2" read as 2), one per response, without ties."""
+    ranks = row["ranks"]
+    if not isinstance(ranks, list) or len(ranks) != count:
+        raise RowError(where, "ranks", f"field 'ranks' must give one rank per response ({count}), found "
+                       + (f"{len(ranks)}" if isinstance(ranks, list) else type(ranks).__name__))
+    numbers = []
+    for index, rank in enumerate(ranks):
+        if isinstance(rank, str) and rank.strip().lstrip("+-").isdigit():
+            rank = int(rank)
+        elif isinstance(rank, float) and rank.is_integer():
+            rank = int(rank)
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise RowError(where, "ranks", f"field 'ranks' must hold integers, found {rank!r} at position {index}")
+        numbers.append(rank)
+    if len(set(numbers)) != len(numbers):
+        raise RowError(where, "ranks", f"field 'ranks' has ties {numbers}; a ranking must order every response")
+    return numbers
 
 
 def _alpaca_prompt(row: dict, where: str) -> dict:
@@ -150,7 +188,7 @@ def ranking_of(row: dict, where: str) -> dict:
     conversation); RowError names the row and field when it is bad."""
     if "chosen" in row and "rejected" in row:
         prompt, responses, response_prompts = _pair_of(row, where)
-        if responses[0].strip() == responses[1].strip() and response_prompts is None:
+        if same_text(responses[0], responses[1]) and response_prompts is None:
             raise RowError(where, "rejected", "'chosen' and 'rejected' are the same text, so they teach no preference")
         ranking = {"prompt": prompt, "responses": responses}
         if response_prompts is not None:
@@ -163,13 +201,9 @@ def ranking_of(row: dict, where: str) -> dict:
                            f"{len(responses) if isinstance(responses, list) else type(responses).__name__}")
         texts = [_response_text(r, where, f"responses[{i}]") for i, r in enumerate(responses)]
         if "ranks" in row:
-            ranks = row["ranks"]
-            if not isinstance(ranks, list) or len(ranks) != len(texts):
-                raise RowError(where, "ranks", "field 'ranks' must give one rank per response")
-            if len(set(ranks)) != len(ranks):
-                raise RowError(where, "ranks", f"field 'ranks' has ties {ranks}; a ranking must order every response")
+            ranks = _ranks(row, where, len(texts))
             texts = [text for _, text in sorted(zip(ranks, texts))]
-        if len({t.strip() for t in texts}) != len(texts):
+        if len({tuple(t.split()) for t in texts}) != len(texts):
             raise RowError(where, "responses", "field 'responses' ranks the same text twice (a tie)")
         return {"prompt": _prompt_field(row, where), "responses": texts}
     raise RowError(where, None, f"unknown preference row with fields {sorted(row)}; expected chosen/rejected "
