@@ -155,3 +155,28 @@ def test_training_autocast_sees_each_optimizer_step():
         optimizer.step()
         after = layer(x)
     assert not torch.equal(before, after)
+
+
+def test_resuming_full_fine_tuning_loads_every_weight_or_names_the_missing_ones(tmp_path, tiny_llama_dir):
+    """resume_from once loaded a fully trained policy with strict=False: keys of another model were dropped
+    silently. Only a tied weight (lm_head, written once by save_pretrained) may be absent."""
+    from transformers import AutoModelForCausalLM
+
+    from chatgpt_recipes.ppo_trainer import load_whole_state
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.save_pretrained(tmp_path / "checkpoint-1")
+    state = load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))
+    assert "lm_head.weight" not in state  # tied: saved once, as the embedding
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.nn.init.zeros_(fresh.model.layers[0].mlp.up_proj.weight)
+    load_whole_state(fresh, state, tmp_path / "checkpoint-1")
+    assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    partial = {key: value for key, value in state.items() if "layers.1." not in key}
+    with pytest.raises(ConfigError, match=r"checkpoint-1/model.safetensors does not hold this policy's weights; "
+                                          r"missing: model.layers.1.\S+"):
+        load_whole_state(fresh, partial, tmp_path / "checkpoint-1")
+    with pytest.raises(ConfigError, match=r"not in the policy: score.weight"):
+        load_whole_state(fresh, {**state, "score.weight": torch.zeros(1, 64)}, tmp_path / "checkpoint-1")
+    with pytest.raises(ConfigError, match=r"does not fit this policy: .*size mismatch"):
+        load_whole_state(fresh, {**state, "model.norm.weight": torch.ones(3)}, tmp_path / "checkpoint-1")

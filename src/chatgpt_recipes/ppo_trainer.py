@@ -263,7 +263,7 @@ class RecipePPOTrainer(PPOTrainer):
             if isinstance(unwrapped.policy, PeftModel):
                 set_peft_model_state_dict(unwrapped.policy, load_file(str(folder / "adapter_model.safetensors")))
             else:
-                unwrapped.policy.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+                load_whole_state(unwrapped.policy, load_file(str(folder / "model.safetensors")), folder)
             unwrapped.value_model.load_state_dict(load_file(str(folder / VALUE_WEIGHTS)))
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
@@ -278,6 +278,29 @@ class RecipePPOTrainer(PPOTrainer):
             "global_step": done, "episode": ppo_state["episode"],
             "max_steps": self.args.num_total_batches, "log_history": state["log_history"]}))
         self.args.num_total_batches -= done  # train() loops over range(1, num_total_batches + 1)
+
+
+def load_whole_state(model, state: dict, checkpoint: Path) -> None:
+    """Load a fully trained policy's saved weights, every one of them: save_pretrained writes a tied weight
+    (lm_head = embed_tokens) once, so only a weight tied to one that is loaded may be absent; any other missing or
+    unexpected key is an error that lists them (a checkpoint of another model), never a silent partial load."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a weight of another shape
+        raise ConfigError(f"{checkpoint}/model.safetensors does not fit this policy: {str(error).splitlines()[-1].strip()}"
+                          ) from None
+    names_of = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    loaded_with = {name: names for names in names_of.values() for name in names if any(n in state for n in names)}
+    missing = [key for key in result.missing_keys if key not in loaded_with]
+    if missing or result.unexpected_keys:
+        listed = lambda keys: ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")  # noqa: E731
+        raise ConfigError(
+            f"{checkpoint}/model.safetensors does not hold this policy's weights"
+            + (f"; missing: {listed(missing)}" if missing else "")
+            + (f"; not in the policy: {listed(result.unexpected_keys)}" if result.unexpected_keys else "")
+            + f". Was {checkpoint.parent} written by another model? Delete it or choose another output_dir.")
 
 
 def warn_on_ppo_trouble(logs: dict, response_length: int, history: dict) -> None:
