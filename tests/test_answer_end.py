@@ -105,3 +105,30 @@ def test_dpo_answers_hold_exactly_one_end_token_after_trl_tokenises_them(which, 
         for answer in (row["chosen_ids"], row["rejected_ids"]):
             assert answer[-1] == end
             assert sum(token in ends for token in answer) == 1, answer
+
+
+def test_ppo_and_rloo_stop_and_mask_at_the_end_of_turn(base_chatml, tiny_llama_dir, tmp_path):
+    """What recipes/ppo.py and rloo.py give TRL: generation stops, PPO truncates (stop_token: eos) and RLOO ends
+    its completion mask at <|im_end|>, not at the <|endoftext|> a ChatML-templated base model never learnt."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import RLOOConfig, RLOOTrainer
+    from trl.experimental.ppo import PPOConfig
+
+    from chatgpt_recipes.ppo_trainer import RecipePPOTrainer
+
+    im_end = base_chatml.convert_tokens_to_ids("<|im_end|>")
+    answers = tokenizer_ending_answers(base_chatml, "chat")
+    rloo = RLOOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                       reward_funcs=lambda prompts, completions, **kwargs: [0.0] * len(completions),
+                       args=RLOOConfig(output_dir=str(tmp_path / "rloo"), report_to="none", bf16=False, use_cpu=True,
+                                       per_device_train_batch_size=2, num_generations=2, max_completion_length=4),
+                       train_dataset=Dataset.from_dict({"prompt": ["Hi"] * 4}), processing_class=answers)
+    assert rloo.generation_config.eos_token_id == im_end
+    scorer = lambda: AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=1)  # noqa: E731
+    ppo = RecipePPOTrainer(
+        args=PPOConfig(output_dir=str(tmp_path / "ppo"), report_to="none", bf16=False, use_cpu=True, stop_token="eos",
+                       per_device_train_batch_size=2, total_episodes=2, response_length=4),
+        processing_class=answers, model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir), ref_model=None,
+        reward_model=scorer(), value_model=scorer(), train_dataset=Dataset.from_dict({"input_ids": [[1, 2, 3]] * 4}))
+    assert ppo.stop_token_id == ppo.policy.generation_config.eos_token_id == im_end

@@ -217,7 +217,10 @@ def test_ppo_ptx_under_deepspeed_takes_one_optimizer_step_per_batch(config, mark
     args[args.index("--total_episodes") + 1] = "4"  # one update of 4 episodes on one process
     args[args.index("--num_ppo_epochs") + 1] = "2"
     launch("ppo.py", *args, config=config, num_processes=1, log=tmp_path / "ppo.log")
-    (states,) = (out / "checkpoint-1" / "global_step1").glob("*model_states.pt")
+    files = sorted(str(path.relative_to(out)) for path in out.rglob("*"))
+    states = [path for path in (out / "checkpoint-1").rglob("*model_states.pt")]
+    assert len(states) == 1, files
+    (states,) = states
     assert torch.load(states, map_location="cpu", weights_only=False)["global_steps"] == 2
     updates = [e for e in json.loads((out / "log_history.json").read_text()) if "objective/kl" in e]
     assert len(updates) == 1 and updates[0]["ptx/loss"] > 0
