@@ -84,7 +84,8 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     # An answer ends where SFT taught it to: TRL's PPO stops, truncates and applies missing_eos_penalty at its
     # tokenizer's EOS (stop_token: eos), which for a chat model whose end of turn is not EOS is the end of turn
     trainer = RecipePPOTrainer(
-        args=config, processing_class=tokenizer_ending_answers(tokenizer, config.prompt_format), model=policy, ref_model=None, reward_model=reward_model,
+        args=config, processing_class=tokenizer_ending_answers(tokenizer, config.prompt_format), model=policy,
+        ref_model=None, reward_model=reward_model,
         value_model=value_model, train_dataset=train_dataset, eval_dataset=eval_dataset,
         peft_config=lora_config(model_args, policy),
         ptx_examples=ptx_examples, ptx_coef=config.ptx_coef, ptx_batch_size=config.ptx_batch_size,

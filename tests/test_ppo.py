@@ -216,7 +216,8 @@ def test_fp16_ppo_scales_its_loss_and_the_guard_tells_an_overflow_skip_from_dive
     state, guard = SimpleNamespace(global_step=3), NonFiniteLossGuard()
     guard.on_step_end(args, state, None, optimizer=optimizer)
     guard.on_log(args, state, None, logs={"loss": 0.5, "grad_norm": float("inf")})
-    assert "[fp16] step 3: the logged grad_norm is inf: a gradient overflow, 1 step(s) skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[fp16] step 3: the logged grad_norm is inf: a gradient overflow, 1 step(s) skipped" in printed
     with pytest.raises(TrainingDivergedError, match="diverged at step 3: the logged grad_norm is inf"):
         NonFiniteLossGuard().on_log(SimpleNamespace(**{**vars(args), "fp16": False}), state, None,
                                     logs={"grad_norm": float("inf")})

@@ -134,7 +134,8 @@ def test_ultrafeedback_binarized_rows_train_the_reward_model_and_dpo(tmp_path, t
 
 def test_sft_chat_rows_read_openai_content_parts_as_text():
     parts = {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-                          {"role": "user", "content": [{"type": "text", "text": "Name"}, {"type": "text", "text": "a color."}]},
+                          {"role": "user", "content": [{"type": "text", "text": "Name"},
+                                                       {"type": "text", "text": "a color."}]},
                           {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}
     (example,), _ = sft_rows([parts], "chat.json")
     assert example["messages"] == [{"role": "system", "content": "Be brief."},

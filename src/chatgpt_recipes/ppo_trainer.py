@@ -333,15 +333,17 @@ def load_whole_state(model, state: dict, checkpoint: Path) -> None:
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # a weight of another shape
-        raise ConfigError(f"{checkpoint}/model.safetensors does not fit this policy: {str(error).splitlines()[-1].strip()}"
-                          ) from None
+        reason = str(error).splitlines()[-1].strip()
+        raise ConfigError(f"{checkpoint}/model.safetensors does not fit this policy: {reason}") from None
     names_of = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(parameter), []).append(name)
     loaded_with = {name: names for names in names_of.values() for name in names if any(n in state for n in names)}
     missing = [key for key in result.missing_keys if key not in loaded_with]
     if missing or result.unexpected_keys:
-        listed = lambda keys: ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")  # noqa: E731
+        def listed(keys):
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
         raise ConfigError(
             f"{checkpoint}/model.safetensors does not hold this policy's weights"
             + (f"; missing: {listed(missing)}" if missing else "")

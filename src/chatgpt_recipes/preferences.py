@@ -33,8 +33,8 @@ from datasets import Dataset
 from chatgpt_recipes.output import say
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
                                   check_overlong, column, content_text, kept_indices, normalize_messages, num_proc_for,
-                                  raw_dataset,
-                                  rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint, train_and_eval)
+                                  raw_dataset, rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint,
+                                  train_and_eval)
 from chatgpt_recipes.templates import (PromptFormatError, answer_end_token_id, check_format, encode_prompt,
                                        render_prompt)
 
@@ -149,8 +149,11 @@ def _ranks(row: dict, where: str, count: int) -> list[int]:
                        + (f"{len(ranks)}" if isinstance(ranks, list) else type(ranks).__name__))
     numbers = []
     for index, rank in enumerate(ranks):
-        if isinstance(rank, str) and rank.strip().lstrip("+-").isdigit():
-            rank = int(rank)
+        if isinstance(rank, str):
+            try:
+                rank = int(rank.strip())
+            except ValueError:
+                pass
         elif isinstance(rank, float) and rank.is_integer():
             rank = int(rank)
         if isinstance(rank, bool) or not isinstance(rank, int):
@@ -268,7 +271,8 @@ def ranking_sequences(ranking: dict, tokenizer, prompt_format: str, max_length: 
     ranking longer than max_length (overlong: drop) or whose answers become identical when cut (truncate)."""
     prompts = ranking.get("response_prompts") or [ranking["prompt"]] * len(ranking["responses"])
     prompt_ids = [encode_prompt(render_prompt(p, tokenizer, prompt_format), tokenizer, prompt_format) for p in prompts]
-    sequences = [ids + encode_response(text, tokenizer, prompt_format) for ids, text in zip(prompt_ids, ranking["responses"])]
+    sequences = [ids + encode_response(text, tokenizer, prompt_format)
+                 for ids, text in zip(prompt_ids, ranking["responses"])]
     if max_length and max(len(s) for s in sequences) > max_length:
         room = max_length - max(len(ids) for ids in prompt_ids) - 1
         if overlong == "drop":

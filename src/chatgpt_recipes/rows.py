@@ -157,8 +157,8 @@ def _json_list(path: Path, text: str) -> list:
     if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
         (field, value), = rows.items()
         if any(isinstance(item, dict) and ("role" in item or "from" in item) for item in value):
-            raise DataError(f"{path}: holds one chat object ({{\"{field}\": [turns]}}), not a list of rows: write it as "
-                            f"[{{\"{field}\": [...]}}], or one object per line in a .jsonl file")
+            raise DataError(f"{path}: holds one chat object ({{\"{field}\": [turns]}}), not a list of rows: write it "
+                            f"as [{{\"{field}\": [...]}}], or one object per line in a .jsonl file")
         rows = value  # {"data": [...]}
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of objects, found a {type(rows).__name__}")
@@ -336,7 +336,8 @@ def normalize_messages(messages, where: str, field: str = "messages") -> list[di
         content = turn.get("content", turn.get("value"))
         if role not in SHAREGPT_ROLES:
             raise RowError(where, field, f"{field}[{index}]: unknown role {role!r} (use system, user or assistant)")
-        turns.append({"role": SHAREGPT_ROLES[role], "content": content_text(content, where, field, f"{field}[{index}]")})
+        text = content_text(content, where, field, f"{field}[{index}]")
+        turns.append({"role": SHAREGPT_ROLES[role], "content": text})
     expected = "user"
     for index, turn in enumerate(turns):
         if index == 0 and turn["role"] == "system":
