@@ -157,3 +157,156 @@ def test_a_json_file_holding_one_chat_object_is_an_error_not_a_list_of_turns(tmp
         read_rows(str(tmp_path / "sharegpt.json"))
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": [chat, chat]}))  # rows under one key: still read
     assert read_rows(str(tmp_path / "wrapped.json")) == [chat, chat]
+
+
+def test_hh_transcript_split():
+    chosen = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit\n\nAssistant: Apple."
+    rejected = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit\n\nAssistant: No."
+    ranking = ranking_of({"chosen": chosen, "rejected": rejected}, "hh: row 1")
+    assert ranking["prompt"] == [{"role": "user", "content": "Hi there"},
+                                 {"role": "assistant", "content": "Hello! How can I help?"},
+                                 {"role": "user", "content": "Name a fruit"}]
+    assert ranking["responses"] == ["Apple.", "No."] and "response_prompts" not in ranking
+
+
+def test_hh_transcripts_that_differ_before_the_last_turn_are_scored_whole(tokenizer):
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit\n\nAssistant: Apple."
+    rejected = "\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Name a fruit\n\nAssistant: No."
+    ranking = ranking_of({"chosen": chosen, "rejected": rejected}, "hh: row 2")
+    assert ranking["prompt"] == [{"role": "user", "content": "Hi"}]  # the longest common prefix ending with a user turn
+    assert ranking["responses"] == ["Apple.", "No."]
+    assert [p[1]["content"] for p in ranking["response_prompts"]] == ["Hello!", "Go away."]
+    chosen_ids, rejected_ids = ranking_sequences(ranking, tokenizer, "chat", None, "drop")
+    assert tokenizer.decode(chosen_ids) == tokenizer.apply_chat_template(
+        [*ranking["response_prompts"][0], {"role": "assistant", "content": "Apple."}], tokenize=False).rstrip("\n")
+    (pair,) = dpo_pairs(ranking, tokenizer, "chat")
+    assert pair["prompt"] == render_prompt(ranking["prompt"], tokenizer, "chat")
+    assert pair["chosen"].startswith("Hello!") and pair["chosen"].endswith("Apple." + tokenizer.eos_token)
+    assert pair["rejected"].startswith("Go away.") and pair["rejected"].endswith("No." + tokenizer.eos_token)
+
+
+def test_hh_consecutive_assistant_turns_are_one_turn():
+    text = "\n\nHuman: Key?\n\nAssistant: Here it is:\n\nAssistant:  ABC.\n\nHuman: Thanks\n\nAssistant: Bye."
+    prompt, answer = split_hh_transcript(text, "hh: row 1", "chosen")
+    assert [t["role"] for t in prompt] == ["user", "assistant", "user"] and answer == "Bye."
+    assert prompt[1]["content"] == "Here it is:\n\nABC."
+
+
+def test_all_pair_shapes_and_real_sharegpt_file(tokenizer):
+    standard = ranking_of({"prompt": "Q?", "chosen": "good", "rejected": "bad"}, "r")
+    conversational = ranking_of({"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "good"}],
+                                 "rejected": [{"role": "user", "content": "Q?"},
+                                              {"role": "assistant", "content": "bad"}]}, "r")
+    assert standard["responses"] == conversational["responses"] == ["good", "bad"]
+    rankings = read_rankings(read_rows(str(REPO / "data" / "dpo_en_demo.json")), "dpo_en_demo.json")
+    assert len(rankings) == 300 and all(len(r["responses"]) == 2 for r in rankings)
+    assert rankings[0]["prompt"][0]["role"] == "user"
+
+
+def test_rendering_matches_sft(tokenizer):
+    """The RM/PPO prompt tokens are exactly the prompt tokens SFT trains after, in both formats."""
+    alpaca = {"instruction": "Name a color.", "input": ""}
+    text = render_prompt(alpaca, tokenizer, "alpaca")
+    sft = tokenize_example({"prompt": text, "completion": "Blue."}, tokenizer)
+    prompt_ids = encode_prompt(text, tokenizer, "alpaca")
+    assert sft["input_ids"] == prompt_ids + encode_response("Blue.", tokenizer, "alpaca")
+    assert sft["labels"][: len(prompt_ids)] == [-100] * len(prompt_ids)
+    turns = [{"role": "user", "content": "Name a color."}]
+    chat = render_prompt(turns, tokenizer, "chat")
+    sft_chat = tokenize_example({"messages": turns + [{"role": "assistant", "content": "Blue."}]}, tokenizer)
+    chat_ids = encode_prompt(chat, tokenizer, "chat")
+    assert sft_chat["input_ids"][: len(chat_ids)] == chat_ids
+    assert render_prompt(alpaca, tokenizer, "chat") == chat
+    assert render_prompt(alpaca, tokenizer, "plain") == "Name a color."
+    with pytest.raises(PromptFormatError, match="multi-turn"):
+        render_prompt(turns + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}],
+                      tokenizer, "alpaca")
+
+
+SFT_ROWS = {  # one conversation, "Name a color." answered "Blue.", as a row of each format's own shape
+    "alpaca": {"instruction": "Name a color.", "input": "", "output": "Blue."},
+    "chat": {"messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]},
+    "plain": {"prompt": "Name a color.", "completion": "Blue."},
+}
+
+
+@pytest.mark.parametrize("prompt_format", sorted(SFT_ROWS))
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_gpt2_dir"])  # a chat template; the fallback template
+def test_sft_reward_model_and_ppo_render_the_same_prompt(prompt_format, model, request, tmp_path):
+    """The cross-stage promise: the prompt SFT trains after is, as text and as tokens, what the reward model
+    scores after (a preference row on the same conversation) and what PPO/RLOO generate from (the same row)."""
+    from chatgpt_recipes.models import load_tokenizer
+
+    tokenizer = load_tokenizer(request.getfixturevalue(model))
+    row = SFT_ROWS[prompt_format]
+    (example,), _ = sft_rows([row], "sft.json")
+    sft_prompt = example_prompt(example, tokenizer)
+    sft = tokenize_example(example, tokenizer)
+    sft_prompt_ids = sft["input_ids"][: next(i for i, label in enumerate(sft["labels"]) if label != -100)]
+
+    preference = {"prompt": [{"role": "user", "content": "Name a color."}], "chosen": "Blue.", "rejected": "Red."}
+    ranking = ranking_of(preference, "preferences.json: row 1")
+    (rm_pair,) = dpo_pairs(ranking, tokenizer, prompt_format)
+    rm_chosen, _ = ranking_sequences(ranking, tokenizer, prompt_format, None, "drop")
+
+    (tmp_path / "prompts.json").write_text(json.dumps([row]))
+    ppo = prompt_dataset(str(tmp_path / "prompts.json"), tokenizer, prompt_format, 128)
+    rloo = prompt_dataset(str(tmp_path / "prompts.json"), tokenizer, prompt_format, 128, tokenized=False)
+
+    assert sft_prompt == rm_pair["prompt"] == rloo[0]["prompt"]
+    assert sft_prompt_ids == rm_chosen[: len(sft_prompt_ids)] == ppo[0]["input_ids"]
+    if prompt_format == "alpaca":
+        assert sft_prompt.startswith("Below is an instruction") and sft_prompt.endswith("### Response:\n")
+
+
+@pytest.mark.parametrize("row, field, message", [
+    ({"prompt": "Q", "chosen": "same", "rejected": "same"}, "rejected", "'chosen' and 'rejected' are the same text"),
+    ({"prompt": "Q", "chosen": "ok", "rejected": "  "}, "rejected", "field 'rejected' is an empty response"),
+    ({"prompt": "Q", "chosen": None, "rejected": "no"}, "chosen", "field 'chosen' is null"),
+    ({"prompt": "Q", "chosen": 3, "rejected": "no"}, "chosen", "field 'chosen' must be text, found int"),
+    ({"prompt": "Q", "responses": ["only one"]}, "responses", "field 'responses' must rank at least 2 responses"),
+    ({"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [1, 2, 2]}, "ranks", "field 'ranks' has ties"),
+    ({"prompt": "Q", "responses": ["a", "a"]}, "responses", "field 'responses' ranks the same text twice"),
+    ({"prompt": "Q", "chosen": "Paris is  the capital.", "rejected": "Paris is the\ncapital. "}, "rejected",
+     "'chosen' and 'rejected' are the same text"),  # equal once whitespace is normalised
+    ({"prompt": "Q", "responses": ["a b", "c", "a  b"]}, "responses", "field 'responses' ranks the same text twice"),
+    ({"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [1, None, 2]}, "ranks",
+     "field 'ranks' must hold integers, found None at position 1"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": ["first", "second"]}, "ranks",
+     "field 'ranks' must hold integers, found 'first' at position 0"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": ["+-1", "2"]}, "ranks", "field 'ranks' must hold integers"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": [1.5, 2]}, "ranks", "field 'ranks' must hold integers"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": [True, False]}, "ranks", "field 'ranks' must hold integers"),
+    ({"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [1, 2]}, "ranks",
+     "field 'ranks' must give one rank per response (3), found 2"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": None}, "ranks",
+     "field 'ranks' must give one rank per response (2), found NoneType"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": ["1", 1]}, "ranks", "field 'ranks' has ties [1, 1]"),
+    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": [{"type": "image_url"}]}],
+      "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "no"}]}, "chosen",
+     "chosen[1]: content part 0 is not text (type 'image_url')"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: more?", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
+     "chosen", "field 'chosen' is an HH transcript with no final Assistant turn"),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
+     "chosen", "field 'chosen' has an empty final Assistant turn"),
+    ({"question": "Q", "answer": "A"}, None, "unknown preference row"),
+])
+def test_bad_preference_row_is_a_recorded_skip_and_a_mostly_bad_file_an_error(tmp_path, row, field, message):
+    from chatgpt_recipes.rows import SkipLog
+
+    path = tmp_path / "prefs.jsonl"
+    good = [{"prompt": f"Q{i}", "chosen": "yes", "rejected": "no"} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in good + [row]) + "\n")
+    skips = SkipLog()
+    assert len(read_rankings(read_rows(str(path)), str(path), skips=skips)) == 40
+    (record,) = skips.records
+    assert (record["row"], record["field"], record["kind"]) == (41, field, "defect") and message in record["reason"]
+    path.write_text("\n".join(json.dumps(r) for r in good[:2] + [row]) + "\n")
+    with pytest.raises(DataError, match="row 3: " + re.escape(message)) as error:
+        read_rankings(read_rows(str(path)), str(path))
+    assert str(path) in str(error.value) and "max_skipped_fraction=0.05" in str(error.value)
+
+
+def test_split_hh_without_assistant():
+    with pytest.raises(DataError, match="no final Assistant turn"):
+        split_hh_transcript("\n\nHuman: hello", "f: row 1", "chosen")
