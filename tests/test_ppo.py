@@ -229,3 +229,17 @@ def test_fp16_ppo_scales_its_loss_and_the_guard_tells_an_overflow_skip_from_dive
         for _ in range(MAX_CONSECUTIVE_OVERFLOW_SKIPS):
             update(1e36)
             guard.on_step_end(args, state, None, optimizer=optimizer)
+
+
+def test_fp16_ppo_runs_with_loss_scaling(tmp_path, marker_policy_dir, reward_dir):
+    """The recipe with fp16 (CPU fp16 autocast): its updates go through the loss scaler, logged per update, and
+    the scaler's state is saved with each checkpoint for a resume."""
+    out = tmp_path / "fp16"
+    args = ppo_args(marker_policy_dir, reward_dir, out, 4)
+    args[args.index("--bf16") + 1] = "false"
+    run_recipe("ppo.py", *args, "--fp16", "true", "--dtype", "float32")
+    (update,) = [e for e in json.loads((out / "log_history.json").read_text()) if "objective/kl" in e]
+    assert update["fp16/loss_scale"] in (65536.0, 32768.0) and update["fp16/skipped_steps"] in (0, 1)
+    assert update["ptx/loss"] > 0
+    state = json.loads((out / "checkpoint-1" / "ppo_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == update["fp16/loss_scale"]
