@@ -16,7 +16,10 @@ used: they stay unseen by the reward model, so the evaluation can judge answers 
 
 Output: output_dir/comparisons.jsonl, rows {prompt, chosen, rejected, source_row} (the prompt as SFT rendered it, or
 chat turns), appended after every batch (rerun the same command to continue), and comparisons_info.json (the
-settings and counts). Samples equal to the reference or empty are skipped and counted.
+settings and counts), replaced after the batch's rows are written. Samples equal to the reference or empty are
+skipped and counted. A run killed (even kill -9) between writing a batch and recording it leaves rows that
+comparisons_info.json does not count: the rerun removes them and samples that batch again (same seed, same rows),
+so no pair is written twice.
 """
 
 import json
@@ -67,6 +70,33 @@ def comparison_row(example: dict, chosen: str, rejected: str, source_row: int) -
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source_row": source_row}
 
 
+def record(info_path: str, info: dict) -> None:
+    """comparisons_info.json replaced whole (written beside it, then renamed): a kill leaves the old or the new."""
+    with open(info_path + ".tmp", "w") as file:
+        json.dump(info, file, indent=1)
+    os.replace(info_path + ".tmp", info_path)
+
+
+def recorded_pairs(output: str, recorded: int) -> int:
+    """The pairs of `output` that comparisons_info.json counts. Rows after them (a batch written but not recorded,
+    or a line cut short) are removed: the run goes on from the recorded position and writes them again."""
+    if not os.path.isfile(output):
+        return 0
+    with open(output, "rb") as file:
+        lines = file.read().split(b"\n")
+    complete = lines[:-1]  # the text after the last newline is an unfinished line
+    if len(complete) < recorded:
+        raise ConfigError(f"{output} holds {len(complete)} pairs but comparisons_info.json records {recorded}: the "
+                          "file was edited; delete the output directory to start again")
+    if len(complete) > recorded or lines[-1]:
+        say(f"[comparisons] {len(complete) - recorded} pairs written but not recorded by an interrupted run: "
+            "removed, their batch is sampled again", flush=True)
+        with open(output + ".tmp", "wb") as file:
+            file.write(b"".join(line + b"\n" for line in complete[:recorded]))
+        os.replace(output + ".tmp", output)
+    return recorded
+
+
 def main(config: ComparisonDataConfig):
     usable, held_out = sft_split(config.dataset_name, config.dataset_split, config.sft_eval_split_size, config.seed)
     if config.num_pairs > len(usable):
@@ -75,8 +105,8 @@ def main(config: ComparisonDataConfig):
     os.makedirs(config.output_dir, exist_ok=True)
     output = os.path.join(config.output_dir, "comparisons.jsonl")
     info_path = os.path.join(config.output_dir, "comparisons_info.json")
-    info = json.load(open(info_path)) if os.path.isfile(info_path) else {"skipped": {}, "tried": 0}
-    done = sum(1 for _ in open(output)) if os.path.isfile(output) else 0
+    info = json.load(open(info_path)) if os.path.isfile(info_path) else {"skipped": {}, "tried": 0, "pairs": 0}
+    done = recorded_pairs(output, info["pairs"])
     if done:
         say(f"[comparisons] resuming: {output} holds {done} of {config.num_pairs} pairs", flush=True)
 
@@ -105,8 +135,7 @@ def main(config: ComparisonDataConfig):
             file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs)
         done, position = done + len(pairs), position + len(batch)
         info.update(tried=position, pairs=done, settings=asdict(config))
-        with open(info_path, "w") as file:
-            json.dump(info, file, indent=1)
+        record(info_path, info)
         say(f"[comparisons] {done}/{config.num_pairs} pairs", flush=True)
     if done < config.num_pairs:
         raise ConfigError(f"only {done} pairs from the {len(usable)} usable instructions (skipped: "

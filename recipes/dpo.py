@@ -26,7 +26,7 @@ from chatgpt_recipes.preferences import prepare_train_eval_rankings
 from chatgpt_recipes.reporting import write_training_report
 from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.rl_inputs import check_policy_path
-from chatgpt_recipes.templates import check_prompt_format, save_stage_info
+from chatgpt_recipes.templates import check_prompt_format, save_stage_info, tokenizer_ending_answers
 from chatgpt_recipes.time_budget import TimeBudgetArguments
 
 
@@ -62,8 +62,11 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
 
     # Model: the policy; with LoRA the reference is the same weights with the adapter disabled
     model = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
+    # Each answer already ends with the token that ends an answer (preferences.dpo_pairs); TRL appends its
+    # tokenizer's EOS to an answer that does not end with EOS, so it is given that token as EOS: one end token
     trainer = DPOTrainer(model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=lora_config(model_args, model))
+                         processing_class=tokenizer_ending_answers(tokenizer, config.prompt_format),
+                         peft_config=lora_config(model_args, model))
     train_result = train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
     metrics = dict(train_result.metrics)
     if eval_dataset is not None:

@@ -188,7 +188,7 @@ def main(config: EvaluationConfig):
             print(f"[reward model] held-out accuracy {results['reward_model_accuracy']['accuracy']:.1%}", flush=True)
         scores = {}
         for name in models:
-            sequences = [example_prompt_ids(example, rm_tokenizer) + encode_response(answer, rm_tokenizer)
+            sequences = [example_prompt_ids(example, rm_tokenizer) + encode_response(answer, rm_tokenizer, prompt_format)
                          for example, answer in zip(prompt_examples, answers[name])]
             scores[name] = reward_scores(reward_model, sequences, rm_tokenizer.pad_token_id, config.batch_size)
             results["models"][name]["rm_score_mean"] = sum(scores[name]) / len(scores[name])

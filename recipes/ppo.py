@@ -41,7 +41,7 @@ from chatgpt_recipes.resume import explain_save_errors, guard_trainer, last_comp
 from chatgpt_recipes.reward import load_reward_model, load_value_model
 from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
 from chatgpt_recipes.sft_data import prepare_sft
-from chatgpt_recipes.templates import save_stage_info
+from chatgpt_recipes.templates import answer_end_token_id, save_stage_info, tokenizer_ending_answers
 
 
 @dataclass
@@ -81,8 +81,11 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     with torch.no_grad(), zero3_gathered(policy):  # every rank: under ZeRO-3 a gather is a collective
         probe_logits = policy(input_ids=probe).logits[0, -1].clone()
 
+    # An answer ends where SFT taught it to: TRL's PPO stops, truncates and applies missing_eos_penalty at its
+    # tokenizer's EOS (stop_token: eos), which for a chat model whose end of turn is not EOS is the end of turn
     trainer = RecipePPOTrainer(
-        args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward_model,
+        args=config, processing_class=tokenizer_ending_answers(tokenizer, config.prompt_format), model=policy,
+        ref_model=None, reward_model=reward_model,
         value_model=value_model, train_dataset=train_dataset, eval_dataset=eval_dataset,
         peft_config=lora_config(model_args, policy),
         ptx_examples=ptx_examples, ptx_coef=config.ptx_coef, ptx_batch_size=config.ptx_batch_size,
@@ -90,7 +93,8 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
         on_log=lambda trainer, logs, history={}: warn_on_ppo_trouble(logs, config.response_length, history),
     )
     policy, reference = trainer.policy, trainer.ref_model  # reference None: the policy with its adapter disabled
-    eval_args = (tokenizer, eval_texts, config.response_length, config.temperature, config.seed)
+    eval_args = (tokenizer, eval_texts, config.response_length, config.temperature, config.seed,
+                 answer_end_token_id(tokenizer, config.prompt_format))
     before = evaluate_policy(policy, reference, reward_model, *eval_args)
     checkpoint = last_complete_checkpoint(config.output_dir, extra_files=(VALUE_WEIGHTS, "ppo_state.json"))
     if checkpoint:

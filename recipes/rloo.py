@@ -28,7 +28,7 @@ from chatgpt_recipes.reporting import save_json, write_training_report
 from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.reward import load_reward_model, reward_model_function
 from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
-from chatgpt_recipes.templates import save_stage_info
+from chatgpt_recipes.templates import answer_end_token_id, save_stage_info, tokenizer_ending_answers
 from chatgpt_recipes.time_budget import TimeBudgetArguments
 
 
@@ -54,12 +54,16 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
     policy = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
     with models_built_whole():  # scored by our function, outside any engine: whole on every rank, also under ZeRO-3
         reward_model = load_reward_model(reward_path).to(PartialState().device)
+    # TRL's RLOO stops generation and ends the completion mask at its tokenizer's EOS: given the token that ends an
+    # answer as EOS, it stops where SFT taught the policy to (a chat model's end of turn)
     trainer = RLOOTrainer(model=policy, reward_funcs=reward_model_function(reward_model, tokenizer,
                                                                            config.prompt_format),
-                          args=config, train_dataset=train_dataset, processing_class=tokenizer,
+                          args=config, train_dataset=train_dataset,
+                          processing_class=tokenizer_ending_answers(tokenizer, config.prompt_format),
                           peft_config=lora_config(model_args, policy))
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    eval_args = (tokenizer, eval_texts, config.max_completion_length, config.temperature, config.seed)
+    eval_args = (tokenizer, eval_texts, config.max_completion_length, config.temperature, config.seed,
+                 answer_end_token_id(tokenizer, config.prompt_format))
     # full fine-tuning: a frozen copy on the policy's device (load_model places it), sharded like it under ZeRO-3
     reference = None if model_args.use_peft else load_model(model_args, tokenizer).eval()
     if reference is not None and not hasattr(next(reference.parameters()), "ds_id"):

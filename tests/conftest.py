@@ -178,7 +178,8 @@ def marker_policy_dir(tmp_path_factory, marker_task) -> str:
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     prompts = [encode_prompt(render_prompt(p, tokenizer, "alpaca"), tokenizer, "alpaca") for p in marker_task["train"]]
     for _ in range(120):
-        examples = [(prompt, encode_response(marker_answer(rng, rng.random() < MARKER_START_RATE), tokenizer))
+        examples = [(prompt, encode_response(marker_answer(rng, rng.random() < MARKER_START_RATE), tokenizer,
+                                                  "alpaca"))
                     for prompt in rng.sample(prompts, 16)]
         width = max(len(p) + len(a) for p, a in examples)
         ids = torch.tensor([p + a + [tokenizer.pad_token_id] * (width - len(p) - len(a)) for p, a in examples])

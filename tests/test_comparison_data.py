@@ -48,6 +48,37 @@ def test_pairs_prefer_the_reference_skip_sft_held_out_rows_and_resume(tmp_path, 
     assert rankings[0]["prompt"] == expected and len(pairs) == 10
 
 
+def test_a_batch_written_but_not_recorded_when_killed_is_not_written_twice(tmp_path, tiny_llama_dir, monkeypatch):
+    """The state kill -9 leaves between appending a batch's pairs and recording them in comparisons_info.json
+    (plus half a line, a kill inside the write): the rerun ends with exactly the file of an uninterrupted run."""
+    import comparison_data
+
+    settings = dict(model_name_or_path=tiny_llama_dir, max_answer_tokens=8, batch_size=3, dtype="float32",
+                    sft_eval_split_size=40, seed=42, num_pairs=6)
+    main(ComparisonDataConfig(output_dir=str(tmp_path / "whole"), **settings))
+    record, calls = comparison_data.record, []
+
+    def killed_on_the_second_record(info_path, info):
+        calls.append(info["pairs"])
+        if len(calls) == 2:
+            raise SystemExit(137)  # dies after the second batch's rows are in the file, before they are recorded
+        record(info_path, info)
+
+    monkeypatch.setattr(comparison_data, "record", killed_on_the_second_record)
+    with pytest.raises(SystemExit):
+        main(ComparisonDataConfig(output_dir=str(tmp_path / "killed"), **settings))
+    output = tmp_path / "killed" / "comparisons.jsonl"
+    with open(output, "a") as file:
+        file.write('{"prompt": "cut sh')
+    written = len(output.read_text().splitlines())
+    assert written > json.loads((tmp_path / "killed" / "comparisons_info.json").read_text())["pairs"] == calls[0]
+    monkeypatch.setattr(comparison_data, "record", record)
+    main(ComparisonDataConfig(output_dir=str(tmp_path / "killed"), **settings))
+    assert output.read_text() == (tmp_path / "whole" / "comparisons.jsonl").read_text()
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(rows) == 6 and len({row["source_row"] for row in rows}) == 6
+
+
 def test_alpaca_style_pairs_render_like_sft(tiny_llama_dir):
     tokenizer = load_tokenizer(tiny_llama_dir)
     ranking = ranking_of({"instruction": "Add the numbers.", "input": "2 and 3", "chosen": "5", "rejected": "6"}, "r")

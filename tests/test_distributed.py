@@ -203,6 +203,29 @@ def test_ppo_rloo_dpo_under_two_processes(config, marker_policy_dir, marker_rewa
         assert_loadable_policy(out, marker_policy_dir)
 
 
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_ppo_ptx_under_deepspeed_takes_one_optimizer_step_per_batch(config, marker_policy_dir,
+                                                                    marker_reward_model_dir, tmp_path):
+    """PPO-ptx's loss once had a backward of its own inside the optimizer step; under DeepSpeed accelerate's
+    backward also steps the engine, so every batch made a second optimizer step on the ptx gradient alone. Now the
+    ptx loss is part of the PPO loss's one backward. The engine counts its own optimizer steps (global_steps, saved
+    in its checkpoint): 1 update x num_ppo_epochs 2 x num_mini_batches 1 = 2."""
+    import torch
+
+    out = tmp_path / "ppo"
+    args = rl_args("ppo.py", marker_policy_dir, marker_reward_model_dir, out)
+    args[args.index("--total_episodes") + 1] = "4"  # one update of 4 episodes on one process
+    args[args.index("--num_ppo_epochs") + 1] = "2"
+    launch("ppo.py", *args, config=config, num_processes=1, log=tmp_path / "ppo.log")
+    files = sorted(str(path.relative_to(out)) for path in out.rglob("*"))
+    states = [path for path in (out / "checkpoint-1").rglob("*model_states.pt")]
+    assert len(states) == 1, files
+    (states,) = states
+    assert torch.load(states, map_location="cpu", weights_only=False)["global_steps"] == 2
+    updates = [e for e in json.loads((out / "log_history.json").read_text()) if "objective/kl" in e]
+    assert len(updates) == 1 and updates[0]["ptx/loss"] > 0
+
+
 # The 1-process optimisation tests' bound (tests/test_optimisation.py): the held-out marker rate must rise by 0.2,
 # over 4.5 standard errors of the difference of two rates on 256 answers each. Two processes sample different
 # answers than one, so their curves cannot match step for step; they must clear the same bound with the same

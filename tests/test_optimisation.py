@@ -100,7 +100,7 @@ def test_reward_model_learns_the_marker_preference(marker_reward_model_dir, mark
             if with_marker:
                 words[rng.randrange(len(words))] = MARKER
             answers.append(encode_prompt(render_prompt(prompt, tokenizer, "alpaca"), tokenizer, "alpaca")
-                           + encode_response(" ".join(words), tokenizer))
+                           + encode_response(" ".join(words), tokenizer, "alpaca"))
         return answers
 
     with torch.no_grad():

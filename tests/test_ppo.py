@@ -155,3 +155,91 @@ def test_training_autocast_sees_each_optimizer_step():
         optimizer.step()
         after = layer(x)
     assert not torch.equal(before, after)
+
+
+def test_resuming_full_fine_tuning_loads_every_weight_or_names_the_missing_ones(tmp_path, tiny_llama_dir):
+    """resume_from once loaded a fully trained policy with strict=False: keys of another model were dropped
+    silently. Only a tied weight (lm_head, written once by save_pretrained) may be absent."""
+    from transformers import AutoModelForCausalLM
+
+    from chatgpt_recipes.ppo_trainer import load_whole_state
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.save_pretrained(tmp_path / "checkpoint-1")
+    state = load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))
+    assert "lm_head.weight" not in state  # tied: saved once, as the embedding
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.nn.init.zeros_(fresh.model.layers[0].mlp.up_proj.weight)
+    load_whole_state(fresh, state, tmp_path / "checkpoint-1")
+    assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    partial = {key: value for key, value in state.items() if "layers.1." not in key}
+    with pytest.raises(ConfigError, match=r"checkpoint-1/model.safetensors does not hold this policy's weights; "
+                                          r"missing: model.layers.1.\S+"):
+        load_whole_state(fresh, partial, tmp_path / "checkpoint-1")
+    with pytest.raises(ConfigError, match=r"not in the policy: score.weight"):
+        load_whole_state(fresh, {**state, "score.weight": torch.zeros(1, 64)}, tmp_path / "checkpoint-1")
+    with pytest.raises(ConfigError, match=r"does not fit this policy: .*size mismatch"):
+        load_whole_state(fresh, {**state, "model.norm.weight": torch.ones(3)}, tmp_path / "checkpoint-1")
+
+
+def test_fp16_ppo_scales_its_loss_and_the_guard_tells_an_overflow_skip_from_divergence(tmp_path, capsys):
+    """TRL's PPOTrainer has no GradScaler: small fp16 gradients underflowed to zero, and the NaN guard would stop on
+    the inf gradient that dynamic loss scaling skips. Fp16LossScaling on CPU fp16 autocast, with accelerate's
+    prepared optimizer as in the PPO loop."""
+    from accelerate import Accelerator
+
+    from chatgpt_recipes.ppo_trainer import Fp16LossScaling
+    from chatgpt_recipes.resume import MAX_CONSECUTIVE_OVERFLOW_SKIPS, NonFiniteLossGuard, TrainingDivergedError
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8)
+    optimizer = Fp16LossScaling(accelerator.prepare(torch.optim.SGD(layer.parameters(), lr=1.0)), accelerator)
+    x = torch.randn(4, 8)
+
+    def update(loss_factor, scaled=True):
+        before = layer.weight.detach().clone()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = layer(x).float().pow(2).sum() * loss_factor
+        (optimizer.scaler.scale(loss) if scaled else loss).backward()
+        optimizer.step() if scaled else optimizer.optimizer.step()
+        optimizer.zero_grad()
+        return (layer.weight.detach() - before).abs().max().item()
+
+    assert update(1e-9, scaled=False) == 0.0  # the fp16 gradient underflows: no learning without loss scaling
+    assert update(1e-9) > 0 and not optimizer.step_was_skipped
+    scale = optimizer.scaler.get_scale()
+    assert update(1e36) == 0.0  # overflow: the step is skipped, the weights stay finite and the scale is halved
+    assert optimizer.step_was_skipped and optimizer.scaler.get_scale() == scale / 2 and optimizer.skipped_steps == 1
+
+    args = SimpleNamespace(fp16=True, output_dir=str(tmp_path), save_only_model=False)
+    state, guard = SimpleNamespace(global_step=3), NonFiniteLossGuard()
+    guard.on_step_end(args, state, None, optimizer=optimizer)
+    guard.on_log(args, state, None, logs={"loss": 0.5, "grad_norm": float("inf")})
+    printed = capsys.readouterr().out
+    assert "[fp16] step 3: the logged grad_norm is inf: a gradient overflow, 1 step(s) skipped" in printed
+    with pytest.raises(TrainingDivergedError, match="diverged at step 3: the logged grad_norm is inf"):
+        NonFiniteLossGuard().on_log(SimpleNamespace(**{**vars(args), "fp16": False}), state, None,
+                                    logs={"grad_norm": float("inf")})
+    assert update(1e-4) > 0 and not optimizer.step_was_skipped  # a normal step after the skip
+    guard.on_step_end(args, state, None, optimizer=optimizer)
+    with pytest.raises(TrainingDivergedError, match="the logged grad_norm is nan"):  # no skip since the last log
+        guard.on_log(args, state, None, logs={"grad_norm": float("nan")})
+    with pytest.raises(TrainingDivergedError, match=f"overflowed at {MAX_CONSECUTIVE_OVERFLOW_SKIPS} steps in a row"):
+        for _ in range(MAX_CONSECUTIVE_OVERFLOW_SKIPS):
+            update(1e36)
+            guard.on_step_end(args, state, None, optimizer=optimizer)
+
+
+def test_fp16_ppo_runs_with_loss_scaling(tmp_path, marker_policy_dir, reward_dir):
+    """The recipe with fp16 (CPU fp16 autocast): its updates go through the loss scaler, logged per update, and
+    the scaler's state is saved with each checkpoint for a resume."""
+    out = tmp_path / "fp16"
+    args = ppo_args(marker_policy_dir, reward_dir, out, 4)
+    args[args.index("--bf16") + 1] = "false"
+    run_recipe("ppo.py", *args, "--fp16", "true", "--dtype", "float32")
+    (update,) = [e for e in json.loads((out / "log_history.json").read_text()) if "objective/kl" in e]
+    assert update["fp16/loss_scale"] in (65536.0, 32768.0) and update["fp16/skipped_steps"] in (0, 1)
+    assert update["ptx/loss"] > 0
+    state = json.loads((out / "checkpoint-1" / "ppo_state.json").read_text())
+    assert state["grad_scaler"]["scale"] == update["fp16/loss_scale"]

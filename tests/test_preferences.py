@@ -2,6 +2,7 @@
 must fail with a message naming the row and field; chatgpt_recipes/templates.py: one prompt rendering for SFT, RM and PPO."""
 
 import json
+import re
 from math import comb
 
 import pytest
@@ -11,7 +12,7 @@ from chatgpt_recipes.preferences import (dpo_pairs, encode_response, ranking_of,
                                          read_rankings, split_hh_transcript, tokenize_rankings)
 from chatgpt_recipes.reward import PromptGroupedBatchSampler
 from chatgpt_recipes.rl_inputs import prompt_dataset
-from chatgpt_recipes.rows import DataError, read_rows
+from chatgpt_recipes.rows import DataError, raw_dataset, read_rows
 from chatgpt_recipes.sft_data import sft_rows, tokenize_example
 from chatgpt_recipes.templates import PromptFormatError, encode_prompt, example_prompt, render_prompt
 
@@ -57,6 +58,105 @@ def test_kwise_pairs_of_a_prompt_share_a_step(tokenizer):
 def test_ranks_field_orders_responses():
     ranking = ranking_of({"prompt": "p", "responses": ["mid", "worst", "best"], "ranks": [2, 3, 1]}, "f: row 1")
     assert ranking["responses"] == ["best", "mid", "worst"]
+    # ranks are numbers, even when a file writes them as text or floats: "10" is after "2"
+    for ranks in (["2", "10", "1"], [2.0, 10.0, 1.0], [2, 10, 1]):
+        ranking = ranking_of({"prompt": "p", "responses": ["mid", "worst", "best"], "ranks": ranks}, "f: row 1")
+        assert ranking["responses"] == ["best", "mid", "worst"]
+
+
+def test_a_null_rank_is_a_counted_skip_with_its_row_number_in_a_prepared_file(tmp_path, tokenizer, data_cache):
+    """A K-wise row with a null rank once aborted the whole file (a TypeError in sorting, no row number)."""
+    from chatgpt_recipes.preferences import prepare_rankings
+
+    rows = [{"prompt": f"Q{i}", "responses": ["best", "mid", "worst"], "ranks": [1, 2, 3]} for i in range(30)]
+    rows[6]["ranks"] = [1, None, 3]
+    rows[9]["ranks"] = ["3", "10", "2"]  # "10" as text sorted before "2": read as numbers
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    for purpose in ("reward", "dpo"):
+        prepared = prepare_rankings(str(path), "train", tokenizer, "alpaca", purpose, max_skipped_fraction=0.1)
+        (record,) = prepared.skips.records
+        assert (record["row"], record["field"], record["kind"]) == (7, "ranks", "defect")
+        assert "must hold integers, found None at position 1" in record["reason"]
+        assert len(prepared.fits) == 29
+    pairs = prepared.dpo_dataset(prepared.examples)
+    tenth = [pair for pair in pairs if "Q9" in pair["prompt"]]
+    assert [(pair["chosen"][:4], pair["rejected"][:4]) for pair in tenth] == [
+        ("wors", "best"), ("wors", "mid<"), ("best", "mid<")]
+
+
+ULTRAFEEDBACK_ROW = {  # HuggingFaceH4/ultrafeedback_binarized's shape: the prompt repeated in both transcripts
+    "prompt": "Name a color.", "prompt_id": "abc", "score_chosen": 8.0, "score_rejected": 3.0,
+    "chosen": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],
+    "rejected": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Table."}],
+    "messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}],
+}
+
+
+@pytest.mark.parametrize("row", [
+    ULTRAFEEDBACK_ROW,
+    {key: ULTRAFEEDBACK_ROW[key] for key in ("chosen", "rejected")},  # no prompt field
+    {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Name a color."}]}],  # OpenAI content parts
+     "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}],
+     "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Table."}]}]},
+    {"prompt": "Name a color.", "chosen": {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
+     "rejected": {"role": "assistant", "content": "Table."}},
+])
+def test_conversational_pair_shapes_read_as_one_prompt_and_two_answers(row):
+    ranking = ranking_of(row, "prefs.json: row 1")
+    assert ranking["responses"] == ["Blue.", "Table."] and "response_prompts" not in ranking
+    prompt = ranking["prompt"]
+    assert prompt in ("Name a color.", [{"role": "user", "content": "Name a color."}])
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "alpaca"])
+def test_ultrafeedback_binarized_rows_train_the_reward_model_and_dpo(tmp_path, tokenizer, data_cache, prompt_format):
+    """The shapes of the most used public preference sets go through the prepared (cached) path the recipes use,
+    every row kept, and score the same tokens as the standard shape of the same pair."""
+    from chatgpt_recipes.preferences import prepare_rankings
+
+    multi_part = {"prompt": "Name a color.",
+                  "chosen": [{"role": "user", "content": [{"type": "text", "text": "Name a color."}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}],
+                  "rejected": ULTRAFEEDBACK_ROW["rejected"]}
+    path = tmp_path / "ultrafeedback.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [ULTRAFEEDBACK_ROW, multi_part] * 5) + "\n")
+    reward = prepare_rankings(str(path), "train", tokenizer, prompt_format, "reward")
+    assert not reward.skips.records and len(reward.fits) == 10
+    pairs = reward.reward_pairs(reward.examples)
+    standard = ranking_of({"prompt": [{"role": "user", "content": "Name a color."}], "chosen": "Blue.",
+                           "rejected": "Table."}, "r")
+    chosen, rejected = ranking_sequences(standard, tokenizer, prompt_format, None, "drop")
+    assert all(p["chosen_ids"] == chosen and p["rejected_ids"] == rejected for p in pairs)
+    dpo = prepare_rankings(str(path), "train", tokenizer, prompt_format, "dpo")
+    assert list(dpo.dpo_dataset(dpo.examples)) == dpo_pairs(standard, tokenizer, prompt_format) * 10
+
+
+def test_sft_chat_rows_read_openai_content_parts_as_text():
+    parts = {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                          {"role": "user", "content": [{"type": "text", "text": "Name"},
+                                                       {"type": "text", "text": "a color."}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}
+    (example,), _ = sft_rows([parts], "chat.json")
+    assert example["messages"] == [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "Name\na color."},
+                                   {"role": "assistant", "content": "Blue."}]
+
+
+def test_a_json_file_holding_one_chat_object_is_an_error_not_a_list_of_turns(tmp_path):
+    """Once read as a list of rows, each turn a row; the file is the error (as any JSON object is, README), the
+    message says how to write it."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    (tmp_path / "one.json").write_text(json.dumps(chat))
+    for read in (read_rows, raw_dataset):
+        with pytest.raises(DataError, match=r"one.json: holds one chat object \(\{\"messages\": \[turns\]\}\), not a "
+                                            r"list of rows: write it as \[\{\"messages\": \[...\]\}\]"):
+            read(str(tmp_path / "one.json"))
+    (tmp_path / "sharegpt.json").write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}]}))
+    with pytest.raises(DataError, match="holds one chat object"):
+        read_rows(str(tmp_path / "sharegpt.json"))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [chat, chat]}))  # rows under one key: still read
+    assert read_rows(str(tmp_path / "wrapped.json")) == [chat, chat]
 
 
 def test_hh_transcript_split():
@@ -109,7 +209,7 @@ def test_rendering_matches_sft(tokenizer):
     text = render_prompt(alpaca, tokenizer, "alpaca")
     sft = tokenize_example({"prompt": text, "completion": "Blue."}, tokenizer)
     prompt_ids = encode_prompt(text, tokenizer, "alpaca")
-    assert sft["input_ids"] == prompt_ids + encode_response("Blue.", tokenizer)
+    assert sft["input_ids"] == prompt_ids + encode_response("Blue.", tokenizer, "alpaca")
     assert sft["labels"][: len(prompt_ids)] == [-100] * len(prompt_ids)
     turns = [{"role": "user", "content": "Name a color."}]
     chat = render_prompt(turns, tokenizer, "chat")
@@ -167,6 +267,24 @@ def test_sft_reward_model_and_ppo_render_the_same_prompt(prompt_format, model, r
     ({"prompt": "Q", "responses": ["only one"]}, "responses", "field 'responses' must rank at least 2 responses"),
     ({"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [1, 2, 2]}, "ranks", "field 'ranks' has ties"),
     ({"prompt": "Q", "responses": ["a", "a"]}, "responses", "field 'responses' ranks the same text twice"),
+    ({"prompt": "Q", "chosen": "Paris is  the capital.", "rejected": "Paris is the\ncapital. "}, "rejected",
+     "'chosen' and 'rejected' are the same text"),  # equal once whitespace is normalised
+    ({"prompt": "Q", "responses": ["a b", "c", "a  b"]}, "responses", "field 'responses' ranks the same text twice"),
+    ({"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [1, None, 2]}, "ranks",
+     "field 'ranks' must hold integers, found None at position 1"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": ["first", "second"]}, "ranks",
+     "field 'ranks' must hold integers, found 'first' at position 0"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": ["+-1", "2"]}, "ranks", "field 'ranks' must hold integers"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": [1.5, 2]}, "ranks", "field 'ranks' must hold integers"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": [True, False]}, "ranks", "field 'ranks' must hold integers"),
+    ({"prompt": "Q", "responses": ["a", "b", "c"], "ranks": [1, 2]}, "ranks",
+     "field 'ranks' must give one rank per response (3), found 2"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": None}, "ranks",
+     "field 'ranks' must give one rank per response (2), found NoneType"),
+    ({"prompt": "Q", "responses": ["a", "b"], "ranks": ["1", 1]}, "ranks", "field 'ranks' has ties [1, 1]"),
+    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": [{"type": "image_url"}]}],
+      "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "no"}]}, "chosen",
+     "chosen[1]: content part 0 is not text (type 'image_url')"),
     ({"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: more?", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
      "chosen", "field 'chosen' is an HH transcript with no final Assistant turn"),
     ({"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
@@ -184,7 +302,7 @@ def test_bad_preference_row_is_a_recorded_skip_and_a_mostly_bad_file_an_error(tm
     (record,) = skips.records
     assert (record["row"], record["field"], record["kind"]) == (41, field, "defect") and message in record["reason"]
     path.write_text("\n".join(json.dumps(r) for r in good[:2] + [row]) + "\n")
-    with pytest.raises(DataError, match="row 3: " + message.replace("[", r"\[")) as error:
+    with pytest.raises(DataError, match="row 3: " + re.escape(message)) as error:
         read_rankings(read_rows(str(path)), str(path))
     assert str(path) in str(error.value) and "max_skipped_fraction=0.05" in str(error.value)
 

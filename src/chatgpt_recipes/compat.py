@@ -281,13 +281,15 @@ def value_model_for_trl_ppo(peft_model):
 _PPO = "the PPO trainer (chatgpt_recipes.ppo_trainer.RecipePPOTrainer, a subclass of TRL's PPOTrainer)"
 # What the subclass overrides or calls, and what it assumes TRL's train() does: it reads `self.dataloader` (replaced
 # by a seeded prompt order), loops over range(1, args.num_total_batches + 1) (shortened on resume), zeroes the step
-# counters before on_train_begin (put back by a callback on resume), steps `optimizer` once per micro-batch (wrapped
-# for PPO-ptx), and saves through _save_checkpoint (which adds the value model).
+# counters before on_train_begin (put back by a callback on resume), backpropagates each micro-batch's loss with one
+# `accelerator.backward(loss)` (PPO-ptx's loss and fp16 loss scaling are applied there: ppo_backward) and steps
+# `optimizer` after it (wrapped for fp16 loss scaling), and saves through _save_checkpoint (which adds the value
+# model).
 _PPO_METHODS = ["train", "log", "generate_completions", "_save_checkpoint", "_load_rng_state", "null_ref_context",
                 "save_model"]
 _PPO_TRAIN_SOURCE = ["self.dataloader", "range(1, args.num_total_batches + 1)", "self.state.global_step = 0",
-                     "on_train_begin", "optimizer.step()", "self._save_checkpoint(model, trial=None)",
-                     "unwrapped_model.policy"]
+                     "on_train_begin", "accelerator.backward(loss)", "optimizer.step()",
+                     "self._save_checkpoint(model, trial=None)", "unwrapped_model.policy"]
 
 
 def trl_ppo_trainer():
@@ -308,6 +310,23 @@ def trl_ppo_trainer():
         raise LibraryMismatchError(f"{touch}: trl {installed('trl')}'s PPOTrainer.train no longer contains "
                                    f"{missing}; it was written for trl {TRL}: pin trl=={TRL} (requirements.txt)")
     return PPOTrainer
+
+
+@contextmanager
+def ppo_backward(accelerator, transform):
+    """Inside, `accelerator.backward(loss)` backpropagates `transform(loss)` instead (an instance attribute, removed
+    afterwards). TRL's PPO loop (checked by trl_ppo_trainer) calls it once per micro-batch with the PPO loss: what
+    is added there is in the same backward, which under DeepSpeed is also the engine's step at the end of an
+    accumulation."""
+    touch = "PPO-ptx and fp16 loss scaling in TRL's PPO backward"
+    check_version("trl", TRL, touch)
+    require(accelerator, ["backward"], "accelerate", installed("accelerate"), touch)
+    original = accelerator.backward
+    accelerator.backward = lambda loss, **kwargs: original(transform(loss), **kwargs)
+    try:
+        yield
+    finally:
+        del accelerator.backward
 
 
 def expose_policy_on_wrapper(model) -> None:

@@ -4,19 +4,16 @@ import contextlib
 
 import torch
 
+from chatgpt_recipes.templates import end_of_turn_token_id
+
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Tokens that end an answer: the tokenizer's EOS, the model's generation-config EOS ids, and the chat
-    template's end-of-turn token (Qwen base models: eos <|endoftext|>, but turns end with <|im_end|>)."""
-    ids = {tokenizer.eos_token_id}
+    """Tokens that end an answer in generate(): the tokenizer's EOS, the model's generation-config EOS ids, and the
+    chat template's end-of-turn token (templates.end_of_turn_token_id; Qwen base models: eos <|endoftext|>, but
+    turns end with <|im_end|>)."""
+    ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
-    if tokenizer.chat_template:
-        turn = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-                                             tokenize=False)
-        end = turn.rsplit("y", 1)[-1].strip()
-        end_id = tokenizer.convert_tokens_to_ids(end) if end in tokenizer.all_special_tokens else None
-        ids.add(end_id)
     return sorted(i for i in ids if i is not None)
 
 

@@ -19,16 +19,19 @@ def policy_change_summary(title: str, prompts: int, before: dict, after: dict, o
 
 @torch.no_grad()
 def evaluate_policy(policy, reference, reward_model, tokenizer, prompts: list[str], max_new_tokens: int,
-                    temperature: float, seed: int) -> dict:
+                    temperature: float, seed: int, end_token_id: int) -> dict:
     """Mean centred reward of sampled answers to held-out prompts and the KL to the reference on them (the sum
     over answer tokens of log pi - log pi_ref, the k1 estimator on the policy's own samples). `reference` None
-    means the policy is a PEFT model whose reference is the same model with its adapter disabled. Every rank runs
+    means the policy is a PEFT model whose reference is the same model with its adapter disabled. An answer ends
+    at `end_token_id` (templates.answer_end_token_id: where PPO/RLOO stop and the reward model scores). Every rank runs
     it (under ZeRO-3 the models' weights are gathered for it) and gets the same figures."""
     with zero3_gathered(policy, reference, reward_model):
-        return _evaluate_policy(policy, reference, reward_model, tokenizer, prompts, max_new_tokens, temperature, seed)
+        return _evaluate_policy(policy, reference, reward_model, tokenizer, prompts, max_new_tokens, temperature, seed,
+                                end_token_id)
 
 
-def _evaluate_policy(policy, reference, reward_model, tokenizer, prompts, max_new_tokens, temperature, seed):
+def _evaluate_policy(policy, reference, reward_model, tokenizer, prompts, max_new_tokens, temperature, seed,
+                     end_token_id):
     device = next(policy.parameters()).device
     torch.manual_seed(seed)
     rewards, kls, lengths = [], [], []
@@ -37,10 +40,10 @@ def _evaluate_policy(policy, reference, reward_model, tokenizer, prompts, max_ne
         query = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
         output = policy.generate(input_ids=query, attention_mask=torch.ones_like(query), do_sample=True,
                                  temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=end_token_id, pad_token_id=tokenizer.pad_token_id)
         answer = output[:, query.shape[1]:]
-        eos = (answer[0] == tokenizer.eos_token_id).nonzero()
-        answer = answer[:, : int(eos[0]) + 1] if len(eos) else answer
+        end = (answer[0] == end_token_id).nonzero()
+        answer = answer[:, : int(end[0]) + 1] if len(end) else answer
         sequence = torch.cat([query, answer], dim=1)
 
         def answer_logprobs(model):

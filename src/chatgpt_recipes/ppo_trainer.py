@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from chatgpt_recipes.compat import (complete_ppo_trainer_state, expose_policy_on_wrapper, lora_folded_for_sampling,
-                                    match_scheduler_to_prepared_optimizer, replaced_generate, trl_ppo_trainer)
+                                    match_scheduler_to_prepared_optimizer, ppo_backward, replaced_generate,
+                                    trl_ppo_trainer)
 from chatgpt_recipes.config import ConfigError
 from chatgpt_recipes.generation import zero3_gathered
 from chatgpt_recipes.output import say
@@ -35,14 +36,15 @@ def pad_batch(examples: list[dict], pad_token_id: int) -> dict:
             "attention_mask": torch.tensor(fill([[1] * len(e["input_ids"]) for e in examples], 0))}
 
 
-class PtxOptimizerStep:
-    """PPO-ptx (InstructGPT eq. 2): the policy minimises L_PPO + ptx_coef * L_LM(ptx data). TRL's loop computes
-    L_PPO, calls backward and then optimizer.step() for every micro-batch; this wrapper's step() first adds the
-    gradient of ptx_coef * L_LM on one batch of the ptx dataset, then steps. Gradients add, so this is exactly the
-    gradient of the summed loss, without touching TRL's loop. Everything else is delegated to the optimizer."""
+class PtxLoss:
+    """PPO-ptx (InstructGPT eq. 2): the policy minimises L_PPO + ptx_coef * L_LM(ptx data). Calling it gives
+    ptx_coef * L_LM on the next batch of the ptx dataset, which RecipePPOTrainer adds to the PPO loss of every
+    micro-batch inside TRL's own backward (compat.ppo_backward): one backward of the summed loss, so one optimizer
+    step per batch under every backend. (Under DeepSpeed accelerate's backward also steps the engine, so a second
+    backward for the ptx loss would be a second optimizer step on the ptx gradient alone.)"""
 
-    def __init__(self, optimizer, trainer, ptx_examples: list[dict], ptx_coef: float, batch_size: int, seed: int):
-        self.optimizer, self.trainer, self.ptx_coef, self.batch_size = optimizer, trainer, ptx_coef, batch_size
+    def __init__(self, trainer, ptx_examples: list[dict], ptx_coef: float, batch_size: int, seed: int):
+        self.trainer, self.ptx_coef, self.batch_size = trainer, ptx_coef, batch_size
         self.examples, self.rng, self.order, self.losses = ptx_examples, random.Random(seed), [], []
         self.draws = 0  # batches taken so far: saved with a checkpoint, skipped again on resume
 
@@ -62,12 +64,40 @@ class PtxOptimizerStep:
         batch = pad_batch([self.examples[i] for i in picked], self.trainer.processing_class.pad_token_id)
         return {key: value.to(self.trainer.accelerator.device) for key, value in batch.items()}
 
+    def __call__(self) -> torch.Tensor:
+        loss = self.trainer.policy(**self._next_batch()).loss
+        self.losses.append(loss.detach())  # averaged at the next log: no host sync in the step
+        return self.ptx_coef * loss
+
+    def mean_since_last_call(self) -> float | None:
+        if not self.losses:
+            return None
+        mean, self.losses = torch.stack(self.losses).float().mean().item(), []
+        return mean
+
+
+class Fp16LossScaling:
+    """fp16 PPO's dynamic loss scaling, which TRL's PPOTrainer lacks (it builds its Accelerator without mixed
+    precision, so there is no GradScaler): the loss is scaled in backward (RecipePPOTrainer), and at each optimizer
+    step the gradients are unscaled and the step taken, or skipped with the scale halved when they overflowed, as
+    transformers' Trainer does with fp16. Wraps the optimizer; `step_was_skipped` tells the NaN guard
+    (resume.NonFiniteLossGuard) an overflow skip from a divergence. Not under DeepSpeed, whose engine scales fp16
+    losses itself."""
+
+    def __init__(self, optimizer, accelerator):
+        self.optimizer, self.accelerator = optimizer, accelerator
+        self.scaler = torch.amp.GradScaler(accelerator.device.type)
+        self.step_was_skipped, self.skipped_steps = False, 0
+
     def step(self, *args, **kwargs):
-        policy = self.trainer.accelerator.unwrap_model(self.trainer.model).policy
-        loss = policy(**self._next_batch()).loss
-        self.trainer.accelerator.backward(self.ptx_coef * loss)
-        self.losses.append(loss.item())
-        return self.optimizer.step(*args, **kwargs)
+        if not self.accelerator.sync_gradients:  # inside a gradient accumulation: nothing to step yet
+            return None
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer, *args, **kwargs)
+        self.scaler.update()
+        self.step_was_skipped = self.scaler.get_scale() < scale
+        self.skipped_steps += self.step_was_skipped
+        return None
 
     def __getattr__(self, name):
         return getattr(self.optimizer, name)
@@ -136,9 +166,10 @@ class RecipePPOTrainer(PPOTrainer):
         self.dataloader = SeededPromptOrder(self.train_dataset, self.data_collator, self.args.local_batch_size,
                                             self.accelerator.num_processes, self.accelerator.process_index,
                                             self.args.seed)
-        if ptx_coef > 0:
-            self.optimizer = PtxOptimizerStep(self.optimizer, self, ptx_examples, ptx_coef, ptx_batch_size,
-                                              self.args.seed)
+        self.ptx = PtxLoss(self, ptx_examples, ptx_coef, ptx_batch_size, self.args.seed) if ptx_coef > 0 else None
+        if self.args.fp16 and not self.is_deepspeed_enabled:
+            self.optimizer = Fp16LossScaling(self.optimizer, self.accelerator)
+            self.callback_handler.optimizer = self.optimizer  # what the guards see
         self.sample_prompts, self.sample_every, self.on_log = list(sample_prompts), sample_every, on_log
         self.samples, self._generation_s, self._lengths, self._sampling = [], 0.0, [], False
         self._update_start = time.time()
@@ -159,7 +190,8 @@ class RecipePPOTrainer(PPOTrainer):
             self._generation_s += time.time() - start
             sequences = getattr(output, "sequences", output)
             response = sequences[:, gen_kwargs["input_ids"].shape[1]:]
-            ended = response == self.processing_class.eos_token_id
+            stop = self.processing_class.eos_token_id if self.stop_token_id is None else self.stop_token_id
+            ended = response == stop
             first_eos = torch.where(ended.any(1), ended.float().argmax(1) + 1, response.shape[1])
             self._lengths += first_eos.tolist()
         return output
@@ -168,7 +200,7 @@ class RecipePPOTrainer(PPOTrainer):
         self._generation_s, self._lengths, self._update_start = 0.0, [], time.time()
         # TRL's PPOTrainer builds its own Accelerator without the config's mixed precision, so `bf16: true` is
         # silently ignored; an autocast around the loop gives scoring and updates ~3x faster matmuls on CPUs with
-        # bf16 units (generation is excluded, see _timed_generate). fp16 runs without loss scaling here.
+        # bf16 units (generation is excluded, see _timed_generate). fp16 gets dynamic loss scaling (Fp16LossScaling).
         # TRL's loop runs a full gc.collect() twice per update, which walks every object of the process (torch,
         # transformers, datasets...): ~0.3 s each on a small CPU, more than a tiny model's whole update. Objects that
         # exist before training are frozen out of those collections (gc.freeze); garbage made during training is
@@ -176,10 +208,19 @@ class RecipePPOTrainer(PPOTrainer):
         gc.freeze()
         try:
             with training_autocast(self.accelerator.device.type, self.args), \
-                    replaced_generate(self.policy, self._timed_generate):
+                    replaced_generate(self.policy, self._timed_generate), \
+                    ppo_backward(self.accelerator, self._loss_to_backpropagate):
                 return super().train()
         finally:
             gc.unfreeze()
+
+    def _loss_to_backpropagate(self, loss):
+        """What TRL's backward of one micro-batch backpropagates: its PPO loss, plus PPO-ptx's term, scaled for fp16."""
+        if self.ptx is not None:
+            loss = loss + self.ptx()
+        if isinstance(self.optimizer, Fp16LossScaling):
+            loss = self.optimizer.scaler.scale(loss)
+        return loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "objective/kl" in logs:  # one PPO update finished
@@ -188,9 +229,12 @@ class RecipePPOTrainer(PPOTrainer):
             logs["time/training_s"] = update_s - self._generation_s  # scoring (ref, RM, value) + PPO epochs
             logs["response_length"] = sum(self._lengths) / max(len(self._lengths), 1)
             logs["episodes_per_s"] = self.args.batch_size / update_s
-            if isinstance(self.optimizer, PtxOptimizerStep) and self.optimizer.losses:
-                logs["ptx/loss"] = sum(self.optimizer.losses) / len(self.optimizer.losses)
-                self.optimizer.losses = []
+            ptx_loss = self.ptx.mean_since_last_call() if self.ptx is not None else None
+            if ptx_loss is not None:
+                logs["ptx/loss"] = ptx_loss
+            if isinstance(self.optimizer, Fp16LossScaling):
+                logs["fp16/loss_scale"] = self.optimizer.scaler.get_scale()
+                logs["fp16/skipped_steps"] = self.optimizer.skipped_steps
             if self.on_log:
                 self.on_log(self, logs)
             step = self.state.global_step
@@ -241,9 +285,10 @@ class RecipePPOTrainer(PPOTrainer):
         with zero3_gathered(value_model):  # every rank
             if self.accelerator.is_main_process:
                 save_file({k: v.contiguous() for k, v in value_model.state_dict().items()}, str(folder / VALUE_WEIGHTS))
-                ptx_draws = self.optimizer.draws if isinstance(self.optimizer, PtxOptimizerStep) else 0
-                (folder / "ppo_state.json").write_text(json.dumps({"episode": self.state.episode,
-                                                                  "ptx_draws": ptx_draws}))
+                state = {"episode": self.state.episode, "ptx_draws": self.ptx.draws if self.ptx is not None else 0}
+                if isinstance(self.optimizer, Fp16LossScaling):
+                    state["grad_scaler"] = self.optimizer.scaler.state_dict()
+                (folder / "ppo_state.json").write_text(json.dumps(state))
         self.accelerator.wait_for_everyone()
 
     def resume_from(self, checkpoint: str) -> None:
@@ -262,7 +307,7 @@ class RecipePPOTrainer(PPOTrainer):
             if isinstance(unwrapped.policy, PeftModel):
                 set_peft_model_state_dict(unwrapped.policy, load_file(str(folder / "adapter_model.safetensors")))
             else:
-                unwrapped.policy.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+                load_whole_state(unwrapped.policy, load_file(str(folder / "model.safetensors")), folder)
             unwrapped.value_model.load_state_dict(load_file(str(folder / VALUE_WEIGHTS)))
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
@@ -271,12 +316,39 @@ class RecipePPOTrainer(PPOTrainer):
         ppo_state = json.loads((folder / "ppo_state.json").read_text())
         done = state["global_step"]
         self.dataloader.start = done
-        if isinstance(self.optimizer, PtxOptimizerStep):
-            self.optimizer.skip(ppo_state.get("ptx_draws", 0))
+        if self.ptx is not None:
+            self.ptx.skip(ppo_state.get("ptx_draws", 0))
+        if isinstance(self.optimizer, Fp16LossScaling) and "grad_scaler" in ppo_state:
+            self.optimizer.scaler.load_state_dict(ppo_state["grad_scaler"])
         self.add_callback(_ResumeState({
             "global_step": done, "episode": ppo_state["episode"],
             "max_steps": self.args.num_total_batches, "log_history": state["log_history"]}))
         self.args.num_total_batches -= done  # train() loops over range(1, num_total_batches + 1)
+
+
+def load_whole_state(model, state: dict, checkpoint: Path) -> None:
+    """Load a fully trained policy's saved weights, every one of them: save_pretrained writes a tied weight
+    (lm_head = embed_tokens) once, so only a weight tied to one that is loaded may be absent; any other missing or
+    unexpected key is an error that lists them (a checkpoint of another model), never a silent partial load."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a weight of another shape
+        reason = str(error).splitlines()[-1].strip()
+        raise ConfigError(f"{checkpoint}/model.safetensors does not fit this policy: {reason}") from None
+    names_of = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    loaded_with = {name: names for names in names_of.values() for name in names if any(n in state for n in names)}
+    missing = [key for key in result.missing_keys if key not in loaded_with]
+    if missing or result.unexpected_keys:
+        def listed(keys):
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+        raise ConfigError(
+            f"{checkpoint}/model.safetensors does not hold this policy's weights"
+            + (f"; missing: {listed(missing)}" if missing else "")
+            + (f"; not in the policy: {listed(result.unexpected_keys)}" if result.unexpected_keys else "")
+            + f". Was {checkpoint.parent} written by another model? Delete it or choose another output_dir.")
 
 
 def warn_on_ppo_trouble(logs: dict, response_length: int, history: dict) -> None:

@@ -4,19 +4,25 @@ pairs (DPO).
 
 Shapes read (one row each):
   pairwise, standard        {"prompt": str, "chosen": str, "rejected": str}
-  pairwise, conversational  {"prompt": [turns], "chosen": [turns], "rejected": [turns]}  (or no prompt: the
-                            shared leading turns of chosen and rejected are the prompt)
+  pairwise, conversational  {"prompt": [turns], "chosen": [assistant turn], "rejected": [assistant turn]}, or
+                            whole transcripts {"chosen": [user, assistant, ...], "rejected": [...]} with or without
+                            a "prompt" (UltraFeedback-binarized): the shared leading turns of the transcripts are the
+                            prompt, their last assistant turns the answers
+  (content may be text or OpenAI-style parts [{"type": "text", "text": ...}], read as text)
   ShareGPT pairs            {"conversations": [{from, value}], "chosen": {from, value}, "rejected": {from, value}}
   Anthropic HH-RLHF         {"chosen": "\\n\\nHuman: ... \\n\\nAssistant: ...", "rejected": "..."}
-  K-wise ranking            {"prompt": str | [turns], "responses": [best, ..., worst]} (optional "ranks": [1, 2, ...])
+  K-wise ranking            {"prompt": str | [turns], "responses": [best, ..., worst]} (optional "ranks": [1, 2, ...],
+                            integers, 1 the best, one per response, no ties; "2" and 2.0 read as 2)
   Alpaca-style pairs        {"instruction": str, "input": str, "chosen": str, "rejected": str} (the prompt rendered
                             like SFT's Alpaca rows; recipes/comparison_data.py writes these)
   Alpaca (PPO prompts only) {"instruction", "input", "output"}
 
 A prompt is kept as what it is (Alpaca pieces, chat turns or verbatim text) and rendered only once the target
 format is known, by chatgpt_recipes.templates.render_prompt, which renders SFT's and PPO's prompts too.
-Reward-model and PPO sequences are then tokens(prompt) + tokens(response) + EOS, tokenised separately, which is
-exactly what PPO generates (query tokens, then sampled tokens up to the EOS the SFT model learnt to emit)."""
+Reward-model and PPO sequences are then tokens(prompt) + tokens(response) + the token that ends an answer (EOS, or
+the chat template's end-of-turn token in the chat format: templates.answer_end_token_id), tokenised separately,
+which is exactly what PPO generates (query tokens, then sampled tokens up to the end token the SFT model learnt to
+emit)."""
 
 import json
 from itertools import combinations
@@ -26,14 +32,17 @@ from datasets import Dataset
 
 from chatgpt_recipes.output import say
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
-                                  check_overlong, column, kept_indices, normalize_messages, num_proc_for, raw_dataset,
-                                  rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint, train_and_eval)
-from chatgpt_recipes.templates import PromptFormatError, check_format, encode_prompt, render_prompt
+                                  check_overlong, column, content_text, kept_indices, normalize_messages, num_proc_for,
+                                  raw_dataset, rows_of_batch, skips_of, source_fingerprint, tokenizer_fingerprint,
+                                  train_and_eval)
+from chatgpt_recipes.templates import (PromptFormatError, answer_end_token_id, check_format, encode_prompt,
+                                       render_prompt)
 
 
-def encode_response(text: str, tokenizer) -> list[int]:
-    """A response's token ids ending with EOS: the stop token PPO truncates at and the token the RM scores."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_response(text: str, tokenizer, prompt_format: str) -> list[int]:
+    """A response's token ids ending with the token that ends an answer (EOS, or the chat template's end of turn:
+    templates.answer_end_token_id): the stop token PPO truncates at and the token the RM scores."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [answer_end_token_id(tokenizer, prompt_format)]
 
 
 # ---------------------------------------------------------------- rows to rankings
@@ -48,6 +57,8 @@ def _response_text(value, where: str, field: str) -> str:
         value = turns[0].get("content", turns[0].get("value"))
     if value is None:
         raise RowError(where, field, f"field '{field}' is null")
+    if isinstance(value, list):  # OpenAI-style content parts
+        value = content_text(value, where, field)
     if not isinstance(value, str):
         raise RowError(where, field, f"field '{field}' must be text, found {type(value).__name__}")
     if not value.strip():
@@ -99,7 +110,7 @@ def _pair_of(row: dict, where: str) -> tuple[object, list[str], list | None]:
             return (shared_prompt([prompt, rejected_prompt]), [chosen_text, rejected_text],
                     [prompt, rejected_prompt])
         return prompt, [chosen_text, rejected_text], None
-    if isinstance(chosen, list) and "prompt" not in row:  # conversational, implicit prompt
+    if isinstance(chosen, list) and ("prompt" not in row or _is_transcript(chosen)):  # conversational transcripts
         chosen_turns = normalize_messages(chosen, where, "chosen")
         rejected_turns = normalize_messages(rejected, where, "rejected")
         if chosen_turns[-1]["role"] != "assistant" or rejected_turns[-1]["role"] != "assistant":
@@ -117,6 +128,40 @@ def _pair_of(row: dict, where: str) -> tuple[object, list[str], list | None]:
         raise RowError(where, "prompt", f"missing field 'prompt' (fields present: {sorted(row)})")
     return (_prompt_field(row, where), [_response_text(chosen, where, "chosen"),
                                         _response_text(rejected, where, "rejected")], None)
+
+
+def _is_transcript(value: list) -> bool:
+    """A list of turns that holds more than the answer: a whole conversation (UltraFeedback-binarized's chosen and
+    rejected repeat the prompt's user turn although the row also has a prompt field)."""
+    return any(isinstance(t, dict) and t.get("role", t.get("from")) not in ("assistant", "gpt") for t in value)
+
+
+def same_text(first: str, second: str) -> bool:
+    """Equal once whitespace is normalised: answers that differ only in spacing teach no preference."""
+    return first.split() == second.split()
+
+
+def _ranks(row: dict, where: str, count: int) -> list[int]:
+    """The `ranks` of a K-wise row as integers (2, 2.0 and "2" read as 2), one per response, without ties."""
+    ranks = row["ranks"]
+    if not isinstance(ranks, list) or len(ranks) != count:
+        raise RowError(where, "ranks", f"field 'ranks' must give one rank per response ({count}), found "
+                       + (f"{len(ranks)}" if isinstance(ranks, list) else type(ranks).__name__))
+    numbers = []
+    for index, rank in enumerate(ranks):
+        if isinstance(rank, str):
+            try:
+                rank = int(rank.strip())
+            except ValueError:
+                pass
+        elif isinstance(rank, float) and rank.is_integer():
+            rank = int(rank)
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise RowError(where, "ranks", f"field 'ranks' must hold integers, found {rank!r} at position {index}")
+        numbers.append(rank)
+    if len(set(numbers)) != len(numbers):
+        raise RowError(where, "ranks", f"field 'ranks' has ties {numbers}; a ranking must order every response")
+    return numbers
 
 
 def _alpaca_prompt(row: dict, where: str) -> dict:
@@ -146,7 +191,7 @@ def ranking_of(row: dict, where: str) -> dict:
     conversation); RowError names the row and field when it is bad."""
     if "chosen" in row and "rejected" in row:
         prompt, responses, response_prompts = _pair_of(row, where)
-        if responses[0].strip() == responses[1].strip() and response_prompts is None:
+        if same_text(responses[0], responses[1]) and response_prompts is None:
             raise RowError(where, "rejected", "'chosen' and 'rejected' are the same text, so they teach no preference")
         ranking = {"prompt": prompt, "responses": responses}
         if response_prompts is not None:
@@ -159,13 +204,9 @@ def ranking_of(row: dict, where: str) -> dict:
                            f"{len(responses) if isinstance(responses, list) else type(responses).__name__}")
         texts = [_response_text(r, where, f"responses[{i}]") for i, r in enumerate(responses)]
         if "ranks" in row:
-            ranks = row["ranks"]
-            if not isinstance(ranks, list) or len(ranks) != len(texts):
-                raise RowError(where, "ranks", "field 'ranks' must give one rank per response")
-            if len(set(ranks)) != len(ranks):
-                raise RowError(where, "ranks", f"field 'ranks' has ties {ranks}; a ranking must order every response")
+            ranks = _ranks(row, where, len(texts))
             texts = [text for _, text in sorted(zip(ranks, texts))]
-        if len({t.strip() for t in texts}) != len(texts):
+        if len({tuple(t.split()) for t in texts}) != len(texts):
             raise RowError(where, "responses", "field 'responses' ranks the same text twice (a tie)")
         return {"prompt": _prompt_field(row, where), "responses": texts}
     raise RowError(where, None, f"unknown preference row with fields {sorted(row)}; expected chosen/rejected "
@@ -230,14 +271,16 @@ def ranking_sequences(ranking: dict, tokenizer, prompt_format: str, max_length: 
     ranking longer than max_length (overlong: drop) or whose answers become identical when cut (truncate)."""
     prompts = ranking.get("response_prompts") or [ranking["prompt"]] * len(ranking["responses"])
     prompt_ids = [encode_prompt(render_prompt(p, tokenizer, prompt_format), tokenizer, prompt_format) for p in prompts]
-    sequences = [ids + encode_response(text, tokenizer) for ids, text in zip(prompt_ids, ranking["responses"])]
+    sequences = [ids + encode_response(text, tokenizer, prompt_format)
+                 for ids, text in zip(prompt_ids, ranking["responses"])]
     if max_length and max(len(s) for s in sequences) > max_length:
         room = max_length - max(len(ids) for ids in prompt_ids) - 1
         if overlong == "drop":
             raise SkipRanking(f"longer than max_length={max_length} tokens")
         if room < 16:
             raise SkipRanking(f"prompt leaves fewer than 16 of max_length={max_length} tokens for the answer")
-        sequences = [s if len(s) <= max_length else s[: max_length - 1] + [tokenizer.eos_token_id] for s in sequences]
+        end = answer_end_token_id(tokenizer, prompt_format)
+        sequences = [s if len(s) <= max_length else s[: max_length - 1] + [end] for s in sequences]
         if len({tuple(s) for s in sequences}) < len(sequences):
             raise SkipRanking(f"answers identical within max_length={max_length} tokens")
     return sequences
@@ -261,7 +304,8 @@ def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_l
         except (PromptFormatError, SkipRanking) as error:
             skipped.add(source, group + 1, None, str(error), UNUSABLE)
             continue
-        if max_length and any(s[-1] == tokenizer.eos_token_id and len(s) == max_length for s in sequences):
+        if max_length and any(s[-1] == answer_end_token_id(tokenizer, prompt_format) and len(s) == max_length
+                              for s in sequences):
             cut += 1
         rows += [{"chosen_ids": sequences[better], "rejected_ids": sequences[worse], "weight": weight,
                   "group": group} for better, worse, weight in ranking_pairs(len(sequences))]
@@ -276,9 +320,11 @@ def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_l
 
 def dpo_pairs(ranking: dict, tokenizer, prompt_format: str) -> list[dict]:
     """DPO rows {prompt, chosen, rejected} of one ranking as text, the prompt rendered like SFT and each answer
-    ending with EOS. When the answers follow different conversations, the prompt is their longest common prefix
+    ending with the token that ends an answer (its text; TRL's DPOTrainer then adds no EOS of its own, see
+    recipes/dpo.py). When the answers follow different conversations, the prompt is their longest common prefix
     ending with a user turn and each answer is the rest of its own transcript."""
-    responses = [text + tokenizer.eos_token for text in ranking["responses"]]
+    end = tokenizer.convert_ids_to_tokens(answer_end_token_id(tokenizer, prompt_format))
+    responses = [text + end for text in ranking["responses"]]
     if ranking.get("response_prompts"):
         prompt = render_prompt(ranking["prompt"], tokenizer, prompt_format) if ranking["prompt"] else ""
         full = [render_prompt(p, tokenizer, prompt_format) + r for p, r in zip(ranking["response_prompts"], responses)]

@@ -46,15 +46,37 @@ def _non_finite_parameters(parameters) -> bool:
     return not bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]).sum()))
 
 
+# Dynamic loss scaling halves the scale at each overflow: 20 in a row take it from 65536 below 0.1, which no healthy
+# fp16 run needs; it means every step overflows, i.e. training has diverged.
+MAX_CONSECUTIVE_OVERFLOW_SKIPS = 20
+
+
 class NonFiniteLossGuard(TrainerCallback):
     """Stops training at the first step whose loss, gradients or updated weights are NaN or inf.
 
     Trainer's `logging_nan_inf_filter` (on by default) hides a NaN loss from the logs, and the optimizer step
     writes the NaN into the weights, which the next save would store. So after every optimizer step the
     trainable weights are checked (one fused norm, cheap next to the step), before Trainer logs or saves; the
-    error leaves the newest checkpoint on disk as the last good one."""
+    error leaves the newest checkpoint on disk as the last good one.
+
+    With fp16 a non-finite gradient is normal: dynamic loss scaling skips that step (the weights stay as they were)
+    and lowers the scale. Such an overflow skip (the optimizer's `step_was_skipped`: accelerate's for Trainer,
+    ppo_trainer.Fp16LossScaling for PPO) is printed and counted, not stopped on; MAX_CONSECUTIVE_OVERFLOW_SKIPS
+    in a row, or NaN/inf weights, are a divergence."""
+
+    def __init__(self):
+        self.consecutive_skips, self.skipped_since_log, self.skipped_steps = 0, 0, 0
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if args.fp16 and getattr(optimizer, "step_was_skipped", False):
+            self.consecutive_skips += 1
+            self.skipped_since_log += 1
+            self.skipped_steps += 1
+            if self.consecutive_skips >= MAX_CONSECUTIVE_OVERFLOW_SKIPS:
+                self._stop(args, state, f"the fp16 gradients overflowed at {self.consecutive_skips} steps in a row "
+                                        "(every step skipped by dynamic loss scaling)")
+        else:
+            self.consecutive_skips = 0
         if optimizer is not None:
             parameters = [p for group in optimizer.param_groups for p in group["params"]]
         elif model is not None:
@@ -69,7 +91,13 @@ class NonFiniteLossGuard(TrainerCallback):
         for key in ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
+                if self.skipped_since_log:
+                    say(f"[fp16] step {state.global_step}: the logged {key} is {value}: a gradient overflow, "
+                        f"{self.skipped_since_log} step(s) skipped and the loss scale lowered (dynamic loss "
+                        f"scaling; {self.skipped_steps} skipped so far); training goes on", flush=True)
+                    break
                 self._stop(args, state, f"the logged {key} is {value}")
+        self.skipped_since_log = 0
 
     @staticmethod
     def _stop(args, state, what: str):

@@ -155,7 +155,11 @@ def _json_list(path: Path, text: str) -> list:
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
     if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
-        rows = next(iter(rows.values()))  # {"data": [...]}
+        (field, value), = rows.items()
+        if any(isinstance(item, dict) and ("role" in item or "from" in item) for item in value):
+            raise DataError(f"{path}: holds one chat object ({{\"{field}\": [turns]}}), not a list of rows: write it "
+                            f"as [{{\"{field}\": [...]}}], or one object per line in a .jsonl file")
+        rows = value  # {"data": [...]}
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of objects, found a {type(rows).__name__}")
     return rows
@@ -311,9 +315,30 @@ def _text_field(row: dict, field: str, where: str, required: bool = True) -> str
     return value
 
 
+def content_text(content, where: str, field: str, label: str | None = None) -> str:
+    """A turn's content as text: a string, or OpenAI-style parts [{"type": "text", "text": ...}] joined by newlines
+    (parts that are not text, such as images, are a RowError of `field`; `label` names the turn in the message)."""
+    label = label or field
+    if not isinstance(content, list):
+        if not isinstance(content, str):
+            raise RowError(where, field, f"{label}: content must be text, found {type(content).__name__}")
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise RowError(where, field, f"{label}: content part {index} is not text (type {kind!r}); the recipes "
+                                         "train on text only")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def normalize_messages(messages, where: str, field: str = "messages") -> list[dict]:
-    """Chat turns as [{role, content}], ShareGPT's {from, value} accepted; roles must alternate user/assistant
-    after an optional leading system turn."""
+    """Chat turns as [{role, content}], ShareGPT's {from, value} accepted, content given as text or as OpenAI-style
+    text parts; roles must alternate user/assistant after an optional leading system turn."""
     if not isinstance(messages, list) or not messages:
         raise RowError(where, field, f"field '{field}' must be a non-empty list of turns"
                        + (", found null" if messages is None else ""))
@@ -325,9 +350,8 @@ def normalize_messages(messages, where: str, field: str = "messages") -> list[di
         content = turn.get("content", turn.get("value"))
         if role not in SHAREGPT_ROLES:
             raise RowError(where, field, f"{field}[{index}]: unknown role {role!r} (use system, user or assistant)")
-        if not isinstance(content, str):
-            raise RowError(where, field, f"{field}[{index}]: content must be text, found {type(content).__name__}")
-        turns.append({"role": SHAREGPT_ROLES[role], "content": content})
+        text = content_text(content, where, field, f"{field}[{index}]")
+        turns.append({"role": SHAREGPT_ROLES[role], "content": text})
     expected = "user"
     for index, turn in enumerate(turns):
         if index == 0 and turn["role"] == "system":

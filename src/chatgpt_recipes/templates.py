@@ -8,7 +8,9 @@ A prompt is Alpaca pieces {instruction, input}, chat turns ending with a user tu
   plain   the text as is (prompt/completion data).
 """
 
+import copy
 import json
+import weakref
 from pathlib import Path
 
 from chatgpt_recipes.config import ConfigError, RecipeError
@@ -125,6 +127,58 @@ def render_conversation(turns: list[dict], tokenizer, prompt_format: str) -> str
     history = "".join(alpaca_prompt(user["content"]) + answer["content"] + "\n\n"
                       for user, answer in zip(exchanges[0:-1:2], exchanges[1:-1:2]))
     return system + history + alpaca_prompt(exchanges[-1]["content"])
+
+
+# ---------------------------------------------------------------- the token that ends an answer
+
+_END_OF_TURN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant turn (<|im_end|> for ChatML,
+    <|eot_id|> for Llama 3, EOS for FALLBACK_CHAT_TEMPLATE), or None without a chat template or when the template
+    ends turns with plain text."""
+    if not tokenizer.chat_template:
+        return None
+    cached = _END_OF_TURN.get(tokenizer)
+    if cached and cached[0] == (tokenizer.chat_template, tokenizer.eos_token_id):
+        return cached[1]
+    try:
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                             tokenize=False)
+    except Exception:  # a template that refuses this minimal chat (one that requires a system turn, say)
+        turn = ""
+    end = turn.rsplit("y", 1)[-1].strip() if turn else ""
+    special = set(tokenizer.all_special_tokens) | {added.content for added in tokenizer.added_tokens_decoder.values()
+                                                   if added.special}
+    end_id = tokenizer.convert_tokens_to_ids(end) if end in special else None
+    _END_OF_TURN[tokenizer] = ((tokenizer.chat_template, tokenizer.eos_token_id), end_id)
+    return end_id
+
+
+def answer_end_token_id(tokenizer, prompt_format: str) -> int:
+    """The token that ends an answer, as SFT trained the model to emit it: the chat template's end-of-turn token
+    in the chat format (not EOS when a base model is given a ChatML template: EOS <|endoftext|>, turns end with
+    <|im_end|>), EOS otherwise (chatgpt_recipes.sft_data appends EOS to a prompt/completion answer). The reward
+    model scores at it, PPO/RLOO stop at it, DPO's answers end with it."""
+    check_format(prompt_format)
+    if prompt_format == "chat":
+        end = end_of_turn_token_id(tokenizer)
+        if end is not None:
+            return end
+    return tokenizer.eos_token_id
+
+
+def tokenizer_ending_answers(tokenizer, prompt_format: str):
+    """`tokenizer` itself when EOS ends an answer, else a copy whose EOS is the token that does: TRL's PPO, RLOO and
+    DPO trainers read `eos_token(_id)` as the end of an answer (where generation stops, the completion mask ends,
+    missing_eos_penalty looks, and what DPO appends to an answer that does not end with it)."""
+    end = answer_end_token_id(tokenizer, prompt_format)
+    if end == tokenizer.eos_token_id:
+        return tokenizer
+    answers = copy.deepcopy(tokenizer)
+    answers.eos_token = answers.convert_ids_to_tokens(end)
+    return answers
 
 
 # ---------------------------------------------------------------- stage_info.json: how a model was trained
