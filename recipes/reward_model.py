@@ -55,7 +55,7 @@ class RewardRecipeConfig(DataArguments, TimeBudgetArguments, RewardConfig):
                 "kept; counted) or drop the ranking (counted)."})
     system_prompt: str | None = field(default=None, metadata={
         "help": "prompt_format chat: the system turn of conversations that have none. Unset: the chat template's "
-                "own default (SmolLM2 adds one of 20 tokens to every transcript); '' an empty system turn."})
+                "own default (SmolLM2 adds 16 tokens to every transcript); '' an empty system turn."})
     centering_samples: int = field(default=256, metadata={
         "help": "Training answers scored to estimate the centering offset (their mean reward becomes 0)."})
 

@@ -124,7 +124,8 @@ def test_no_row_of_the_real_hh_sample_is_dropped_for_length(tokenizer, data_cach
     recorded skips, and the cuts are counted."""
     lines = gzip.open(REPO / "data" / "hh_rlhf_harmless_sample.jsonl.gz", "rt").read().splitlines()[:400]
     (tmp_path / "hh.jsonl").write_text("\n".join(lines) + "\n")
-    prepared = prepare_rankings(str(tmp_path / "hh.jsonl"), "train", tokenizer, "chat", "reward", max_length=128)
+    prepared = prepare_rankings(str(tmp_path / "hh.jsonl"), "train", tokenizer, "chat", "reward", max_length=128,
+                                overlong="truncate")
     assert all("max_length" not in record["reason"] for record in prepared.skips.records)
     assert len(prepared.examples) + len(prepared.skips.records) == len(lines)
     assert prepared.usable(prepared.examples) == prepared.examples

@@ -333,7 +333,7 @@ def report_truncation(source: str, counts: dict, total: int, max_length: int | N
 
 
 def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_length: int | None,
-                      source: str, overlong: str = "truncate", system_prompt: str | None = None
+                      source: str, overlong: str = "drop", system_prompt: str | None = None
                       ) -> tuple[list[dict], SkipLog]:
     """Reward-model rows {chosen_ids, rejected_ids, weight, group}: every pair of every ranking, `group` the index
     of its prompt. Prompts the format cannot render are skipped and counted; rankings longer than max_length are
@@ -521,7 +521,7 @@ def _expand_dpo(batch):
 
 
 def prepare_rankings(source: str, split: str, tokenizer, prompt_format: str, purpose: str,
-                     max_length: int | None = None, overlong: str = "truncate", columns: dict | None = None,
+                     max_length: int | None = None, overlong: str = "drop", columns: dict | None = None,
                      num_proc: int | None = None, max_skipped_fraction: float = 0.05,
                      system_prompt: str | None = None) -> PreparedRankings:
     """Preference rows of `source` as rankings, rendered and (purpose "reward") tokenised or (purpose "dpo") as
