@@ -15,9 +15,12 @@ from chatgpt_recipes.rows import read_rows, split_train_eval
 
 
 def write_marker_preferences(path, count=120, seed=0):
-    """Pairs and 3-way rankings over Alpaca instructions: the better answer says 'excellent', the worst 'terrible'."""
+    """Pairs and 3-way rankings over Alpaca instructions, each after the same long preamble (so every prompt is cut at
+    its start to fit MAX_LENGTH): the better answer says 'excellent', the worst 'terrible'."""
     rng = random.Random(seed)
-    instructions = [row["instruction"] for row in json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())]
+    preamble = "Please read the following request carefully and answer it as well as you can. " * 3
+    instructions = [preamble + row["instruction"]
+                    for row in json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())]
     words = "the model writes a short answer about this topic with some plain words here".split()
     rows = []
     for i in range(count):
@@ -31,7 +34,7 @@ def write_marker_preferences(path, count=120, seed=0):
     return path
 
 
-MAX_LENGTH = 40  # under every Alpaca-templated prompt + answer here: each is cut at the start of its prompt
+MAX_LENGTH = 40  # under every prompt + answer here: each prompt is cut at its start, the answers stay whole
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_centred_rewards_have_mean_zero(trained_rm):
     tokenizer = load_tokenizer(trained_rm["dir"])
     rankings = read_rankings(read_rows(trained_rm["data"]), "marker")
     train, _ = split_train_eval(rankings, 20, 42)  # the recipe's split: same eval size and seed
-    rows, _ = tokenize_rankings(train, tokenizer, "alpaca", MAX_LENGTH, "marker")
+    rows, _ = tokenize_rankings(train, tokenizer, "alpaca", MAX_LENGTH, "marker", "truncate")
     answers = [list(a) for a in {tuple(ids) for row in rows for ids in (row["chosen_ids"], row["rejected_ids"])}]
     model = load_reward_model(trained_rm["dir"])
     centred = mean_reward(model, answers, tokenizer.pad_token_id)
