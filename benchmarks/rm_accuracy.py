@@ -4,7 +4,8 @@ identical held-out pairs, every one of them.
 
     python benchmarks/rm_accuracy.py                          # the full default: one seed, every row of the sample
     python benchmarks/rm_accuracy.py --seeds 3                # mean and spread over seeds 42, 43, 44
-    python benchmarks/rm_accuracy.py --train_rows 160 --eval_rows 200 --max_steps 20   # small, minutes on a CPU
+    python benchmarks/rm_accuracy.py --train_rows 48 --eval_rows 48 --max_steps 3 --max_length 128 \
+        --centering_samples 8                                  # small: ~10 minutes on 2 CPU cores
     python benchmarks/rm_accuracy.py --models recipe --recipe_args "--system_prompt ''"   # a variant, recipe only
 
 Data: Anthropic HH-RLHF transcripts {chosen, rejected} (default data/hh_rlhf_harmless_sample.jsonl.gz, 1,500 rows).
@@ -223,6 +224,10 @@ def main():
     parser.add_argument("--eval_rows", type=int, default=300, help="held-out rows (whole prompt groups)")
     parser.add_argument("--train_rows", type=int, default=None, help="the first N training rows (default: all)")
     parser.add_argument("--max_steps", type=int, default=None, help="stop both trainings after N steps")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="both models' max_length (default: the config's); passed to the recipe as --max_length")
+    parser.add_argument("--centering_samples", type=int, default=None,
+                        help="the recipe's centering_samples (fewer: a faster small run); passed on as is")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 42, 43, ...: mean and spread")
     parser.add_argument("--models", nargs="+", default=["stock", "recipe"], choices=["stock", "recipe"])
     parser.add_argument("--eval_batch_size", type=int, default=16)
@@ -248,7 +253,8 @@ def main():
     print(f"[split] {len(train_rows)} training rows, {len(held_out)} held-out rows ({len(skipped)} malformed, "
           f"skipped for both: {skipped}); no opening turn on both sides", flush=True)
 
-    extra = shlex.split(args.recipe_args)
+    extra = [item for name in ("max_length", "centering_samples") if getattr(args, name) is not None
+             for item in (f"--{name}", str(getattr(args, name)))] + shlex.split(args.recipe_args)
     results = {"command": " ".join(shlex.quote(a) for a in sys.argv), "machine": machine(), "versions": versions(),
                "train_rows": len(train_rows), "eval_rows": len(held_out), "eval_pairs": len(kept),
                "eval_skipped": skipped, "runs": []}
