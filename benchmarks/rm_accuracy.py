@@ -5,7 +5,7 @@ identical held-out pairs, every one of them.
     python benchmarks/rm_accuracy.py                          # the full default: one seed, every row of the sample
     python benchmarks/rm_accuracy.py --seeds 3                # mean and spread over seeds 42, 43, 44
     python benchmarks/rm_accuracy.py --train_rows 48 --eval_rows 48 --max_steps 3 --max_length 128 \
-        --centering_samples 8                                  # small: ~10 minutes on 2 CPU cores
+        --centering_samples 8                                  # small: 5-15 minutes on 2 busy CPU cores
     python benchmarks/rm_accuracy.py --models recipe --recipe_args "--system_prompt ''"   # a variant, recipe only
 
 Data: Anthropic HH-RLHF transcripts {chosen, rejected} (default data/hh_rlhf_harmless_sample.jsonl.gz, 1,500 rows).
