@@ -49,7 +49,7 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
     model_path = resolve_model_path(model_args.model_name_or_path)
     check_prompt_format(model_path, config.prompt_format, "the model")
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
-    options = dict(columns=config.columns, num_proc=config.dataset_num_proc,
+    options = dict(max_length=config.max_length, columns=config.columns, num_proc=config.dataset_num_proc,
                    max_skipped_fraction=config.max_skipped_fraction)
     train_data, eval_data, train_rankings, eval_rankings, skips, separate = prepare_train_eval_rankings(
         config, tokenizer, "dpo", **options)

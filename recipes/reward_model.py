@@ -50,8 +50,12 @@ class RewardRecipeConfig(DataArguments, TimeBudgetArguments, RewardConfig):
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training prompts."})
     prompt_format: str = field(default="alpaca", metadata={
         "help": "alpaca (the Alpaca template), chat (the tokenizer's chat template) or plain: as SFT rendered them."})
-    overlong: str = field(default="drop", metadata={
-        "help": "Answers past max_length: drop the ranking, or truncate them (still ending with EOS)."})
+    overlong: str = field(default="truncate", metadata={
+        "help": "Conversations past max_length: truncate (cut from the left: oldest turns first, the final exchange "
+                "kept; counted) or drop the ranking (counted)."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "prompt_format chat: the system turn of conversations that have none. Unset: the chat template's "
+                "own default (SmolLM2 adds 16 tokens to every transcript); '' an empty system turn."})
     centering_samples: int = field(default=256, metadata={
         "help": "Training answers scored to estimate the centering offset (their mean reward becomes 0)."})
 
@@ -62,14 +66,18 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
     check_prompt_format(model_path, config.prompt_format, "the model")
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
     options = dict(max_length=config.max_length, overlong=config.overlong, columns=config.columns,
-                   num_proc=config.dataset_num_proc, max_skipped_fraction=config.max_skipped_fraction)
+                   num_proc=config.dataset_num_proc, max_skipped_fraction=config.max_skipped_fraction,
+                   system_prompt=config.system_prompt)
     train_data, eval_data, train_rankings, eval_rankings, skips, separate = prepare_train_eval_rankings(
         config, tokenizer, "reward", **options)
     train_dataset = train_data.reward_pairs(train_rankings)
     eval_dataset = eval_data.reward_pairs(eval_rankings) if eval_rankings else None
+    truncation = {"train": train_data.truncation(train_rankings), "eval": eval_data.truncation(eval_rankings)}
     say(f"[data] {len(train_dataset)} training pairs from {len(train_data.usable(train_rankings))} prompts, "
         f"{len(eval_dataset) if eval_dataset is not None else 0} eval pairs"
-        f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}", flush=True)
+        f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}; cut from the left to max_length="
+        f"{config.max_length}: {truncation['train']['truncated']} training and {truncation['eval']['truncated']} "
+        "eval prompts", flush=True)
     if PartialState().is_main_process:
         skips.write(config.output_dir)
 
@@ -86,6 +94,8 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
     )
     train_result = train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
     metrics = dict(train_result.metrics)
+    metrics.update({f"{split}_{key}_rankings": count for split, counts in truncation.items()
+                    for key, count in counts.items()})
     if eval_dataset is not None:
         eval_metrics = trainer.evaluate()  # TRL adds eval_accuracy and eval_margin (mean chosen - rejected score)
         trainer.save_metrics("eval", eval_metrics)
@@ -112,15 +122,25 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
         tokenizer.save_pretrained(config.output_dir)
         save_stage_info(config.output_dir, "reward_model", config.prompt_format,
                         eval_accuracy=metrics.get("eval_accuracy"), eval_margin=metrics.get("eval_margin"),
+                        eval_pairs=len(eval_dataset) if eval_dataset is not None else 0,
+                        max_length=config.max_length, system_prompt=config.system_prompt, truncation=truncation,
                         reward_offset=offset, base_model=model_args.model_name_or_path)
         write_training_report(config.output_dir, "Reward model", trainer.state.log_history, metrics,
-                              {"Skipped rows": skips.markdown()},
+                              {"Skipped rows": skips.markdown(), "Cut to max_length": truncation_markdown(truncation)},
                               plot_keys=["loss", "accuracy", "eval_accuracy", "eval_margin"])
         say(f"\n=== Reward model ===\neval pairwise accuracy: {metrics.get('eval_accuracy', float('nan')):.3f} "
             f"(chance 0.5)\neval mean margin (chosen - rejected): {metrics.get('eval_margin', float('nan')):.3f}\n"
             f"centering offset: {offset:.3f} (the mean reward of {len(answers)} training answers; loaders "
             f"subtract it)\n"
             f"Saved to {config.output_dir}", flush=True)
+
+
+def truncation_markdown(truncation: dict) -> str:
+    lines = ["| split | prompts cut | oldest turns dropped | last prompt cut at its start | answer cut at its end |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {split} | {c['truncated']} | {c['turns_dropped']} | {c['prompt_cut']} | {c['answer_cut']} |"
+              for split, c in truncation.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

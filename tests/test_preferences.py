@@ -176,7 +176,7 @@ def test_hh_transcripts_that_differ_before_the_last_turn_are_scored_whole(tokeni
     assert ranking["prompt"] == [{"role": "user", "content": "Hi"}]  # the longest common prefix ending with a user turn
     assert ranking["responses"] == ["Apple.", "No."]
     assert [p[1]["content"] for p in ranking["response_prompts"]] == ["Hello!", "Go away."]
-    chosen_ids, rejected_ids = ranking_sequences(ranking, tokenizer, "chat", None, "drop")
+    (chosen_ids, rejected_ids), _ = ranking_sequences(ranking, tokenizer, "chat", None, "drop")
     assert tokenizer.decode(chosen_ids) == tokenizer.apply_chat_template(
         [*ranking["response_prompts"][0], {"role": "assistant", "content": "Apple."}], tokenize=False).rstrip("\n")
     (pair,) = dpo_pairs(ranking, tokenizer, "chat")
@@ -247,7 +247,7 @@ def test_sft_reward_model_and_ppo_render_the_same_prompt(prompt_format, model, r
     preference = {"prompt": [{"role": "user", "content": "Name a color."}], "chosen": "Blue.", "rejected": "Red."}
     ranking = ranking_of(preference, "preferences.json: row 1")
     (rm_pair,) = dpo_pairs(ranking, tokenizer, prompt_format)
-    rm_chosen, _ = ranking_sequences(ranking, tokenizer, prompt_format, None, "drop")
+    (rm_chosen, _), _ = ranking_sequences(ranking, tokenizer, prompt_format, None, "drop")
 
     (tmp_path / "prompts.json").write_text(json.dumps([row]))
     ppo = prompt_dataset(str(tmp_path / "prompts.json"), tokenizer, prompt_format, 128)

@@ -15,9 +15,12 @@ from chatgpt_recipes.rows import read_rows, split_train_eval
 
 
 def write_marker_preferences(path, count=120, seed=0):
-    """Pairs and 3-way rankings over Alpaca instructions: the better answer says 'excellent', the worst 'terrible'."""
+    """Pairs and 3-way rankings over Alpaca instructions, each after the same long preamble (so every prompt is cut at
+    its start to fit MAX_LENGTH): the better answer says 'excellent', the worst 'terrible'."""
     rng = random.Random(seed)
-    instructions = [row["instruction"] for row in json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())]
+    preamble = "Please read the following request carefully and answer it as well as you can. " * 3
+    instructions = [preamble + row["instruction"]
+                    for row in json.loads((REPO / "data" / "alpaca_en_demo.json").read_text())]
     words = "the model writes a short answer about this topic with some plain words here".split()
     rows = []
     for i in range(count):
@@ -31,6 +34,9 @@ def write_marker_preferences(path, count=120, seed=0):
     return path
 
 
+MAX_LENGTH = 40  # under every prompt + answer here: each prompt is cut at its start, the answers stay whole
+
+
 @pytest.fixture(scope="module")
 def trained_rm(tmp_path_factory, tiny_llama_dir):
     tmp = tmp_path_factory.mktemp("rm")
@@ -38,18 +44,23 @@ def trained_rm(tmp_path_factory, tiny_llama_dir):
     out = tmp / "rm"
     result = run_recipe("reward_model.py", "--model_name_or_path", tiny_llama_dir, "--dataset_name", data,
                         "--use_peft", "false", "--max_steps", "25", "--learning_rate", "2e-3",
-                        "--per_device_train_batch_size", "8", "--eval_split_size", "20", "--max_length", "256",
+                        "--per_device_train_batch_size", "8", "--eval_split_size", "20", "--max_length", str(MAX_LENGTH),
                         "--centering_samples", "1000", "--bf16", "false", "--report_to", "none",
                         "--save_strategy", "no", "--logging_steps", "5", "--output_dir", out)
     return {"dir": str(out), "data": str(data), "stdout": result.stdout}
 
 
 def test_tiny_rm_learns_marker_preference(trained_rm):
+    """Held-out accuracy far above chance (0.5) after 25 steps, every held-out pair scored although each is longer
+    than max_length."""
     results = json.loads(open(trained_rm["dir"] + "/eval_results.json").read())
     assert results["eval_accuracy"] >= 0.85, results
     assert results["eval_margin"] > 0
     info = json.loads(open(trained_rm["dir"] + "/stage_info.json").read())
     assert info["prompt_format"] == "alpaca" and info["eval_accuracy"] == results["eval_accuracy"]
+    _, held_out = split_train_eval(read_rankings(read_rows(trained_rm["data"]), "marker"), 20, 42)
+    assert info["eval_pairs"] == sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in held_out)
+    assert info["truncation"]["eval"]["truncated"] == len(held_out) == 20
     assert "eval pairwise accuracy" in trained_rm["stdout"]
 
 
@@ -57,7 +68,7 @@ def test_centred_rewards_have_mean_zero(trained_rm):
     tokenizer = load_tokenizer(trained_rm["dir"])
     rankings = read_rankings(read_rows(trained_rm["data"]), "marker")
     train, _ = split_train_eval(rankings, 20, 42)  # the recipe's split: same eval size and seed
-    rows, _ = tokenize_rankings(train, tokenizer, "alpaca", 256, "marker")
+    rows, _ = tokenize_rankings(train, tokenizer, "alpaca", MAX_LENGTH, "marker", "truncate")
     answers = [list(a) for a in {tuple(ids) for row in rows for ids in (row["chosen_ids"], row["rejected_ids"])}]
     model = load_reward_model(trained_rm["dir"])
     centred = mean_reward(model, answers, tokenizer.pad_token_id)

@@ -264,65 +264,152 @@ def ranking_pairs(num_responses: int) -> list[tuple[int, int, float]]:
     return [(better, worse, weight) for better, worse in combinations(range(num_responses), 2)]
 
 
-def ranking_sequences(ranking: dict, tokenizer, prompt_format: str, max_length: int | None,
-                      overlong: str) -> list[list[int]]:
-    """The token ids the reward model scores for each response of a ranking: tokens(prompt) + tokens(answer) +
-    EOS, each answer after its own conversation when it has one. Raises PromptFormatError, or SkipRanking for a
-    ranking longer than max_length (overlong: drop) or whose answers become identical when cut (truncate)."""
-    prompts = ranking.get("response_prompts") or [ranking["prompt"]] * len(ranking["responses"])
-    prompt_ids = [encode_prompt(render_prompt(p, tokenizer, prompt_format), tokenizer, prompt_format) for p in prompts]
-    sequences = [ids + encode_response(text, tokenizer, prompt_format)
-                 for ids, text in zip(prompt_ids, ranking["responses"])]
-    if max_length and max(len(s) for s in sequences) > max_length:
-        room = max_length - max(len(ids) for ids in prompt_ids) - 1
-        if overlong == "drop":
-            raise SkipRanking(f"longer than max_length={max_length} tokens")
-        if room < 16:
-            raise SkipRanking(f"prompt leaves fewer than 16 of max_length={max_length} tokens for the answer")
+def _without_oldest_turns(prompt, count: int):
+    """A chat prompt without its `count` oldest turns after any leading system turn; text prompts as they are."""
+    if not count or not isinstance(prompt, list):
+        return prompt
+    system = 1 if prompt and prompt[0]["role"] == "system" else 0
+    return prompt[:system] + prompt[system + count:]
+
+
+def _droppable_turns(prompt) -> int:
+    """How many oldest turns of a prompt can go in whole exchanges (user + assistant), the final user turn kept."""
+    if not isinstance(prompt, list):
+        return 0
+    turns = len(prompt) - (1 if prompt and prompt[0]["role"] == "system" else 0)
+    return max(turns - 1, 0) // 2 * 2
+
+
+def with_system_prompt(prompt, system_prompt: str | None):
+    """A chat prompt with `system_prompt` as its system turn when it has none (None: the chat template's own
+    default, e.g. SmolLM2's "You are a helpful AI assistant named SmolLM ..."; "": an empty system turn)."""
+    if system_prompt is None or isinstance(prompt, dict):
+        return prompt
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if turns and turns[0]["role"] == "system":
+        return turns
+    return [{"role": "system", "content": system_prompt}] + turns
+
+
+def _drop_oldest_turns_to_fit(prompts: list, prompt_ids_without, too_long) -> tuple[int, list[list[int]]]:
+    """(how many oldest turns go, the prompts' token ids without them): whole exchanges, the same count from every
+    conversation, until `too_long` is false or only the final user turn is left."""
+    count, prompt_ids = 0, prompt_ids_without(0)
+    droppable = min(_droppable_turns(p) for p in prompts)
+    while too_long(prompt_ids) and count < droppable:
+        count += 2
+        prompt_ids = prompt_ids_without(count)
+    return count, prompt_ids
+
+
+NO_CUT = {"turns_dropped": 0, "prompt_tokens_cut": 0, "answers_cut": 0}
+
+
+def fit_ranking(prompts: list, answers: list[str], tokenizer, prompt_format: str,
+                max_length: int | None) -> tuple[list[list[int]], dict]:
+    """The sequences tokens(prompt) + tokens(answer) + end token of one ranking, cut from the left to max_length, and
+    what was cut. The oldest exchanges go first, the same number from every response's conversation, so a prompt
+    the answers share stays identical on all sides; the final user turn and the answers stay whole. Only when that
+    final exchange alone does not fit is the prompt cut at the token level from the left, to no less than half
+    of max_length (or its whole length), and an answer that still does not fit is cut at its end, still ending
+    with the token that ends an answer (where the reward model reads its score)."""
+    answer_ids = [encode_response(text, tokenizer, prompt_format) for text in answers]
+
+    def prompt_ids_without(count):
+        return [encode_prompt(render_prompt(_without_oldest_turns(p, count), tokenizer, prompt_format), tokenizer,
+                              prompt_format) for p in prompts]
+
+    def too_long(prompt_ids):
+        return max_length and any(len(p) + len(a) > max_length for p, a in zip(prompt_ids, answer_ids))
+
+    cut, prompt_ids = dict(NO_CUT), prompt_ids_without(0)
+    cut["turns_dropped"], prompt_ids = _drop_oldest_turns_to_fit(prompts, prompt_ids_without, too_long)
+    if too_long(prompt_ids):
+        longest_prompt = max(len(p) for p in prompt_ids)
+        keep = max(max_length - max(len(a) for a in answer_ids), min(longest_prompt, max_length // 2))
+        cut["prompt_tokens_cut"] = max(longest_prompt - keep, 0)
+        prompt_ids = [p[-keep:] for p in prompt_ids]
         end = answer_end_token_id(tokenizer, prompt_format)
-        sequences = [s if len(s) <= max_length else s[: max_length - 1] + [end] for s in sequences]
-        if len({tuple(s) for s in sequences}) < len(sequences):
-            raise SkipRanking(f"answers identical within max_length={max_length} tokens")
-    return sequences
+        fitted = [a if len(p) + len(a) <= max_length else a[: max_length - len(p) - 1] + [end]
+                  for p, a in zip(prompt_ids, answer_ids)]
+        cut["answers_cut"] = sum(f is not a for f, a in zip(fitted, answer_ids))
+        answer_ids = fitted
+    return [p + a for p, a in zip(prompt_ids, answer_ids)], cut
+
+
+def ranking_sequences(ranking: dict, tokenizer, prompt_format: str, max_length: int | None, overlong: str,
+                      system_prompt: str | None = None) -> tuple[list[list[int]], dict]:
+    """The token ids the reward model scores for each response of a ranking: tokens(prompt) + tokens(answer) +
+    EOS, each answer after its own conversation when it has one, and what was cut to fit max_length (see
+    `fit_ranking`; overlong: truncate). Raises PromptFormatError, or SkipRanking for a ranking longer than
+    max_length under overlong: drop."""
+    prompts = ranking.get("response_prompts") or [ranking["prompt"]] * len(ranking["responses"])
+    if prompt_format == "chat":
+        prompts = [with_system_prompt(p, system_prompt) for p in prompts]
+    if overlong == "drop":
+        sequences, _ = fit_ranking(prompts, ranking["responses"], tokenizer, prompt_format, None)
+        if max_length and max(len(s) for s in sequences) > max_length:
+            raise SkipRanking(f"longer than max_length={max_length} tokens")
+        return sequences, dict(NO_CUT)
+    sequences, cut = fit_ranking(prompts, ranking["responses"], tokenizer, prompt_format, max_length)
+    if cut["answers_cut"] and len({tuple(s) for s in sequences}) < len(sequences):
+        raise SkipRanking(f"answers identical within max_length={max_length} tokens")
+    return sequences, cut
 
 
 class SkipRanking(Exception):
-    """A ranking that is fine but does not fit this run (too long)."""
+    """A ranking that is fine but does not fit this run (too long, overlong: drop)."""
+
+
+def truncation_counts(cuts: list[dict]) -> dict:
+    """How many rankings were cut, and how: oldest turns dropped, prompt tokens cut, answers cut."""
+    return {"truncated": sum(any(c.values()) for c in cuts),
+            "turns_dropped": sum(c["turns_dropped"] > 0 for c in cuts),
+            "prompt_cut": sum(c["prompt_tokens_cut"] > 0 for c in cuts),
+            "answer_cut": sum(c["answers_cut"] > 0 for c in cuts)}
+
+
+def report_truncation(source: str, counts: dict, total: int, max_length: int | None) -> None:
+    if counts["truncated"]:
+        say(f"[data] {source}: {counts['truncated']} of {total} rankings cut from the left to max_length="
+            f"{max_length} tokens and kept ({counts['turns_dropped']} lost their oldest turns, "
+            f"{counts['prompt_cut']} the start of their last prompt, {counts['answer_cut']} the end of an answer)",
+            flush=True)
 
 
 def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_length: int | None,
-                      source: str, overlong: str = "drop") -> tuple[list[dict], SkipLog]:
+                      source: str, overlong: str = "drop", system_prompt: str | None = None
+                      ) -> tuple[list[dict], SkipLog]:
     """Reward-model rows {chosen_ids, rejected_ids, weight, group}: every pair of every ranking, `group` the index
-    of its prompt. Prompts the format cannot render are skipped and counted; rankings with an answer longer than
-    max_length are skipped (overlong: drop) or have their long answers cut to fit, still ending with EOS so the
-    score is read where it always is (overlong: truncate); both are counted."""
+    of its prompt. Prompts the format cannot render are skipped and counted; rankings longer than max_length are
+    cut from the left (overlong: truncate, see `fit_ranking`; counted) or skipped (overlong: drop; counted)."""
     check_overlong(overlong)
-    rows, skipped, cut = [], SkipLog(), 0
+    rows, skipped, cuts = [], SkipLog(), []
     for group, ranking in enumerate(rankings):
         try:
-            sequences = ranking_sequences(ranking, tokenizer, prompt_format, max_length, overlong)
+            sequences, cut = ranking_sequences(ranking, tokenizer, prompt_format, max_length, overlong, system_prompt)
         except (PromptFormatError, SkipRanking) as error:
             skipped.add(source, group + 1, None, str(error), UNUSABLE)
             continue
-        if max_length and any(s[-1] == answer_end_token_id(tokenizer, prompt_format) and len(s) == max_length
-                              for s in sequences):
-            cut += 1
+        cuts.append(cut)
         rows += [{"chosen_ids": sequences[better], "rejected_ids": sequences[worse], "weight": weight,
                   "group": group} for better, worse, weight in ranking_pairs(len(sequences))]
     skipped.report(source, len(rankings))
-    if cut and overlong == "truncate":
-        say(f"[data] {source}: {cut} of {len(rankings)} rankings had answers cut to max_length={max_length} "
-            "tokens (kept, each still ending with EOS)", flush=True)
+    report_truncation(source, truncation_counts(cuts), len(rankings), max_length)
     if not rows:
         raise DataError(f"{source}: no usable preference rows (see the skip counts above)")
     return rows, skipped
 
 
-def dpo_pairs(ranking: dict, tokenizer, prompt_format: str) -> list[dict]:
+def dpo_pairs(ranking: dict, tokenizer, prompt_format: str, max_length: int | None = None) -> list[dict]:
     """DPO rows {prompt, chosen, rejected} of one ranking as text, the prompt rendered like SFT and each answer
     ending with the token that ends an answer (its text; TRL's DPOTrainer then adds no EOS of its own, see
     recipes/dpo.py). When the answers follow different conversations, the prompt is their longest common prefix
-    ending with a user turn and each answer is the rest of its own transcript."""
+    ending with a user turn and each answer is the rest of its own transcript. A conversation longer than
+    max_length loses its oldest exchanges first, the same ones on every side, as the reward model's do (TRL's
+    DPOTrainer then cuts what still does not fit at the end)."""
+    if max_length:
+        ranking = _dpo_ranking_to_fit(ranking, tokenizer, prompt_format, max_length)
     end = tokenizer.convert_ids_to_tokens(answer_end_token_id(tokenizer, prompt_format))
     responses = [text + end for text in ranking["responses"]]
     if ranking.get("response_prompts"):
@@ -338,13 +425,36 @@ def dpo_pairs(ranking: dict, tokenizer, prompt_format: str) -> list[dict]:
             for b, w, _ in ranking_pairs(len(responses))]
 
 
-def dpo_rows(rankings: list[dict], tokenizer, prompt_format: str, source: str) -> list[dict]:
+def _dpo_ranking_to_fit(ranking: dict, tokenizer, prompt_format: str, max_length: int) -> dict:
+    prompts = ranking.get("response_prompts") or [ranking["prompt"]] * len(ranking["responses"])
+    answer_lengths = [len(encode_response(text, tokenizer, prompt_format)) for text in ranking["responses"]]
+
+    def prompt_ids_without(count):
+        return [encode_prompt(render_prompt(_without_oldest_turns(p, count), tokenizer, prompt_format), tokenizer,
+                              prompt_format) for p in prompts]
+
+    def too_long(prompt_ids):
+        return any(len(p) + a > max_length for p, a in zip(prompt_ids, answer_lengths))
+
+    count, _ = _drop_oldest_turns_to_fit(prompts, prompt_ids_without, too_long)
+    if not count:
+        return ranking
+    fitted = {**ranking, "prompt": _without_oldest_turns(ranking["prompt"], count)}
+    if ranking.get("response_prompts"):
+        fitted["response_prompts"] = [_without_oldest_turns(p, count) for p in ranking["response_prompts"]]
+        if not any(t["role"] == "user" for t in fitted["prompt"]):
+            fitted["prompt"] = []
+    return fitted
+
+
+def dpo_rows(rankings: list[dict], tokenizer, prompt_format: str, source: str,
+             max_length: int | None = None) -> list[dict]:
     """DPO rows {prompt, chosen, rejected} of every ranking (see `dpo_pairs`); a K-wise ranking gives its C(K,2)
     pairs (TRL's DPOTrainer has no pair weights)."""
     rows, skipped = [], SkipLog()
     for number, ranking in enumerate(rankings, start=1):
         try:
-            rows += dpo_pairs(ranking, tokenizer, prompt_format)
+            rows += dpo_pairs(ranking, tokenizer, prompt_format, max_length)
         except PromptFormatError as error:
             skipped.add(source, number, None, str(error), UNUSABLE)
     skipped.report(source, len(rankings))
@@ -369,26 +479,30 @@ def _normalise_preference_batch(batch, columns, source):
     return out
 
 
-def _reward_batch(batch, tokenizer, prompt_format, max_length, overlong):
+def _reward_batch(batch, tokenizer, prompt_format, max_length, overlong, system_prompt):
     sequences, reasons, kinds = [], list(batch["skip_reason"]), list(batch["skip_kind"])
+    cuts = {key: [] for key in NO_CUT}
     for i, ranking in enumerate(batch["ranking"]):
-        ids = []
+        ids, cut = [], NO_CUT
         if not reasons[i]:
             try:
-                ids = ranking_sequences(json.loads(ranking), tokenizer, prompt_format, max_length, overlong)
+                ids, cut = ranking_sequences(json.loads(ranking), tokenizer, prompt_format, max_length, overlong,
+                                             system_prompt)
             except (PromptFormatError, SkipRanking) as error:
                 reasons[i], kinds[i] = str(error), UNUSABLE
         sequences.append(ids)
-    return {"sequences": sequences, "skip_reason": reasons, "skip_kind": kinds}
+        for key in cuts:
+            cuts[key].append(cut[key])
+    return {"sequences": sequences, "skip_reason": reasons, "skip_kind": kinds, **cuts}
 
 
-def _dpo_batch(batch, tokenizer, prompt_format):
+def _dpo_batch(batch, tokenizer, prompt_format, max_length):
     pairs, reasons, kinds = [], list(batch["skip_reason"]), list(batch["skip_kind"])
     for i, ranking in enumerate(batch["ranking"]):
         rows = []
         if not reasons[i]:
             try:
-                rows = dpo_pairs(json.loads(ranking), tokenizer, prompt_format)
+                rows = dpo_pairs(json.loads(ranking), tokenizer, prompt_format, max_length)
             except PromptFormatError as error:
                 reasons[i], kinds[i] = str(error), UNUSABLE
         pairs.append(json.dumps(rows, ensure_ascii=False))
@@ -412,6 +526,14 @@ class PreparedRankings:
 
     def usable(self, indices: list[int]) -> list[int]:
         return [i for i in indices if i in self.fits]
+
+    def truncation(self, indices: list[int]) -> dict:
+        """How many of the usable rankings at `indices` were cut to max_length, and how (`truncation_counts`)."""
+        if "turns_dropped" not in self.dataset.column_names:
+            return truncation_counts([])
+        usable = self.usable(indices)
+        columns = {key: column(self.dataset, key) for key in NO_CUT}
+        return truncation_counts([{key: columns[key][i] for key in NO_CUT} for i in usable])
 
     def reward_pairs(self, indices: list[int]) -> Dataset:
         """{chosen_ids, rejected_ids, weight, group} of the rankings at `indices`: every pair of each, weighted
@@ -447,14 +569,16 @@ def _expand_dpo(batch):
 
 def prepare_rankings(source: str, split: str, tokenizer, prompt_format: str, purpose: str,
                      max_length: int | None = None, overlong: str = "drop", columns: dict | None = None,
-                     num_proc: int | None = None, max_skipped_fraction: float = 0.05) -> PreparedRankings:
+                     num_proc: int | None = None, max_skipped_fraction: float = 0.05,
+                     system_prompt: str | None = None) -> PreparedRankings:
     """Preference rows of `source` as rankings, rendered and (purpose "reward") tokenised or (purpose "dpo") as
-    text pairs, once, cached under the file's content, the tokenizer and these options."""
+    text pairs, once, cached under the file's content, the tokenizer and these options. Conversations longer than
+    max_length are cut from the left (see `fit_ranking`, `dpo_pairs`)."""
     check_overlong(overlong)
     check_format(prompt_format)
     columns = columns or {}
     key = cache_key(purpose, source_fingerprint(source, split), tokenizer_fingerprint(tokenizer), prompt_format,
-                    max_length if purpose == "reward" else None, overlong, columns)
+                    max_length, overlong, columns, system_prompt)
 
     def build() -> Dataset:
         raw = raw_dataset(source, split)
@@ -465,9 +589,11 @@ def prepare_rankings(source: str, split: str, tokenizer, prompt_format: str, pur
         if purpose == "reward":
             return rows.map(_reward_batch, batched=True, batch_size=200, num_proc=workers, new_fingerprint=key,
                             fn_kwargs={"tokenizer": tokenizer, "prompt_format": prompt_format,
-                                       "max_length": max_length, "overlong": overlong}, desc="Tokenising")
+                                       "max_length": max_length, "overlong": overlong,
+                                       "system_prompt": system_prompt}, desc="Tokenising")
         return rows.map(_dpo_batch, batched=True, batch_size=200, num_proc=workers, new_fingerprint=key,
-                        fn_kwargs={"tokenizer": tokenizer, "prompt_format": prompt_format}, desc="Rendering")
+                        fn_kwargs={"tokenizer": tokenizer, "prompt_format": prompt_format,
+                                   "max_length": max_length}, desc="Rendering")
 
     return PreparedRankings(source, cached_dataset(key, build, source), max_skipped_fraction)
 
