@@ -66,10 +66,9 @@ def main(config: GRPORecipeConfig, model_args: ModelArguments):
         reward_model = load_reward_model(reward_path).to(PartialState().device)
     reward_funcs = [reward_model_function(reward_model, tokenizer, config.prompt_format),
                     *[make(tokenizer, config.max_completion_length) for make in rule_rewards]]
-    trainer = GRPOTrainer(model=policy,
-                          reward_funcs=logging_group_spread(reward_funcs, config.reward_weights, config.num_generations),
-                          args=config, train_dataset=train_dataset, processing_class=tokenizer,
-                          peft_config=lora_config(model_args, policy))
+    reward_funcs = logging_group_spread(reward_funcs, config.reward_weights, config.num_generations)
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=config, train_dataset=train_dataset,
+                          processing_class=tokenizer, peft_config=lora_config(model_args, policy))
     policy = trainer.accelerator.unwrap_model(trainer.model)
     eval_args = (tokenizer, eval_texts, config.max_completion_length, config.temperature, config.seed)
     reference = None if model_args.use_peft else load_model(model_args, tokenizer).eval()
