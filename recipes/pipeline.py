@@ -238,7 +238,8 @@ def main(config: PipelineConfig):
         methods = [stage for stage in config.stages if stage in RACE_METHODS]
         records = {stage: read_marker(Path(wiring[stage]["output_dir"]) / DONE) for stage in methods}
         budgets = {stage: generation_budget(stage, getattr(config, stage)) for stage in methods}
-        checks["race"] = write_race(Path(config.output_dir), methods, budgets, budget, records,
+        start = "sft" if "sft" in config.stages else "base"
+        checks["race"] = write_race(Path(config.output_dir), methods, start, budgets, budget, records,
                                     {name: path for name, path in (spec.split("=", 1) for spec in
                                                                    wiring["evaluate"]["models"])})
         (Path(config.output_dir) / SUMMARY).write_text(json.dumps(checks, indent=1) + "\n")
@@ -249,15 +250,18 @@ def main(config: PipelineConfig):
 
 
 def check_race(config: PipelineConfig) -> dict:
-    """Before any stage runs: the race needs SFT, the reward model, two or more policy stages and the evaluation
-    (against SFT), and its online methods must sample alike. Returns that generation budget."""
+    """Before any stage runs: the race needs the reward model, two or more policy stages and the evaluation, whose
+    KL is measured to the model they start from (sft, or base without an SFT stage), and its online methods must
+    sample alike. Returns that generation budget."""
     methods = [stage for stage in config.stages if stage in RACE_METHODS]
-    needed = [stage for stage in ("sft", "reward_model", "evaluate") if stage not in config.stages]
+    needed = [stage for stage in ("reward_model", "evaluate") if stage not in config.stages]
     if needed or len(methods) < 2:
-        raise ConfigError(f"race: stages must include sft, reward_model, evaluate and two or more of "
+        raise ConfigError(f"race: stages must include reward_model, evaluate and two or more of "
                           f"{list(RACE_METHODS)} (missing {needed or 'policy stages'})")
-    if config.evaluate.get("kl_reference", "sft") != "sft":
-        raise ConfigError("race: the evaluation's kl_reference must be sft (the race measures KL to SFT)")
+    start = "sft" if "sft" in config.stages else "base"
+    if config.evaluate.get("kl_reference", derived_defaults(config, "evaluate").get("kl_reference")) != start:
+        raise ConfigError(f"race: set evaluate.kl_reference to {start}, the model the policies start from (the race "
+                          "measures their KL to it)")
     return check_equal_budgets({stage: generation_budget(stage, getattr(config, stage)) for stage in methods})
 
 

@@ -139,45 +139,48 @@ def test_comparison_data_feeds_the_reward_model_and_every_stage_holds_out_sfts_s
     assert derived_defaults(own_prompts, "ppo") == {}  # another prompt set: nothing of SFT's to leave out
 
 
-def test_the_rl_race_writes_one_table_whose_rows_come_from_each_methods_own_run(tmp_path, tiny_llama_dir):
-    """PPO, GRPO and DPO raced on tiny models (the same SFT model, reward model and prompts; PPO and GRPO sample 8
-    answers of at most 6 tokens each): the table has one row per method in stage order, every figure in a row is
-    the evaluation's (or the stage marker's) for that method's own output directory, the per-prompt reward-model
-    scores reproduce the evaluation's win-rates, and the second judge scored each policy separately."""
-    stages = ["sft", "reward_model", "ppo", "grpo", "dpo", "evaluate"]
-    path = pipeline_config(tmp_path, tiny_llama_dir, stages)
+def test_the_rl_race_writes_one_table_whose_rows_come_from_each_methods_own_run(tmp_path, marker_policy_dir):
+    """GRPO and DPO raced on tiny models (no SFT stage, to keep it short: both start from the base policy, against
+    the reward model the pipeline trains from it): the table has one row per method in stage order, every figure
+    in a row is the evaluation's (or the stage marker's) for that method's own output directory, the per-prompt
+    reward-model scores reproduce the evaluation's win-rates, and the second judge scored each policy separately."""
+    methods = ["grpo", "dpo"]
+    path = pipeline_config(tmp_path, marker_policy_dir, ["reward_model", *methods, "evaluate"])
     config = yaml.safe_load(path.read_text())
     quick = {"report_to": "none", "bf16": False, "logging_steps": 1, "save_strategy": "no"}
-    config["race"] = True
+    config.update(race=True, sft={}, ppo={})
     config["grpo"] = {**quick, "max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4,
-                      "max_completion_length": 6, "eval_prompts": 2, "max_train_prompts": 8, "max_prompt_length": 128}
+                      "max_completion_length": 6, "eval_prompts": 2, "max_train_prompts": 8, "max_prompt_length": 128,
+                      "learning_rate": 1.0e-3}
     config["dpo"] = {**quick, "eval_strategy": "no", "dataset_name": str(tmp_path / "prefs.json"),
-                     "eval_split_size": 8, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 128}
+                     "eval_split_size": 8, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 128,
+                     "learning_rate": 1.0e-3}
+    config["evaluate"]["kl_reference"] = "base"
     path.write_text(yaml.safe_dump(config))
     run_pipeline(path)
     out = tmp_path / "run"
     race = json.loads((out / "race.json").read_text())
     results = json.loads((out / "evaluate" / "eval_results.json").read_text())
-    methods = ["ppo", "grpo", "dpo"]
-    assert list(race["methods"]) == methods and race["budget"] == {"answers": 8, "max_answer_tokens": 6}
+    assert list(race["methods"]) == methods and race["start"] == "base"
+    assert race["budget"] == {"answers": 8, "max_answer_tokens": 6}
     judged = race["per_prompt"]
     for method in methods:
         row, model = race["methods"][method], results["models"][method]
         marker = json.loads((out / method / "STAGE_DONE.json").read_text())
         assert row["run"] == str(out / method) == model["path"] and row["stage_fingerprint"] == marker["fingerprint"]
-        assert row["win_rate_vs_sft_rm"] == results["win_rates"][f"{method} vs sft"]
-        assert row["kl_to_sft"] == model["kl_to_reference"] and row["distinct_2"] == model["distinct_2"]
+        assert row["win_rate_vs_start_rm"] == results["win_rates"][f"{method} vs base"]
+        assert row["kl_to_start"] == model["kl_to_reference"] and row["distinct_2"] == model["distinct_2"]
         assert row["rm_score_mean"] == model["rm_score_mean"]
-        assert row["length_ratio"] == pytest.approx(model["answer_tokens"] / results["models"]["sft"]["answer_tokens"])
+        assert row["length_ratio"] == pytest.approx(model["answer_tokens"] / results["models"]["base"]["answer_tokens"])
         assert row["wall_minutes"] == pytest.approx(marker["seconds"] / 60) and row["peak_memory_mb"] > 50
-        rescored = win_rate(judged["reward_model"][method], judged["reward_model"]["sft"])
-        assert rescored["win_rate"] == row["win_rate_vs_sft_rm"]["win_rate"]
-        assert row["win_rate_vs_sft_reference_likelihood"] == win_rate(judged["reference_likelihood"][method],
-                                                                       judged["reference_likelihood"]["sft"])
+        rescored = win_rate(judged["reward_model"][method], judged["reward_model"]["base"])
+        assert rescored["win_rate"] == row["win_rate_vs_start_rm"]["win_rate"]
+        assert row["win_rate_vs_start_reference_likelihood"] == win_rate(judged["reference_likelihood"][method],
+                                                                         judged["reference_likelihood"]["base"])
         assert len(judged["reference_likelihood"][method]) == 4
-        assert judged["reference_likelihood"][method] != judged["reference_likelihood"]["sft"]  # it trained
+        assert judged["reference_likelihood"][method] != judged["reference_likelihood"]["base"]  # it trained
         assert isinstance(row["reward_hacking_flags"], list) and 0 <= row["prompts_judges_disagree"] <= 1
-    assert len({tuple(judged["reference_likelihood"][m]) for m in methods}) == 3  # three separate policies
+    assert judged["reference_likelihood"]["grpo"] != judged["reference_likelihood"]["dpo"]  # two separate policies
     assert race["methods"]["dpo"]["generation_budget"] == {"answers": 0, "max_answer_tokens": 0}
     table = (out / "race.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == methods
@@ -195,6 +198,8 @@ def test_the_race_refuses_unequal_budgets_and_quick_applies_its_options(tmp_path
     from chatgpt_recipes.config import ConfigError
 
     stages = ["sft", "reward_model", "ppo", "grpo", "evaluate"]
+    with pytest.raises(ConfigError, match="set evaluate.kl_reference to base"):
+        main(PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages[1:], race=True))
     unequal = PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages, race=True,
                              ppo={"total_episodes": 8, "response_length": 6},
                              grpo={"max_steps": 2, "per_device_train_batch_size": 4, "max_completion_length": 8})

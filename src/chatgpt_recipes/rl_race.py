@@ -7,7 +7,8 @@ generation budget, then compared on the evaluation stage's held-out instructions
     a person or a stronger model, never trained on by any stage) under the policy against under SFT. A policy
     "wins" a prompt when it makes the reference answer more likely than SFT does.
 
-A policy that wins by the first judge only has learnt the reward model, not the task: with its answer length over
+(The start is SFT, or the base model when the pipeline runs no SFT stage.) A policy that wins by the first judge
+only has learnt the reward model, not the task: with its answer length over
 SFT's, that is the reward-hacking flag in summary.json. Writes race.json, race.md and race.png to the pipeline's
 output_dir; each row names the run it was read from."""
 
@@ -102,34 +103,34 @@ def verdict(win: dict) -> str:
     return "better" if win["ci_low"] > 0.5 else "worse" if win["ci_high"] < 0.5 else "no difference"
 
 
-def race_table(out: Path, methods: list[str], budgets: dict, stage_records: dict, judged: dict) -> dict:
+def race_table(out: Path, methods: list[str], start: str, budgets: dict, stage_records: dict, judged: dict) -> dict:
     """One row per method from its own run: the evaluation's figures for it, the second judge's win-rate, where
     the judges disagree (their verdicts, and the share of prompts they call differently), its stage's wall time
     and peak memory, and the reward-hacking flags."""
     results = json.loads((out / "evaluate" / "eval_results.json").read_text())
-    models, sft = results["models"], results["models"]["sft"]
+    models, sft = results["models"], results["models"][start]
     rm, likelihood = judged["reward_model"], judged["reference_likelihood"]
     rows = {}
     for method in methods:
         model = models[method]
-        rm_win = results["win_rates"][f"{method} vs sft"]
-        likelihood_win = win_rate(likelihood[method], likelihood["sft"])
-        disagree = [(a > b) != (c > d) for a, b, c, d in zip(rm[method], rm["sft"], likelihood[method],
-                                                               likelihood["sft"])]
+        rm_win = results["win_rates"][f"{method} vs {start}"]
+        likelihood_win = win_rate(likelihood[method], likelihood[start])
+        disagree = [(a > b) != (c > d) for a, b, c, d in zip(rm[method], rm[start], likelihood[method],
+                                                               likelihood[start])]
         flags = []
         length_ratio = model["answer_tokens"] / sft["answer_tokens"]
         if length_ratio > MAX_LENGTH_RATIO:
-            flags.append(f"answers {length_ratio:.2f}x SFT's length (> {MAX_LENGTH_RATIO})")
+            flags.append(f"answers {length_ratio:.2f}x {start}'s length (> {MAX_LENGTH_RATIO})")
         if verdict(rm_win) == "better" and verdict(likelihood_win) != "better":
-            flags.append(f"better than SFT by the reward model only (second judge: {verdict(likelihood_win)})")
+            flags.append(f"better than {start} by the reward model only (second judge: {verdict(likelihood_win)})")
         record = stage_records.get(method, {})
         rows[method] = {
             "run": str(out / method), "stage_fingerprint": record.get("fingerprint"),
-            "win_rate_vs_sft_rm": rm_win, "win_rate_vs_sft_reference_likelihood": likelihood_win,
+            "win_rate_vs_start_rm": rm_win, "win_rate_vs_start_reference_likelihood": likelihood_win,
             "verdicts": {"reward_model": verdict(rm_win), "reference_likelihood": verdict(likelihood_win)},
             "judges_agree": verdict(rm_win) == verdict(likelihood_win),
             "prompts_judges_disagree": sum(disagree) / len(disagree),
-            "rm_score_mean": model.get("rm_score_mean"), "kl_to_sft": model.get("kl_to_reference"),
+            "rm_score_mean": model.get("rm_score_mean"), "kl_to_start": model.get("kl_to_reference"),
             "length_ratio": length_ratio, "distinct_2": model["distinct_2"],
             "wall_minutes": record["seconds"] / 60 if "seconds" in record else None,
             "peak_memory_mb": record.get("peak_rss_mb"), "generation_budget": budgets[method],
@@ -137,7 +138,7 @@ def race_table(out: Path, methods: list[str], budgets: dict, stage_records: dict
     return rows
 
 
-def race_markdown(rows: dict, budget: dict, machine: str) -> str:
+def race_markdown(rows: dict, start: str, budget: dict, machine: str) -> str:
     def interval(win):
         return f"{win['win_rate']:.0%} ({win['ci_low']:.0%}–{win['ci_high']:.0%})"
 
@@ -147,29 +148,30 @@ def race_markdown(rows: dict, budget: dict, machine: str) -> str:
     lines = [f"Budget: every online method samples {budget['answers']} answers of at most "
              f"{budget['max_answer_tokens']} tokens while training; DPO samples none (it trains on the comparison "
              f"pairs). Machine: {machine}.", "",
-             "| method | win-rate vs SFT, reward model (95% CI) | win-rate vs SFT, reference likelihood (95% CI) "
-             "| judges | mean reward | KL to SFT | length ratio | distinct-2 | minutes | peak MB | flags |",
+             f"| method | win-rate vs {start}, reward model (95% CI) | win-rate vs {start}, reference likelihood "
+             f"(95% CI) | judges | mean reward | KL to {start} | length ratio | distinct-2 | minutes | peak MB "
+             "| flags |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, row in rows.items():
         judges = ("agree" if row["judges_agree"] else "**disagree**") + \
             f" ({row['prompts_judges_disagree']:.0%} of prompts differ)"
         lines.append(
-            f"| {method} | {interval(row['win_rate_vs_sft_rm'])} | "
-            f"{interval(row['win_rate_vs_sft_reference_likelihood'])} | {judges} | "
-            f"{number(row['rm_score_mean'], '+.3f')} | {number(row['kl_to_sft'], '.3f')} | "
+            f"| {method} | {interval(row['win_rate_vs_start_rm'])} | "
+            f"{interval(row['win_rate_vs_start_reference_likelihood'])} | {judges} | "
+            f"{number(row['rm_score_mean'], '+.3f')} | {number(row['kl_to_start'], '.3f')} | "
             f"{row['length_ratio']:.2f} | {row['distinct_2']:.3f} | {number(row['wall_minutes'], '.1f')} | "
             f"{number(row['peak_memory_mb'], '.0f')} | {'; '.join(row['reward_hacking_flags']) or '–'} |")
     return "\n".join(lines)
 
 
-def plot_race(rows: dict, path: str) -> None:
-    """Win-rate over SFT by each judge with its interval (left), mean reward against KL to SFT (right)."""
+def plot_race(rows: dict, start: str, path: str) -> None:
+    """Win-rate over the start (SFT) by each judge with its interval (left), mean reward against KL to it (right)."""
     from chatgpt_recipes.reporting import plt
 
     methods = list(rows)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.9 + 0.6 * len(methods) + 2))
-    for offset, (key, label) in enumerate([("win_rate_vs_sft_rm", "reward model (trained against)"),
-                                           ("win_rate_vs_sft_reference_likelihood", "reference likelihood")]):
+    for offset, (key, label) in enumerate([("win_rate_vs_start_rm", "reward model (trained against)"),
+                                           ("win_rate_vs_start_reference_likelihood", "reference likelihood")]):
         wins = [rows[m][key] for m in methods]
         rates = [w["win_rate"] for w in wins]
         errors = [[r - w["ci_low"] for r, w in zip(rates, wins)], [w["ci_high"] - r for r, w in zip(rates, wins)]]
@@ -179,16 +181,16 @@ def plot_race(rows: dict, path: str) -> None:
     left.axvline(0.5, color="gray", linestyle="--", linewidth=1)
     left.set_xlim(0, 1)
     left.invert_yaxis()
-    left.set_xlabel("win-rate over SFT on held-out instructions (95% Wilson interval)")
+    left.set_xlabel(f"win-rate over {start} on held-out instructions (95% Wilson interval)")
     left.legend(fontsize=8)
     for method in methods:
-        if rows[method]["kl_to_sft"] is not None and rows[method]["rm_score_mean"] is not None:
-            right.scatter(rows[method]["kl_to_sft"], rows[method]["rm_score_mean"])
-            right.annotate(method, (rows[method]["kl_to_sft"], rows[method]["rm_score_mean"]), fontsize=9)
-    right.set_xlabel("KL to SFT (nats per answer)")
+        if rows[method]["kl_to_start"] is not None and rows[method]["rm_score_mean"] is not None:
+            right.scatter(rows[method]["kl_to_start"], rows[method]["rm_score_mean"])
+            right.annotate(method, (rows[method]["kl_to_start"], rows[method]["rm_score_mean"]), fontsize=9)
+    right.set_xlabel(f"KL to {start} (nats per answer)")
     right.set_ylabel("mean reward-model score (centred)")
     right.grid(alpha=0.3)
-    fig.suptitle("The RL race: same SFT model, reward model, prompts and generation budget")
+    fig.suptitle(f"The RL race: same start ({start}), reward model, prompts and generation budget")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -205,22 +207,23 @@ def machine_description() -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
-def write_race(out: Path, methods: list[str], budgets: dict, budget: dict, stage_records: dict,
+def write_race(out: Path, methods: list[str], start: str, budgets: dict, budget: dict, stage_records: dict,
                models: dict[str, str]) -> dict:
-    """race.json, race.md and race.png in `out` from the finished stages; returns what summary.json records of
-    the race: the budget, the machine, each method's two win-rates over SFT and its reward-hacking flags."""
-    judged = per_prompt_judgements({name: models[name] for name in ["sft", *methods]}, out / "evaluate")
-    rows = race_table(out, methods, budgets, stage_records, judged)
+    """race.json, race.md and race.png in `out` from the finished stages, every method against `start` (the model
+    they all started from: sft, or base when no SFT stage ran); returns what summary.json records of the race: the
+    budget, the machine, each method's two win-rates over the start and its reward-hacking flags."""
+    judged = per_prompt_judgements({name: models[name] for name in [start, *methods]}, out / "evaluate")
+    rows = race_table(out, methods, start, budgets, stage_records, judged)
     machine = machine_description()
-    (out / "race.json").write_text(json.dumps({"budget": budget, "machine": machine, "methods": rows,
-                                               "per_prompt": judged}, indent=1) + "\n")
-    (out / "race.md").write_text("# The RL race\n\n" + race_markdown(rows, budget, machine)
+    (out / "race.json").write_text(json.dumps({"start": start, "budget": budget, "machine": machine,
+                                               "methods": rows, "per_prompt": judged}, indent=1) + "\n")
+    (out / "race.md").write_text("# The RL race\n\n" + race_markdown(rows, start, budget, machine)
                                  + "\n\n![race](race.png)\n")
-    plot_race(rows, str(out / "race.png"))
-    return {"budget": budget, "machine": machine,
-            "methods": {method: {"win_rate_vs_sft_rm": row["win_rate_vs_sft_rm"]["win_rate"],
-                                 "win_rate_vs_sft_reference_likelihood":
-                                     row["win_rate_vs_sft_reference_likelihood"]["win_rate"],
+    plot_race(rows, start, str(out / "race.png"))
+    return {"start": start, "budget": budget, "machine": machine,
+            "methods": {method: {"win_rate_vs_start_rm": row["win_rate_vs_start_rm"]["win_rate"],
+                                 "win_rate_vs_start_reference_likelihood":
+                                     row["win_rate_vs_start_reference_likelihood"]["win_rate"],
                                  "judges_agree": row["judges_agree"], "length_ratio": row["length_ratio"],
                                  "reward_hacking_suspected": bool(row["reward_hacking_flags"]),
                                  "reward_hacking_flags": row["reward_hacking_flags"]}
