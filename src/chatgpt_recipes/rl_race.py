@@ -174,7 +174,8 @@ def plot_race(rows: dict, start: str, path: str) -> None:
                                            ("win_rate_vs_start_reference_likelihood", "reference likelihood")]):
         wins = [rows[m][key] for m in methods]
         rates = [w["win_rate"] for w in wins]
-        errors = [[r - w["ci_low"] for r, w in zip(rates, wins)], [w["ci_high"] - r for r, w in zip(rates, wins)]]
+        errors = [[max(r - w["ci_low"], 0.0) for r, w in zip(rates, wins)],  # a rate of 0 or 1 sits on its bound
+                  [max(w["ci_high"] - r, 0.0) for r, w in zip(rates, wins)]]
         left.barh([i + 0.35 * offset for i in range(len(methods))], rates, height=0.35, xerr=errors, capsize=3,
                   label=label)
     left.set_yticks([i + 0.175 for i in range(len(methods))], methods)
