@@ -5,15 +5,20 @@
     python recipes/pipeline.py
     # a real run: bigger model and data in the YAML, stages launched on 8 GPUs with DeepSpeed
     python recipes/pipeline.py --config my_pipeline.yaml --accelerate_config accelerate_configs/deepspeed_zero2.yaml
+    # the race of PPO, PPO-ptx, RLOO, GRPO and DPO (docs/rlhf.md, "Which method"); --quick true: its short variant
+    python recipes/pipeline.py --config recipes/configs/pipeline/compare_rl.yaml
 
 Each stage is its recipe run as a subprocess through `accelerate launch` with the recipe's own command line:
 the stage's options from the YAML (`sft: {max_steps: 20}` becomes `--max_steps 20`, `config: FILE` picks another
 recipe YAML) plus the paths that chain the stages, which the pipeline sets: every stage writes
 `<output_dir>/<stage>/`, SFT starts from `base_model` (or the pretrain output), the comparison data samples the
 SFT output, the reward model starts from the SFT output (and trains on the comparison data when that stage runs),
-PPO/RLOO start from the SFT output with that reward model, DPO from the SFT output, and the evaluation compares
-base, SFT and each RL policy, judged by the reward model. The comparison data, PPO/RLOO and the evaluation hold out
-the rows SFT held out, so the evaluation's prompts were trained on by no stage and never seen by the judge.
+PPO/PPO-ptx/RLOO/GRPO start from the SFT output with that reward model, DPO from the SFT output (on the comparison
+data when that stage runs), and the evaluation compares base, SFT and each RL policy, judged by the reward model.
+With `race: true` (recipes/configs/pipeline/compare_rl.yaml) the policies are then raced against SFT by two judges
+(chatgpt_recipes/rl_race.py: race.md, race.json, race.png, and the reward-hacking flags in summary.json).
+The comparison data, the RL stages and the evaluation hold out the rows SFT held out, so the evaluation's prompts
+were trained on by no stage and never seen by the judge.
 At the end, summary.json holds the demonstration's checks (see `pipeline_summary`).
 
 Resuming: a stage that exits cleanly gets a completion marker (STAGE_DONE.json: its command, a fingerprint of its
@@ -35,12 +40,14 @@ from pathlib import Path
 
 from chatgpt_recipes.config import RECIPES_DIR, ConfigError, run
 from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
+from chatgpt_recipes.rl_race import RACE_METHODS, check_equal_budgets, generation_budget, write_race
 
 DONE, STARTED, SUMMARY = "STAGE_DONE.json", "STAGE_STARTED.json", "summary.json"
 SCRIPTS = {"self_instruct": "self_instruct.py", "pretrain": "pretrain.py", "sft": "sft_lora.py",
-           "comparisons": "comparison_data.py", "reward_model": "reward_model.py", "ppo": "ppo.py", "rloo": "rloo.py", "dpo": "dpo.py",
-           "evaluate": "evaluate_model.py"}
-POLICIES = ("ppo", "rloo", "dpo")  # stages whose output is an aligned policy
+           "comparisons": "comparison_data.py", "reward_model": "reward_model.py", "ppo": "ppo.py",
+           "ppo_ptx": "ppo.py", "rloo": "rloo.py", "grpo": "grpo.py", "dpo": "dpo.py", "evaluate": "evaluate_model.py"}
+POLICIES = RACE_METHODS  # stages whose output is an aligned policy: ppo, ppo_ptx, rloo, grpo, dpo
+RL_STAGES = ("ppo", "ppo_ptx", "rloo", "grpo")  # sample prompts and optimise the reward model
 SFT_EVAL_SPLIT_SIZE = 40  # recipes/configs/sft/smollm2_alpaca_lora.yaml's, when the sft options do not set it
 
 
@@ -62,11 +69,21 @@ class PipelineConfig:
                               "pairs (the SFT model's samples against reference answers) become the RM's data."})
     reward_model: dict = field(default_factory=dict, metadata={"help": "Options of recipes/reward_model.py."})
     ppo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/ppo.py (YAML only)."})
+    ppo_ptx: dict = field(default_factory=dict, metadata={"help": "Options of recipes/ppo.py for a second PPO "
+                          "stage (YAML only), e.g. with ptx_coef: PPO-ptx beside PPO in the race."})
     rloo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/rloo.py (YAML only)."})
-    dpo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/dpo.py (YAML only)."})
+    grpo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/grpo.py (YAML only)."})
+    dpo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/dpo.py (YAML only); it trains on "
+                      "the comparison data when that stage runs."})
     evaluate: dict = field(default_factory=dict, metadata={"help": "Options of recipes/evaluate_model.py."})
     use_cpu: bool = field(default=False, metadata={"help": "Run every stage on the CPU."})
-
+    race: bool = field(default=False, metadata={"help": "After the evaluation, race the policy stages (ppo, "
+                       "ppo_ptx, rloo, grpo, dpo) against SFT with two judges: race.md/.json/.png "
+                       "(chatgpt_recipes.rl_race); their generation budgets must be set and equal."})
+    quick: bool = field(default=False, metadata={"help": "Apply `quick_options` over the stages' options and write "
+                        "to <output_dir>-quick: the YAML's shorter variant."})
+    quick_options: dict = field(default_factory=dict, metadata={"help": "Per stage, the options --quick changes "
+                                "(YAML only)."})
 
 def stage_paths(config: PipelineConfig) -> dict[str, dict]:
     """The options the pipeline sets for each stage so that outputs feed the next stage by path."""
@@ -81,8 +98,9 @@ def stage_paths(config: PipelineConfig) -> dict[str, dict]:
               "comparisons": {"model_name_or_path": sft},
               "reward_model": {"model_name_or_path": sft, "dataset_name": comparisons},
               "ppo": {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")},
-              "rloo": {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")},
-              "dpo": {"model_name_or_path": sft}}
+              "dpo": {"model_name_or_path": sft, "dataset_name": comparisons}}
+    for stage in RL_STAGES:
+        wiring[stage] = {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")}
     models = [f"base={base}"] + ([f"sft={sft}"] if "sft" in out else []) + [f"{s}={out[s]}" for s in POLICIES
                                                                              if s in out]
     wiring["evaluate"] = {"models": models, "reward_model": out.get("reward_model")}
@@ -97,8 +115,8 @@ def derived_defaults(config: PipelineConfig, stage: str) -> dict:
     sft, rm = config.sft, config.reward_model
     wiring = stage_paths(config)
     sft_data = wiring.get("sft", {}).get("dataset_name", sft.get("dataset_name"))
-    if stage in ("comparisons", "ppo", "rloo") and "sft" in config.stages and "dataset_name" not in getattr(config,
-                                                                                                         stage):
+    if stage in ("comparisons", *RL_STAGES) and "sft" in config.stages and "dataset_name" not in getattr(config,
+                                                                                                        stage):
         derived = {"dataset_name": sft_data, "sft_eval_split_size": sft.get("eval_split_size", SFT_EVAL_SPLIT_SIZE),
                    "seed": sft.get("seed")}
     elif stage == "evaluate":
@@ -136,8 +154,9 @@ def launch_command(config: PipelineConfig, script: str, args: list[str]) -> list
     return launcher + [str(RECIPES_DIR / script)] + args
 
 
-def run_stage(name: str, command: list[str], log_path: Path) -> None:
-    """Run one stage, its output shown and saved to its log; a failure names the stage and the log."""
+def run_stage(name: str, command: list[str], log_path: Path) -> float:
+    """Run one stage, its output shown and saved to its log; a failure names the stage and the log. Returns the
+    peak resident memory (MB) of the largest of its processes (Linux's wait4 counts the launcher's children)."""
     print(f"\n[pipeline] === {name} ===\n[pipeline] {' '.join(command)}", flush=True)
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -145,10 +164,12 @@ def run_stage(name: str, command: list[str], log_path: Path) -> None:
         for line in process.stdout:
             sys.stdout.write(line)
             log.write(line)
-        process.wait()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"[pipeline] stage '{name}' failed (exit code {process.returncode}); its output is in "
                          f"{log_path}. Fix the cause and rerun: finished stages are skipped.")
+    return usage.ru_maxrss / 1024
 
 
 def read_marker(path: Path) -> dict:
@@ -156,6 +177,12 @@ def read_marker(path: Path) -> dict:
 
 
 def main(config: PipelineConfig):
+    if config.quick:
+        for stage, options in config.quick_options.items():
+            if not isinstance(getattr(config, stage, None), dict):
+                raise ConfigError(f"quick_options: '{stage}' is not a stage with options ({list(SCRIPTS)})")
+            setattr(config, stage, {**getattr(config, stage), **options})
+        config.output_dir = config.output_dir.rstrip("/") + "-quick"
     unknown = [stage for stage in config.stages if stage not in SCRIPTS]
     if unknown or len(set(config.stages)) != len(config.stages):
         raise ConfigError(f"stages: {config.stages} must be distinct names from {list(SCRIPTS)}")
@@ -164,6 +191,7 @@ def main(config: PipelineConfig):
         raise ConfigError(f"stages {missing} have no recipe in this checkout ({[SCRIPTS[s] for s in missing]}); "
                           "remove them from `stages`")
     wiring = stage_paths(config)
+    budget = check_race(config) if config.race else None
     os.makedirs(os.path.join(config.output_dir, "logs"), exist_ok=True)
 
     fingerprint, upstream_changed, summary = "", False, []
@@ -195,27 +223,53 @@ def main(config: PipelineConfig):
         (stage_dir / STARTED).write_text(json.dumps({"fingerprint": fingerprint}))
         started = time.time()
         try:
-            run_stage(stage, command, Path(config.output_dir) / "logs" / f"{stage}.log")
+            peak_rss_mb = run_stage(stage, command, Path(config.output_dir) / "logs" / f"{stage}.log")
         except SystemExit:
             write_pipeline_report(config, summary + [{"stage": stage, "status": "failed, see logs/",
                                                       "seconds": time.time() - started}])
             raise
         marker = {"stage": stage, "fingerprint": fingerprint, "command": command, "seconds": time.time() - started,
-                  "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+                  "peak_rss_mb": peak_rss_mb, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         (stage_dir / DONE).write_text(json.dumps(marker, indent=1))
         summary.append({**marker, "status": "ran"})
         write_pipeline_report(config, summary)
     checks = pipeline_summary(config)
+    if config.race:
+        methods = [stage for stage in config.stages if stage in RACE_METHODS]
+        records = {stage: read_marker(Path(wiring[stage]["output_dir"]) / DONE) for stage in methods}
+        budgets = {stage: generation_budget(stage, getattr(config, stage)) for stage in methods}
+        start = "sft" if "sft" in config.stages else "base"
+        checks["race"] = write_race(Path(config.output_dir), methods, start, budgets, budget, records,
+                                    {name: path for name, path in (spec.split("=", 1) for spec in
+                                                                   wiring["evaluate"]["models"])})
+        (Path(config.output_dir) / SUMMARY).write_text(json.dumps(checks, indent=1) + "\n")
     path = write_pipeline_report(config, summary, checks)
     print(f"\n[pipeline] all {len(config.stages)} stages finished; report: {path}", flush=True)
     if checks:
         print(f"[pipeline] {Path(config.output_dir) / SUMMARY}:\n" + checks_markdown(checks), flush=True)
 
 
+def check_race(config: PipelineConfig) -> dict:
+    """Before any stage runs: the race needs the reward model, two or more policy stages and the evaluation, whose
+    KL is measured to the model they start from (sft, or base without an SFT stage), and its online methods must
+    sample alike. Returns that generation budget."""
+    methods = [stage for stage in config.stages if stage in RACE_METHODS]
+    needed = [stage for stage in ("reward_model", "evaluate") if stage not in config.stages]
+    if needed or len(methods) < 2:
+        raise ConfigError(f"race: stages must include reward_model, evaluate and two or more of "
+                          f"{list(RACE_METHODS)} (missing {needed or 'policy stages'})")
+    start = "sft" if "sft" in config.stages else "base"
+    if config.evaluate.get("kl_reference", derived_defaults(config, "evaluate").get("kl_reference")) != start:
+        raise ConfigError(f"race: set evaluate.kl_reference to {start}, the model the policies start from (the race "
+                          "measures their KL to it)")
+    return check_equal_budgets({stage: generation_budget(stage, getattr(config, stage)) for stage in methods})
+
+
 # What the pipeline's demonstration must show (issue: "RLHF that visibly learns"): a reward model well above chance
 # on pairs it never trained on, and RL policies that it prefers to the SFT policy on prompts nobody trained on.
 MIN_RM_ACCURACY, MIN_RM_PAIRS, MIN_WIN_RATE, MIN_PROMPTS = 0.65, 100, 0.60, 64
-KL_COEF_KEYS = {"ppo": ("ppo_results.json", "kl_coef"), "rloo": ("rloo_results.json", "kl_coef")}
+KL_COEF_KEYS = {"ppo": ("ppo_results.json", "kl_coef"), "ppo_ptx": ("ppo_results.json", "kl_coef"),
+                "rloo": ("rloo_results.json", "kl_coef"), "grpo": ("grpo_results.json", "kl_coef")}
 
 
 def pipeline_summary(config: PipelineConfig) -> dict:
@@ -305,6 +359,8 @@ def write_pipeline_report(config: PipelineConfig, summary: list[dict], checks: d
                           "Win-rate judged by the reward model"):
             lines += ["", "![win-rates](win_rates.png)"]
         lines += ["", "Samples side by side: [evaluate/samples.md](evaluate/samples.md)."]
+    if (out / "race.md").is_file():
+        lines += ["", "## The RL race", "", (out / "race.md").read_text().split("\n", 2)[2]]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return str(path)

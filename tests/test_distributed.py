@@ -10,9 +10,9 @@ dropout is 0 in both runs: dropout masks are drawn per process, so with dropout 
 DeepSpeed ZeRO-2 and ZeRO-3 run here on DeepSpeed's CPU accelerator; the first run compiles a C++ op
 (deepspeed_shm_comm, 1-3 minutes on 2 cores, cached in ~/.cache/torch_extensions afterwards).
 
-PPO, RLOO and DPO under 2 processes (DDP, ZeRO-3): they finish, save a model the next stage loads, and PPO resumes
-from its checkpoint under ZeRO-3. PPO's and RLOO's steps cannot equal one process's (each process samples its own
-answers): under DDP they are held to the 1-process learning bound instead. DPO's curve is compared with one
+PPO, RLOO, GRPO and DPO under 2 processes (DDP, ZeRO-3): they finish, save a model the next stage loads, and PPO
+resumes from its checkpoint under ZeRO-3. PPO's, RLOO's and GRPO's steps cannot equal one process's (each process
+samples its own answers): under DDP they are held to the 1-process learning bound instead. DPO's curve is compared with one
 process's by scripts/multiprocess_matrix.sh, with every other deterministic recipe under every launcher."""
 
 import json
@@ -162,7 +162,7 @@ def rl_args(script: str, policy: str, reward: str, output_dir: Path) -> list[str
         return common + ["--reward_model_path", reward, "--max_train_prompts", "12", "--eval_prompts", "2",
                          "--total_episodes", "8", "--response_length", "6", "--num_ppo_epochs", "1",
                          "--ptx_coef", "0.5", "--save_steps", "1"]
-    if script == "rloo.py":
+    if script in ("rloo.py", "grpo.py"):
         return common + ["--reward_model_path", reward, "--max_steps", "1", "--max_train_prompts", "8",
                          "--eval_prompts", "2", "--max_completion_length", "6", "--save_strategy", "no"]
     return common + ["--max_steps", "2", "--max_train_samples", "8", "--eval_split_size", "6", "--max_length", "128",
@@ -183,7 +183,8 @@ def test_ppo_rloo_dpo_under_two_processes(config, marker_policy_dir, marker_rewa
     """DDP: TRL's PPOTrainer failed here before (trl#2375: 'DistributedDataParallel' object has no attribute
     'policy'). ZeRO-3: every weight touched outside the engine (reward centring, probes, evaluation, merging and
     saving) used to meet empty shards."""
-    for script, policy in [("ppo.py", marker_policy_dir), ("rloo.py", marker_policy_dir), ("dpo.py", tiny_llama_dir)]:
+    for script, policy in [("ppo.py", marker_policy_dir), ("rloo.py", marker_policy_dir),
+                           ("grpo.py", marker_policy_dir), ("dpo.py", tiny_llama_dir)]:
         out = tmp_path / script.removesuffix(".py")
         launch(script, *rl_args(script, policy, marker_reward_model_dir, out), config=config, num_processes=2,
                log=tmp_path / f"{script}.log")
@@ -233,12 +234,13 @@ def test_ppo_ptx_under_deepspeed_takes_one_optimizer_step_per_batch(config, mark
 MIN_MARKER_GAIN_TWO_PROCESSES = 0.2
 
 
-@pytest.mark.parametrize("script", ["ppo.py", "rloo.py"])
+@pytest.mark.parametrize("script", ["ppo.py", "rloo.py", "grpo.py"])
 def test_ppo_and_rloo_under_ddp_learn_as_one_process_does(script, marker_policy_dir, marker_reward_model_dir,
                                                            marker_task, tmp_path):
     """PPO: 12 updates of 8 episodes (4 per process); RLOO: 24 steps of 16 answers (8 per process), as in
     tests/test_optimisation.py; full fine-tuning at learning rate 1e-3, seed 42 (OPTIMISATION_SEED=<seed> for
-    another; observed from 0.31: PPO 0.97, 0.97, 0.98 and RLOO 0.77, 0.82, 0.92 on seeds 42, 1, 2)."""
+    another; observed from 0.31: PPO 0.97, 0.97, 0.98 and RLOO 0.77, 0.82, 0.92 on seeds 42, 1, 2); GRPO: 12 steps
+    of 16 answers (8 per process, a group of 4 on each), as its 1-process test."""
     common = ["--model_name_or_path", marker_policy_dir, "--reward_model_path", marker_reward_model_dir,
               "--dataset_name", marker_task["prompts"], "--eval_prompts", "4", "--use_peft", "false", "--dtype",
               "float32", "--bf16", "false", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1",
@@ -251,12 +253,15 @@ def test_ppo_and_rloo_under_ddp_learn_as_one_process_does(script, marker_policy_
                 "--num_sample_generations", "0", "--sample_every", "0"]
     else:
         args = ["--max_completion_length", "6", "--per_device_train_batch_size", "8", "--num_generations", "4",
-                "--max_steps", "24", "--beta", "0.01"]
+                "--max_steps", "24" if script == "rloo.py" else "12", "--beta", "0.01"]
     launch(script, *common, *args, config="cpu.yaml", num_processes=2, log=tmp_path / "run.log")
     start = marker_rate(marker_policy_dir, marker_task["held_out"])["marker_rate"]
     after = marker_rate(str(tmp_path / "out"), marker_task["held_out"])["marker_rate"]
     print(f"{script} under 2 processes: marker rate {start:.3f} -> {after:.3f}")
     assert after >= start + MIN_MARKER_GAIN_TWO_PROCESSES, (start, after)
+    if script == "grpo.py":  # each process scored whole groups: the spread of every step was logged
+        steps = [e for e in json.loads((tmp_path / "out" / "log_history.json").read_text()) if "reward" in e]
+        assert len(steps) == 12 and all(e["group_reward_spread"] >= 0 for e in steps)
 
 
 def test_reward_model_and_pretraining_under_zero3(tiny_llama_dir, tmp_path):

@@ -81,6 +81,12 @@ def _rloo_args(models):
             "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "6"]
 
 
+def _grpo_args(models):
+    return ["--model_name_or_path", models["gpt2"], "--reward_model_path", models["reward_model"],
+            "--max_train_prompts", str(4 * MAX_STEPS), "--eval_prompts", "2", "--max_prompt_length", "256",
+            "--num_generations", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "6"]
+
+
 # recipe script -> its command-line arguments for a tiny run, the weights file it leaves in output_dir, the text
 # its log prints once per optimizer step, and the logged value compared step by step with the uninterrupted run
 RECIPES = {
@@ -89,6 +95,7 @@ RECIPES = {
     "pretrain.py": dict(args=_pretrain_args, weights="model.safetensors", marker="'loss': ", metric="loss"),
     "dpo.py": dict(args=_dpo_args, weights=None, marker="'loss': ", metric="loss"),
     "rloo.py": dict(args=_rloo_args, weights=None, marker="'loss': ", metric="loss"),
+    "grpo.py": dict(args=_grpo_args, weights=None, marker="'loss': ", metric="reward"),
     "ppo.py": dict(args=_ppo_args, weights="model.safetensors", marker="'objective/kl': ",
                    metric="objective/scores", extra_files=("value_model.safetensors", "ppo_state.json")),
 }

@@ -145,6 +145,44 @@ def test_dpo_raises_the_marker_rate(tmp_path, marker_policy_dir, marker_task, st
     assert json.loads((tmp_path / "eval_results.json").read_text())["eval_rewards/accuracies"] >= 0.9
 
 
+# GRPO's checks run on 3 seeds each time (parametrized; OPTIMISATION_SEED does not apply), beta 0.01 and beta 3 as
+# PPO's kl_coef above. Observed with GRPO_STEPS = 12 from a start of 0.31: gains +0.27, +0.34, +0.29 (seeds 42, 1,
+# 2); KL to the reference 0.57 (beta 0.01) against 0.056 (beta 3), ratio 0.10. With 24 steps: +0.55, +0.63, +0.47
+# and 2.54 against 0.027.
+GRPO_SEEDS, GRPO_STEPS = (42, 1, 2), 12
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory, marker_policy_dir, marker_reward_model_dir, marker_task):
+    """Output dir of a GRPO run with the given seed and beta (made on first use): GRPO_STEPS steps of 16 answers
+    (4 prompts x a group of 4), full fine-tuning at learning rate 1e-3, answers of at most 6 tokens at
+    temperature 1, TRL's default loss (dapo) and group-scaled advantages."""
+    runs = {}
+
+    def get(seed, beta):
+        if (seed, beta) not in runs:
+            out = tmp_path_factory.mktemp(f"grpo-{seed}-beta-{beta}")
+            _run("grpo", "GRPORecipeConfig", "grpo/smollm2_alpaca_lora.yaml", [
+                *_common(marker_policy_dir, out, seed=seed), "--reward_model_path", marker_reward_model_dir,
+                "--dataset_name", marker_task["prompts"], "--eval_prompts", "4", "--max_completion_length", "6",
+                "--temperature", "1.0", "--per_device_train_batch_size", "16", "--num_generations", "4",
+                "--max_steps", GRPO_STEPS, "--learning_rate", "1e-3", "--beta", beta])
+            runs[seed, beta] = out
+        return runs[seed, beta]
+
+    return get
+
+
+
+@pytest.mark.parametrize("seed", GRPO_SEEDS)
+def test_grpo_raises_the_marker_rate(seed, grpo_run, start_rate, marker_task):
+    out = grpo_run(seed, SMALL_KL_COEF)
+    after = marker_rate(str(out), marker_task["held_out"])["marker_rate"]
+    print(f"GRPO (seed {seed}) marker rate {start_rate:.3f} -> {after:.3f}")
+    assert after >= start_rate + MIN_MARKER_GAIN, (start_rate, after)
+    assert json.loads((out / "grpo_results.json").read_text())["steps"] == GRPO_STEPS
+
+
 @torch.no_grad()
 def kl_to_reference(policy_dir: str, reference_dir: str, prompts: list[str], samples: int = 8,
                     max_new_tokens: int = 6, seed: int = 0) -> float:
@@ -185,5 +223,15 @@ def test_a_large_kl_coef_keeps_ppo_closer_to_the_reference(ppo_run, marker_polic
     small = kl_to_reference(str(ppo_run(SMALL_KL_COEF)), marker_policy_dir, marker_task["held_out"])
     large = kl_to_reference(str(ppo_run(LARGE_KL_COEF)), marker_policy_dir, marker_task["held_out"])
     print(f"KL to the reference: kl_coef {SMALL_KL_COEF}: {small:.3f}, kl_coef {LARGE_KL_COEF}: {large:.3f}")
+    assert small >= 0.2, small
+    assert large <= MAX_KL_RATIO * small, (large, small)
+
+
+def test_a_large_beta_keeps_grpo_closer_to_the_reference(grpo_run, marker_policy_dir, marker_task):
+    """GRPO with beta 3 and 0.01 (seed 42, otherwise the same run): the first must end at most MAX_KL_RATIO times as
+    far from the reference as the second, which must have moved (>= 0.2 nats per answer)."""
+    small = kl_to_reference(str(grpo_run(GRPO_SEEDS[0], SMALL_KL_COEF)), marker_policy_dir, marker_task["held_out"])
+    large = kl_to_reference(str(grpo_run(GRPO_SEEDS[0], LARGE_KL_COEF)), marker_policy_dir, marker_task["held_out"])
+    print(f"GRPO KL to the reference: beta {SMALL_KL_COEF}: {small:.3f}, beta {LARGE_KL_COEF}: {large:.3f}")
     assert small >= 0.2, small
     assert large <= MAX_KL_RATIO * small, (large, small)

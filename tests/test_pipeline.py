@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import REPO
 
+from chatgpt_recipes.metrics import win_rate
+
 MARKER = "Certainly"
 
 
@@ -135,3 +137,83 @@ def test_comparison_data_feeds_the_reward_model_and_every_stage_holds_out_sfts_s
     assert evaluation["eval_split_size"] == 100 and evaluation["seed"] == 7 and evaluation["kl_reference"] == "sft"
     own_prompts = PipelineConfig(output_dir="out", stages=["sft", "ppo"], ppo={"dataset_name": "hh.jsonl"})
     assert derived_defaults(own_prompts, "ppo") == {}  # another prompt set: nothing of SFT's to leave out
+
+
+def test_the_rl_race_writes_one_table_whose_rows_come_from_each_methods_own_run(tmp_path, marker_policy_dir):
+    """GRPO and DPO raced on tiny models (no SFT stage, to keep it short: both start from the base policy, against
+    the reward model the pipeline trains from it): the table has one row per method in stage order, every figure
+    in a row is the evaluation's (or the stage marker's) for that method's own output directory, the per-prompt
+    reward-model scores reproduce the evaluation's win-rates, and the second judge scored each policy separately."""
+    methods = ["grpo", "dpo"]
+    path = pipeline_config(tmp_path, marker_policy_dir, ["reward_model", *methods, "evaluate"])
+    config = yaml.safe_load(path.read_text())
+    quick = {"report_to": "none", "bf16": False, "logging_steps": 1, "save_strategy": "no"}
+    config.update(race=True, sft={}, ppo={})
+    config["grpo"] = {**quick, "max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4,
+                      "max_completion_length": 6, "eval_prompts": 2, "max_train_prompts": 8, "max_prompt_length": 128,
+                      "learning_rate": 1.0e-3}
+    config["dpo"] = {**quick, "eval_strategy": "no", "dataset_name": str(tmp_path / "prefs.json"),
+                     "eval_split_size": 8, "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 128,
+                     "learning_rate": 1.0e-3}
+    config["evaluate"]["kl_reference"] = "base"
+    path.write_text(yaml.safe_dump(config))
+    run_pipeline(path)
+    out = tmp_path / "run"
+    race = json.loads((out / "race.json").read_text())
+    results = json.loads((out / "evaluate" / "eval_results.json").read_text())
+    assert list(race["methods"]) == methods and race["start"] == "base"
+    assert race["budget"] == {"answers": 8, "max_answer_tokens": 6}
+    judged = race["per_prompt"]
+    for method in methods:
+        row, model = race["methods"][method], results["models"][method]
+        marker = json.loads((out / method / "STAGE_DONE.json").read_text())
+        assert row["run"] == str(out / method) == model["path"] and row["stage_fingerprint"] == marker["fingerprint"]
+        assert row["win_rate_vs_start_rm"] == results["win_rates"][f"{method} vs base"]
+        assert row["kl_to_start"] == model["kl_to_reference"] and row["distinct_2"] == model["distinct_2"]
+        assert row["rm_score_mean"] == model["rm_score_mean"]
+        assert row["length_ratio"] == pytest.approx(model["answer_tokens"] / results["models"]["base"]["answer_tokens"])
+        assert row["wall_minutes"] == pytest.approx(marker["seconds"] / 60) and row["peak_memory_mb"] > 50
+        rescored = win_rate(judged["reward_model"][method], judged["reward_model"]["base"])
+        assert rescored["win_rate"] == row["win_rate_vs_start_rm"]["win_rate"]
+        assert row["win_rate_vs_start_reference_likelihood"] == win_rate(judged["reference_likelihood"][method],
+                                                                         judged["reference_likelihood"]["base"])
+        assert len(judged["reference_likelihood"][method]) == 4
+        assert judged["reference_likelihood"][method] != judged["reference_likelihood"]["base"]  # it trained
+        assert isinstance(row["reward_hacking_flags"], list) and 0 <= row["prompts_judges_disagree"] <= 1
+    assert judged["reference_likelihood"]["grpo"] != judged["reference_likelihood"]["dpo"]  # two separate policies
+    assert race["methods"]["dpo"]["generation_budget"] == {"answers": 0, "max_answer_tokens": 0}
+    table = (out / "race.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == methods
+    assert (out / "race.png").stat().st_size > 10_000 and "## The RL race" in (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())["race"]
+    assert list(summary["methods"]) == methods and summary["budget"] == race["budget"]
+    for method in methods:
+        assert summary["methods"][method]["reward_hacking_suspected"] == bool(
+            race["methods"][method]["reward_hacking_flags"])
+
+
+def test_the_race_refuses_unequal_budgets_and_quick_applies_its_options(tmp_path):
+    from pipeline import PipelineConfig, main
+
+    from chatgpt_recipes.config import ConfigError
+
+    stages = ["sft", "reward_model", "ppo", "grpo", "evaluate"]
+    with pytest.raises(ConfigError, match="set evaluate.kl_reference to base"):
+        main(PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages[1:], race=True))
+    unequal = PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages, race=True,
+                             ppo={"total_episodes": 8, "response_length": 6},
+                             grpo={"max_steps": 2, "per_device_train_batch_size": 4, "max_completion_length": 8})
+    with pytest.raises(ConfigError, match=r"same number of answers.*'ppo': \(8, 6\), 'grpo': \(8, 8\)"):
+        main(unequal)
+    with pytest.raises(ConfigError, match=r"grpo must set \['max_completion_length'\]"):
+        main(PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages, race=True,
+                            ppo={"total_episodes": 8, "response_length": 6},
+                            grpo={"max_steps": 2, "per_device_train_batch_size": 4}))
+    quick = PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages, race=True, quick=True,
+                           ppo={"total_episodes": 8, "response_length": 6},
+                           grpo={"max_steps": 2, "per_device_train_batch_size": 4, "max_completion_length": 8},
+                           quick_options={"grpo": {"max_completion_length": 6}, "ppo": {"total_episodes": 4}})
+    with pytest.raises(ConfigError, match=r"'ppo': \(4, 6\), 'grpo': \(8, 6\)"):  # the quick options were applied
+        main(quick)
+    assert quick.output_dir == str(tmp_path / "run") + "-quick"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run-quick").exists()  # refused before any stage

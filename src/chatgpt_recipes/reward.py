@@ -151,3 +151,68 @@ def reward_model_function(reward_model, tokenizer, prompt_format: str, batch_siz
         return reward_scores(reward_model, sequences, tokenizer.pad_token_id, batch_size)
 
     return reward_model_score
+
+
+# Rule rewards (GRPO): named in a recipe's YAML (`rule_rewards`), each a TRL reward function of the generated ids ---
+
+def length_penalty(tokenizer, max_completion_length: int):
+    """Minus the answer's length as a fraction of max_completion_length (0 for an empty answer, -1 at the cap): a
+    counterweight to a reward model that pays for length."""
+
+    def length_penalty(completion_ids, **kwargs):
+        return [-len(ids) / max_completion_length for ids in completion_ids]
+
+    return length_penalty
+
+
+def format_check(tokenizer, max_completion_length: int):
+    """1 for an answer that has text and ends with EOS (finished within max_completion_length), else 0."""
+
+    def format_check(completion_ids, **kwargs):
+        return [float(bool(ids) and ids[-1] == tokenizer.eos_token_id
+                      and bool(tokenizer.decode(ids, skip_special_tokens=True).strip()))
+                for ids in completion_ids]
+
+    return format_check
+
+
+RULE_REWARDS = {"length_penalty": length_penalty, "format_check": format_check}
+
+
+def checked_rule_rewards(names: list[str]) -> list:
+    """The makers (tokenizer, max_completion_length) -> reward function of the rule rewards named in `rule_rewards`,
+    checked before any model loads: an unknown name is a ConfigError naming the option."""
+    from chatgpt_recipes.config import ConfigError
+
+    unknown = [name for name in names if name not in RULE_REWARDS]
+    if unknown or len(set(names)) != len(names):
+        raise ConfigError(f"rule_rewards: {names} must be distinct names from {sorted(RULE_REWARDS)} "
+                          f"({'unknown: ' + ', '.join(map(repr, unknown)) if unknown else 'a name repeats'})")
+    return [RULE_REWARDS[name] for name in names]
+
+
+def logging_group_spread(reward_funcs: list, weights: list[float] | None, num_generations: int) -> list:
+    """The reward functions, unchanged in what they return, and after the last of them has scored a generation
+    batch, the mean over prompt groups of the standard deviation of the weighted total reward (what GRPO's
+    advantages are divided by; 0 means a group teaches nothing) logged as `group_reward_spread` through TRL's
+    `log_metric`. TRL calls the functions in order, each on this process's completions, which are whole groups
+    when per-process generation batches are a multiple of num_generations (GRPOConfig's sampler guarantees that
+    for the batch sizes it accepts; otherwise nothing is logged, on every process alike)."""
+    weights = weights or [1.0] * len(reward_funcs)
+    scored = {}
+
+    def wrapped(index, function):
+        def reward(log_metric=None, **kwargs):
+            scores = function(**kwargs)
+            scored[index] = scores
+            if len(scored) == len(reward_funcs):
+                total = sum(torch.tensor(scored[i], dtype=torch.float64) * w for i, w in enumerate(weights))
+                scored.clear()
+                if log_metric is not None and len(total) % num_generations == 0:
+                    log_metric("group_reward_spread", total.view(-1, num_generations).std(dim=1).mean().item())
+            return scores
+
+        reward.__name__ = function.__name__  # TRL names the logged rewards/<name>/mean after it
+        return reward
+
+    return [wrapped(index, function) for index, function in enumerate(reward_funcs)]

@@ -1,0 +1,101 @@
+"""GRPO (group-relative policy optimisation, DeepSeekMath) against the learned reward model with TRL's GRPOTrainer.
+Same prompts, rendering, reward model and checks as ppo.py and rloo.py; no value model: each prompt's
+num_generations answers are scored, and an answer's advantage is its reward minus its group's mean (divided by the
+group's spread, `scale_rewards`). Rule rewards (`rule_rewards`: length_penalty, format_check) can be added to the
+reward model's, weighted by `reward_weights`.
+
+    # after recipes/reward_model.py (its default output is this recipe's default reward model), CPU, offline
+    accelerate launch recipes/grpo.py
+    # the three-stage path
+    accelerate launch recipes/grpo.py --model_name_or_path outputs/sft-smollm2-alpaca-lora \
+        --reward_model_path outputs/rm-smollm2-sft --output_dir outputs/grpo-smollm2-sft
+
+With LoRA the KL reference is the policy with its adapter disabled. Rerunning the same command resumes.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from accelerate import PartialState
+from trl import GRPOConfig, GRPOTrainer
+
+from chatgpt_recipes.compat import models_built_whole
+from chatgpt_recipes.config import run
+from chatgpt_recipes.data_args import NumProcArguments
+from chatgpt_recipes.merging import whole_model
+from chatgpt_recipes.models import ModelArguments, load_model, lora_config
+from chatgpt_recipes.output import say
+from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
+from chatgpt_recipes.reporting import save_json, write_training_report
+from chatgpt_recipes.resume import train_with_resume
+from chatgpt_recipes.reward import (checked_rule_rewards, load_reward_model, logging_group_spread,
+                                    reward_model_function)
+from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
+from chatgpt_recipes.templates import save_stage_info
+from chatgpt_recipes.time_budget import TimeBudgetArguments
+
+
+@dataclass
+class GRPORecipeConfig(RLPromptArguments, NumProcArguments, TimeBudgetArguments, GRPOConfig):
+    """TRL's GRPOConfig (num_generations, max_completion_length, beta, loss_type, temperature, reward_weights, ...)
+    plus prompts, guards and rule rewards."""
+
+    reward_model_path: str = field(default="outputs/rm-smollm2-dpo-demo",
+                                   metadata={"help": "Output dir of recipes/reward_model.py."})
+    rule_rewards: list[str] = field(default_factory=list, metadata={
+        "help": "Rule rewards added to the reward model's, by name: length_penalty (-answer tokens / "
+                "max_completion_length), format_check (1 for a non-empty answer ending with EOS). reward_weights "
+                "weighs [reward model, *rule_rewards]."})
+
+
+def main(config: GRPORecipeConfig, model_args: ModelArguments):
+    # Checks before any model loads: paths, same prompt rendering and tokenizer, a reward model worth optimising,
+    # rule rewards that exist
+    rule_rewards = checked_rule_rewards(config.rule_rewards)
+    policy_path, reward_path, rm_info, tokenizer = checked_rl_inputs(config, model_args, config.trust_remote_code)
+
+    # Data: prompt texts rendered as SFT renders them; a few held out for before/after
+    train_dataset, eval_dataset, skips = rl_prompts(config, tokenizer, tokenized=False)
+    eval_texts = eval_dataset["prompt"]
+    if PartialState().is_main_process:
+        skips.write(config.output_dir)
+
+    # Models: policy (SFT) and the frozen, centred reward model, scored on the policy's own token ids
+    policy = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
+    with models_built_whole():  # scored by our function, outside any engine: whole on every rank, also under ZeRO-3
+        reward_model = load_reward_model(reward_path).to(PartialState().device)
+    reward_funcs = [reward_model_function(reward_model, tokenizer, config.prompt_format),
+                    *[make(tokenizer, config.max_completion_length) for make in rule_rewards]]
+    reward_funcs = logging_group_spread(reward_funcs, config.reward_weights, config.num_generations)
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=config, train_dataset=train_dataset,
+                          processing_class=tokenizer, peft_config=lora_config(model_args, policy))
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    eval_args = (tokenizer, eval_texts, config.max_completion_length, config.temperature, config.seed)
+    reference = None if model_args.use_peft else load_model(model_args, tokenizer).eval()
+    before = evaluate_policy(policy, reference, reward_model, *eval_args)
+    train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
+    after = evaluate_policy(policy, reference, reward_model, *eval_args)
+    metrics = {f"{key}_before": value for key, value in before.items()}
+    metrics.update({f"{key}_after": value for key, value in after.items()})
+    metrics["steps"], metrics["reward_model_eval_accuracy"] = trainer.state.global_step, rm_info.get("eval_accuracy")
+    metrics.update(kl_coef=config.beta, num_generations=config.num_generations, loss_type=config.loss_type,
+                   rule_rewards=config.rule_rewards)
+
+    # Save: the policy merged into one plain model, tokenizer, metrics, report
+    with whole_model(trainer.accelerator, trainer.model, model_args, tokenizer) as merged:  # on every rank
+        if trainer.accelerator.is_main_process:
+            merged.save_pretrained(config.output_dir, safe_serialization=True)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(config.output_dir)
+        save_stage_info(config.output_dir, "grpo", config.prompt_format, reward_model=reward_path,
+                        policy=model_args.model_name_or_path)
+        save_json(os.path.join(config.output_dir, "grpo_results.json"), metrics)
+        write_training_report(config.output_dir, "GRPO", trainer.state.log_history, metrics,
+                              {"Skipped rows": skips.markdown()},
+                              plot_keys=["reward", "kl", "completions/mean_length", "group_reward_spread"])
+        say(policy_change_summary(f"GRPO ({metrics['steps']} steps)", len(eval_texts), before, after,
+                                    config.output_dir), flush=True)
+
+
+if __name__ == "__main__":
+    run(main, (GRPORecipeConfig, ModelArguments), "grpo/smollm2_alpaca_lora.yaml")
