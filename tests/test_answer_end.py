@@ -51,7 +51,7 @@ def test_end_of_turn_of_the_fallback_template_is_eos(tiny_gpt2_dir):
 def test_reward_model_scores_at_the_token_sft_trained(base_chatml, prompt_format):
     """The RM sequence is SFT's trained example token for token: the same end token closes the answer."""
     ranking = ranking_of(PAIR, "prefs.json: row 1")
-    chosen, rejected = ranking_sequences(ranking, base_chatml, prompt_format, None, "drop")
+    (chosen, rejected), _ = ranking_sequences(ranking, base_chatml, prompt_format, None, "drop")
     end = answer_end_token_id(base_chatml, prompt_format)
     assert chosen[-1] == rejected[-1] == end
     assert encode_response("Blue.", base_chatml, prompt_format)[-1] == end

@@ -126,7 +126,7 @@ def test_ultrafeedback_binarized_rows_train_the_reward_model_and_dpo(tmp_path, t
     pairs = reward.reward_pairs(reward.examples)
     standard = ranking_of({"prompt": [{"role": "user", "content": "Name a color."}], "chosen": "Blue.",
                            "rejected": "Table."}, "r")
-    chosen, rejected = ranking_sequences(standard, tokenizer, prompt_format, None, "drop")
+    (chosen, rejected), _ = ranking_sequences(standard, tokenizer, prompt_format, None, "drop")
     assert all(p["chosen_ids"] == chosen and p["rejected_ids"] == rejected for p in pairs)
     dpo = prepare_rankings(str(path), "train", tokenizer, prompt_format, "dpo")
     assert list(dpo.dpo_dataset(dpo.examples)) == dpo_pairs(standard, tokenizer, prompt_format) * 10
