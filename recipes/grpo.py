@@ -31,7 +31,7 @@ from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.reward import (checked_rule_rewards, load_reward_model, logging_group_spread,
                                     reward_model_function)
 from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
-from chatgpt_recipes.templates import save_stage_info
+from chatgpt_recipes.templates import answer_end_token_id, save_stage_info, tokenizer_ending_answers
 from chatgpt_recipes.time_budget import TimeBudgetArguments
 
 
@@ -64,13 +64,17 @@ def main(config: GRPORecipeConfig, model_args: ModelArguments):
     policy = load_model(model_args, tokenizer, trust_remote_code=config.trust_remote_code)
     with models_built_whole():  # scored by our function, outside any engine: whole on every rank, also under ZeRO-3
         reward_model = load_reward_model(reward_path).to(PartialState().device)
+    # TRL's GRPO stops generation and ends the completion mask at its tokenizer's EOS: given the token that ends an
+    # answer as EOS, it stops where SFT taught the policy to (a chat model's end of turn), and so does format_check
+    answers_tokenizer = tokenizer_ending_answers(tokenizer, config.prompt_format)
     reward_funcs = [reward_model_function(reward_model, tokenizer, config.prompt_format),
-                    *[make(tokenizer, config.max_completion_length) for make in rule_rewards]]
+                    *[make(answers_tokenizer, config.max_completion_length) for make in rule_rewards]]
     reward_funcs = logging_group_spread(reward_funcs, config.reward_weights, config.num_generations)
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=config, train_dataset=train_dataset,
-                          processing_class=tokenizer, peft_config=lora_config(model_args, policy))
+                          processing_class=answers_tokenizer, peft_config=lora_config(model_args, policy))
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    eval_args = (tokenizer, eval_texts, config.max_completion_length, config.temperature, config.seed)
+    eval_args = (tokenizer, eval_texts, config.max_completion_length, config.temperature, config.seed,
+                 answer_end_token_id(tokenizer, config.prompt_format))
     reference = None if model_args.use_peft else load_model(model_args, tokenizer).eval()
     before = evaluate_policy(policy, reference, reward_model, *eval_args)
     train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards

@@ -166,7 +166,8 @@ def length_penalty(tokenizer, max_completion_length: int):
 
 
 def format_check(tokenizer, max_completion_length: int):
-    """1 for an answer that has text and ends with EOS (finished within max_completion_length), else 0."""
+    """1 for an answer that has text and ends with EOS (finished within max_completion_length), else 0. grpo.py
+    passes the tokenizer whose EOS is the token that ends an answer (templates.tokenizer_ending_answers)."""
 
     def format_check(completion_ids, **kwargs):
         return [float(bool(ids) and ids[-1] == tokenizer.eos_token_id
