@@ -72,7 +72,7 @@ def test_single_cpu_process_under_accelerate_launch_uses_every_core(monkeypatch)
 
 RECIPE_OF_CONFIG_DIR = {"sft": "sft_lora", "dpo": "dpo", "reward": "reward_model", "ppo": "ppo", "rloo": "rloo",
                         "pretrain": "pretrain", "evaluate": "evaluate_model", "comparison_data": "comparison_data",
-                        "self_instruct": "self_instruct", "pipeline": "pipeline"}
+                        "self_instruct": "self_instruct", "pipeline": "pipeline", "grpo": "grpo"}
 
 
 def recipe_config_types(recipe: str) -> tuple:

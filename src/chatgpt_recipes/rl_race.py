@@ -26,7 +26,7 @@ from chatgpt_recipes.precision import inference_dtype
 from chatgpt_recipes.preferences import encode_response
 from chatgpt_recipes.reward import load_reward_model
 from chatgpt_recipes.sft_data import sft_split, tokenize_example
-from chatgpt_recipes.templates import example_prompt_ids
+from chatgpt_recipes.templates import example_prompt_ids, read_stage_info
 
 RACE_METHODS = ("ppo", "ppo_ptx", "rloo", "grpo", "dpo")
 ONLINE = {"ppo": ("total_episodes", "response_length"), "ppo_ptx": ("total_episodes", "response_length"),
@@ -84,8 +84,11 @@ def per_prompt_judgements(models: dict[str, str], evaluation_dir: Path) -> dict[
     judged = {"reward_model": {}, "reference_likelihood": {}}
     rm_tokenizer = load_tokenizer(evaluation_config["reward_model"])
     reward_model = load_reward_model(evaluation_config["reward_model"], dtype)
+    prompt_format = read_stage_info(evaluation_config["reward_model"]).get("prompt_format",
+                                                                           evaluation_config.get("prompt_format", "alpaca"))
     for name, path in models.items():
-        sequences = [example_prompt_ids(example, rm_tokenizer) + encode_response(sample[name], rm_tokenizer)
+        sequences = [example_prompt_ids(example, rm_tokenizer)
+                     + encode_response(sample[name], rm_tokenizer, prompt_format)
                      for example, sample in zip(examples, samples)]
         judged["reward_model"][name] = reward_scores(reward_model, sequences, rm_tokenizer.pad_token_id, batch_size)
         tokenizer, model = load_for_inference(path, dtype=dtype)
