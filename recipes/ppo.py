@@ -17,11 +17,10 @@ reward model, value backbone) are stored in `dtype`; the loop runs under bf16 au
 Rewards: the reward model's score at the answer's EOS, centred by the offset stored with it. Prompts are rendered
 like SFT (prompt_format) and the reward model must use the policy's tokenizer. Rerunning the same command
 resumes from the newest complete checkpoint (policy, value model, optimizer, scheduler, RNG, update count) and
-replays: prompts come in a seeded order per epoch (chatgpt_recipes.ppo_trainer.SeededPromptOrder), so the resumed updates
-see the prompts, and end with the weights, of an uninterrupted run.
+replays: prompts come in a seeded order per epoch (chatgpt_recipes.ppo_trainer.SeededPromptOrder), so the resumed
+updates see the prompts, and end with the weights, of an uninterrupted run.
 """
 
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -31,17 +30,16 @@ from trl.experimental.ppo import PPOConfig
 
 from chatgpt_recipes.config import run
 from chatgpt_recipes.generation import zero3_gathered
-from chatgpt_recipes.merging import whole_model
+from chatgpt_recipes.merging import save_aligned_policy
 from chatgpt_recipes.models import ModelArguments, load_model, lora_config, torch_dtype
 from chatgpt_recipes.output import say
 from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
 from chatgpt_recipes.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer, warn_on_ppo_trouble
-from chatgpt_recipes.reporting import save_json, write_training_report
 from chatgpt_recipes.resume import explain_save_errors, guard_trainer, last_complete_checkpoint
 from chatgpt_recipes.reward import load_reward_model, load_value_model
 from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
 from chatgpt_recipes.sft_data import prepare_sft
-from chatgpt_recipes.templates import answer_end_token_id, save_stage_info, tokenizer_ending_answers
+from chatgpt_recipes.templates import answer_end_token_id, tokenizer_ending_answers
 
 
 @dataclass
@@ -116,22 +114,14 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     metrics["reward_model_eval_accuracy"] = rm_info.get("eval_accuracy")
 
     # Save: the policy merged into one plain model, tokenizer, metrics, samples, report
-    with whole_model(trainer.accelerator, policy, model_args, tokenizer) as merged:  # on every rank
-        if trainer.accelerator.is_main_process:
-            merged.save_pretrained(config.output_dir, safe_serialization=True)
-    if trainer.accelerator.is_main_process:
-        tokenizer.padding_side = "right"
-        tokenizer.save_pretrained(config.output_dir)
-        save_stage_info(config.output_dir, "ppo", config.prompt_format, reward_model=reward_path,
-                        policy=model_args.model_name_or_path)
-        save_json(os.path.join(config.output_dir, "ppo_results.json"), metrics)
-        save_json(os.path.join(config.output_dir, "samples.json"), {"samples": trainer.samples})
-        write_training_report(config.output_dir, "PPO", trainer.state.log_history, metrics,
-                              {"Skipped rows": skips.markdown()},
-                              plot_keys=["objective/scores", "objective/kl", "objective/entropy", "loss/value_avg",
-                                         "policy/clipfrac_avg", "response_length", "ptx/loss"])
-        say(policy_change_summary(f"PPO ({metrics['updates']} updates)", len(eval_texts), before, after,
-                                    config.output_dir), flush=True)
+    tokenizer.padding_side = "right"
+    save_aligned_policy(trainer, policy, config, model_args, tokenizer, "ppo", reward_path, metrics,
+                        {"Skipped rows": skips.markdown()},
+                        plot_keys=["objective/scores", "objective/kl", "objective/entropy", "loss/value_avg",
+                                   "policy/clipfrac_avg", "response_length", "ptx/loss"],
+                        extra_files={"samples.json": {"samples": trainer.samples}})
+    say(policy_change_summary(f"PPO ({metrics['updates']} updates)", len(eval_texts), before, after,
+                              config.output_dir), flush=True)
 
 
 if __name__ == "__main__":

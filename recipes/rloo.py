@@ -11,7 +11,6 @@ no value model: each prompt's other samples are its baseline.
 With LoRA the KL reference is the policy with its adapter disabled. Rerunning the same command resumes.
 """
 
-import os
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
@@ -20,15 +19,14 @@ from trl import RLOOConfig, RLOOTrainer
 from chatgpt_recipes.compat import models_built_whole
 from chatgpt_recipes.config import run
 from chatgpt_recipes.data_args import NumProcArguments
-from chatgpt_recipes.merging import whole_model
+from chatgpt_recipes.merging import save_aligned_policy
 from chatgpt_recipes.models import ModelArguments, load_model, lora_config
 from chatgpt_recipes.output import say
 from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
-from chatgpt_recipes.reporting import save_json, write_training_report
 from chatgpt_recipes.resume import train_with_resume
 from chatgpt_recipes.reward import load_reward_model, reward_model_function
 from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
-from chatgpt_recipes.templates import answer_end_token_id, save_stage_info, tokenizer_ending_answers
+from chatgpt_recipes.templates import answer_end_token_id, tokenizer_ending_answers
 from chatgpt_recipes.time_budget import TimeBudgetArguments
 
 
@@ -77,19 +75,11 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
     metrics["kl_coef"] = config.beta
 
     # Save: the policy merged into one plain model, tokenizer, metrics, report
-    with whole_model(trainer.accelerator, trainer.model, model_args, tokenizer) as merged:  # on every rank
-        if trainer.accelerator.is_main_process:
-            merged.save_pretrained(config.output_dir, safe_serialization=True)
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(config.output_dir)
-        save_stage_info(config.output_dir, "rloo", config.prompt_format, reward_model=reward_path,
-                        policy=model_args.model_name_or_path)
-        save_json(os.path.join(config.output_dir, "rloo_results.json"), metrics)
-        write_training_report(config.output_dir, "RLOO", trainer.state.log_history, metrics,
-                              {"Skipped rows": skips.markdown()},
-                              plot_keys=["reward", "kl", "entropy", "completions/mean_length"])
-        say(policy_change_summary(f"RLOO ({metrics['steps']} steps)", len(eval_texts), before, after,
-                                    config.output_dir), flush=True)
+    save_aligned_policy(trainer, trainer.model, config, model_args, tokenizer, "rloo", reward_path, metrics,
+                        {"Skipped rows": skips.markdown()},
+                        plot_keys=["reward", "kl", "entropy", "completions/mean_length"])
+    say(policy_change_summary(f"RLOO ({metrics['steps']} steps)", len(eval_texts), before, after,
+                              config.output_dir), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the checkpoint's dtype when training held it rounded), and under ZeRO-3 the shar
 the one collective-safe way there: every rank calls it, the main process then saves."""
 
 import json
+import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
@@ -12,6 +13,8 @@ from pathlib import Path
 from chatgpt_recipes.compat import models_built_whole
 from chatgpt_recipes.generation import zero3_gathered
 from chatgpt_recipes.models import ModelArguments, load_adapter, load_model, resolve_model_path
+from chatgpt_recipes.reporting import save_json, write_training_report
+from chatgpt_recipes.templates import save_stage_info
 
 
 @contextmanager
@@ -52,3 +55,24 @@ def checkpoint_dtype(model_args: ModelArguments) -> str:
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     dtype = config.get("dtype") or config.get("torch_dtype")
     return dtype if dtype in ("bfloat16", "float16", "float32") else "float32"
+
+
+def save_aligned_policy(trainer, policy, config, model_args: ModelArguments, tokenizer, stage: str, reward_path: str,
+                        metrics: dict, report_sections: dict, plot_keys: list[str],
+                        extra_files: dict | None = None) -> None:
+    """The end of an RL recipe (ppo, rloo, grpo). On every rank (a collective under ZeRO-3): the policy merged into
+    one plain model in output_dir. On the main process: its tokenizer, stage_info.json, `<stage>_results.json`
+    (metrics), `extra_files` ({file name: JSON content}) and report.md with plots of `plot_keys`."""
+    with whole_model(trainer.accelerator, policy, model_args, tokenizer) as merged:
+        if trainer.accelerator.is_main_process:
+            merged.save_pretrained(config.output_dir, safe_serialization=True)
+    if not trainer.accelerator.is_main_process:
+        return
+    tokenizer.save_pretrained(config.output_dir)
+    save_stage_info(config.output_dir, stage, config.prompt_format, reward_model=reward_path,
+                    policy=model_args.model_name_or_path)
+    save_json(os.path.join(config.output_dir, f"{stage}_results.json"), metrics)
+    for name, content in (extra_files or {}).items():
+        save_json(os.path.join(config.output_dir, name), content)
+    write_training_report(config.output_dir, stage.upper(), trainer.state.log_history, metrics, report_sections,
+                          plot_keys=plot_keys)
