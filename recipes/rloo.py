@@ -20,7 +20,7 @@ from chatgpt_recipes.compat import models_built_whole
 from chatgpt_recipes.config import run
 from chatgpt_recipes.data_args import NumProcArguments
 from chatgpt_recipes.merging import save_aligned_policy
-from chatgpt_recipes.models import ModelArguments, load_model, lora_config
+from chatgpt_recipes.models import ModelArguments, load_frozen_reference, load_model, lora_config
 from chatgpt_recipes.output import say
 from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
 from chatgpt_recipes.resume import train_with_resume
@@ -62,10 +62,7 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
     policy = trainer.accelerator.unwrap_model(trainer.model)
     eval_args = (tokenizer, eval_texts, config.max_completion_length, config.temperature, config.seed,
                  answer_end_token_id(tokenizer, config.prompt_format))
-    # full fine-tuning: a frozen copy on the policy's device (load_model places it), sharded like it under ZeRO-3
-    reference = None if model_args.use_peft else load_model(model_args, tokenizer).eval()
-    if reference is not None and not hasattr(next(reference.parameters()), "ds_id"):
-        reference.to(next(policy.parameters()).device)
+    reference = load_frozen_reference(model_args, tokenizer, policy)
     before = evaluate_policy(policy, reference, reward_model, *eval_args)
     train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
     after = evaluate_policy(policy, reference, reward_model, *eval_args)

@@ -380,6 +380,18 @@ def copy_backbone(causal_lm, classifier, source: str) -> None:
             "(recipes/merge_lora.py) and pass the merged model")
 
 
+def load_frozen_reference(model_args: ModelArguments, tokenizer, policy):
+    """The KL reference of an RL recipe that evaluates its own policy (RLOO, GRPO): None with LoRA (the policy with
+    its adapter disabled is the reference), else a frozen copy of the starting model on the policy's device, left
+    where it is when ZeRO-3 sharded it like the policy."""
+    if model_args.use_peft:
+        return None
+    reference = load_model(model_args, tokenizer).eval()
+    if not hasattr(next(reference.parameters()), "ds_id"):
+        reference.to(next(policy.parameters()).device)
+    return reference
+
+
 def prepare_quantized_for_training(model) -> None:
     """Freeze the quantized base. Unlike PEFT's prepare_model_for_kbit_training, bf16 norms and embeddings stay
     bf16: upcasting them to fp32 makes the residual stream, and every activation saved for backward, fp32, which on
