@@ -15,10 +15,29 @@ os.environ.setdefault("RECIPES_CACHE", str(Path.home() / ".cache" / "chatgpt-rec
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # the cores shared out among the test processes (before torch loads)
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+# Tests that start several processes or DeepSpeed (whose launcher takes rendezvous port 29500 unless told
+# otherwise) run on one pytest-xdist worker, one at a time: two of them at once would contend for the port.
+MULTIPROCESS_FILES = {"test_distributed.py", "test_launch_configs.py"}
+MULTIPROCESS_TESTS = {"test_kill_under_deepspeed_zero3_then_rerun_matches_one_process",
+                      "test_under_two_processes_the_error_is_printed_once_and_named_in_the_launcher_summary"}
+MAX_TEST_WORKERS = 4  # more would each rebuild the session's tiny models for little gain
 
 
+def pytest_xdist_auto_num_workers(config):
+    return min(len(os.sched_getaffinity(0)), MAX_TEST_WORKERS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped on a machine without it."""
+    """Groups for `--dist loadgroup` (pyproject.toml): the multi-process tests together, else one group per file.
+    Tests marked `gpu` need CUDA: skipped on a machine without it."""
+    for item in items:
+        multiprocess = item.path.name in MULTIPROCESS_FILES or item.originalname in MULTIPROCESS_TESTS
+        item.add_marker(pytest.mark.xdist_group("multiprocess" if multiprocess else item.path.name))
     import torch
 
     if torch.cuda.is_available():

@@ -182,9 +182,14 @@ def test_ppo_rloo_dpo_under_two_processes(config, marker_policy_dir, marker_rewa
                                           tmp_path):
     """DDP: TRL's PPOTrainer failed here before (trl#2375: 'DistributedDataParallel' object has no attribute
     'policy'). ZeRO-3: every weight touched outside the engine (reward centring, probes, evaluation, merging and
-    saving) used to meet empty shards."""
-    for script, policy in [("ppo.py", marker_policy_dir), ("rloo.py", marker_policy_dir),
-                           ("grpo.py", marker_policy_dir), ("dpo.py", tiny_llama_dir)]:
+    saving) used to meet empty shards. (RLOO and GRPO under DDP: test_ppo_and_rloo_under_ddp_learn_as_one_process_does.)
+    Under ZeRO-3 PPO-ptx also makes exactly one engine step per PPO minibatch: one backward of PPO's and the ptx
+    loss together (as under ZeRO-2 in test_ppo_ptx_under_deepspeed_takes_one_optimizer_step_per_batch)."""
+    import torch
+
+    scripts = ["ppo.py", "rloo.py", "grpo.py", "dpo.py"] if config == "deepspeed_zero3.yaml" else ["ppo.py", "dpo.py"]
+    for script in scripts:
+        policy = tiny_llama_dir if script == "dpo.py" else marker_policy_dir
         out = tmp_path / script.removesuffix(".py")
         launch(script, *rl_args(script, policy, marker_reward_model_dir, out), config=config, num_processes=2,
                log=tmp_path / f"{script}.log")
@@ -195,6 +200,9 @@ def test_ppo_rloo_dpo_under_two_processes(config, marker_policy_dir, marker_rewa
     assert len(updates) == 1 and all(e["ptx/loss"] > 0 for e in updates)
     if config == "deepspeed_zero3.yaml":  # the same command with more episodes resumes from the engine's checkpoint
         out = tmp_path / "ppo"
+        states = list((out / "checkpoint-1").rglob("*model_states.pt"))
+        assert states and all(torch.load(path, map_location="cpu", weights_only=False)["global_steps"] == 1
+                              for path in states), states  # 1 update x num_ppo_epochs 1 x num_mini_batches 1
         args = rl_args("ppo.py", marker_policy_dir, marker_reward_model_dir, out)
         args[args.index("--total_episodes") + 1] = "16"
         launch("ppo.py", *args, config=config, num_processes=2, log=tmp_path / "ppo-resumed.log")
@@ -204,7 +212,7 @@ def test_ppo_rloo_dpo_under_two_processes(config, marker_policy_dir, marker_rewa
         assert_loadable_policy(out, marker_policy_dir)
 
 
-@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+@pytest.mark.parametrize("config", ["deepspeed_zero2.yaml"])  # ZeRO-3: test_ppo_rloo_dpo_under_two_processes
 def test_ppo_ptx_under_deepspeed_takes_one_optimizer_step_per_batch(config, marker_policy_dir,
                                                                     marker_reward_model_dir, tmp_path):
     """PPO-ptx's loss once had a backward of its own inside the optimizer step; under DeepSpeed accelerate's
@@ -255,6 +263,8 @@ def test_ppo_and_rloo_under_ddp_learn_as_one_process_does(script, marker_policy_
         args = ["--max_completion_length", "6", "--per_device_train_batch_size", "8", "--num_generations", "4",
                 "--max_steps", "24" if script == "rloo.py" else "12", "--beta", "0.01"]
     launch(script, *common, *args, config="cpu.yaml", num_processes=2, log=tmp_path / "run.log")
+    assert (tmp_path / "run.log").read_text().count("[precision]") == 1, "each event is printed once, by rank 0"
+    assert_loadable_policy(tmp_path / "out", marker_policy_dir)
     start = marker_rate(marker_policy_dir, marker_task["held_out"])["marker_rate"]
     after = marker_rate(str(tmp_path / "out"), marker_task["held_out"])["marker_rate"]
     print(f"{script} under 2 processes: marker rate {start:.3f} -> {after:.3f}")
