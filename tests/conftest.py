@@ -162,8 +162,34 @@ def marker_task(tmp_path_factory) -> dict:
             "held_out": held_out}
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The directory `build(directory)` fills, built once per test run: under pytest-xdist the first worker to get
+    here builds it (under a lock) in the run's shared temporary directory and the other workers read it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp().parent  # pytest-N/, shared by this run's workers
+    out = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / ".built").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            (out / ".built").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def marker_policy_dir(tmp_path_factory, marker_task) -> str:
+    return str(built_once(tmp_path_factory, "marker-policy", lambda out: _train_marker_policy(out, marker_task)))
+
+
+def _train_marker_policy(out: Path, marker_task: dict) -> None:
     """The starting policy: a 2-layer LLaMA (width 64) with a 768-token byte-level BPE trained here on the
     Wikipedia sample plus marker-task answers (so that each answer word is one token, and a small vocabulary keeps
     PPO's full-vocabulary log-softmaxes cheap), taught with the next-token loss on the answer tokens (plain
@@ -178,7 +204,6 @@ def marker_policy_dir(tmp_path_factory, marker_task) -> str:
     from chatgpt_recipes.preferences import encode_response
     from chatgpt_recipes.templates import encode_prompt, render_prompt, save_stage_info
 
-    out = tmp_path_factory.mktemp("marker-policy")
     rng = random.Random(0)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([*(REPO / "data" / "wiki_demo.txt").read_text(encoding="utf-8").splitlines(),
@@ -212,11 +237,15 @@ def marker_policy_dir(tmp_path_factory, marker_task) -> str:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     save_stage_info(str(out), "sft", "alpaca")
-    return str(out)
 
 
 @pytest.fixture(scope="session")
 def marker_reward_model_dir(tmp_path_factory, marker_policy_dir, marker_task) -> str:
+    return str(built_once(tmp_path_factory, "marker-rm",
+                          lambda out: _train_marker_reward_model(out / "rm", marker_policy_dir, marker_task)) / "rm")
+
+
+def _train_marker_reward_model(out: Path, marker_policy_dir: str, marker_task: dict) -> None:
     """A reward model trained for real by recipes/reward_model.py (full fine-tuning of the starting policy with a
     score head, as InstructGPT starts the RM from the SFT model) on the marker pairs, 40 of them held out: it
     records its held-out accuracy in stage_info.json, which the PPO/RLOO guard reads."""
@@ -225,7 +254,6 @@ def marker_reward_model_dir(tmp_path_factory, marker_policy_dir, marker_task) ->
     from chatgpt_recipes.config import parse_config
     from chatgpt_recipes.models import ModelArguments
 
-    out = tmp_path_factory.mktemp("marker-rm") / "rm"
     args = [
         "--model_name_or_path", marker_policy_dir, "--dataset_name", marker_task["pairs"], "--eval_split_size", "40",
         "--use_peft", "false", "--max_length", "64", "--per_device_train_batch_size", "8", "--num_train_epochs", "3",
@@ -234,7 +262,6 @@ def marker_reward_model_dir(tmp_path_factory, marker_policy_dir, marker_task) ->
         "--logging_steps", "5", "--report_to", "none", "--centering_samples", "64", "--output_dir", str(out)]
     reward_model.main(*parse_config((reward_model.RewardRecipeConfig, ModelArguments),
                                     "reward/smollm2_dpo_demo_lora.yaml", args))
-    return str(out)
 
 
 def marker_rate(model_dir: str, prompts: list[str], samples: int = 8, max_new_tokens: int = 8,
