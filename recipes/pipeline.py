@@ -41,6 +41,7 @@ from pathlib import Path
 from chatgpt_recipes.config import RECIPES_DIR, ConfigError, run
 from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
 from chatgpt_recipes.rl_race import RACE_METHODS, check_equal_budgets, generation_budget, write_race
+from chatgpt_recipes.time_budget import budget_stop
 
 DONE, STARTED, SUMMARY = "STAGE_DONE.json", "STAGE_STARTED.json", "summary.json"
 SCRIPTS = {"self_instruct": "self_instruct.py", "pretrain": "pretrain.py", "sft": "sft_lora.py",
@@ -132,12 +133,14 @@ def derived_defaults(config: PipelineConfig, stage: str) -> dict:
 
 
 def command_line(options: dict) -> list[str]:
+    """A stage's options as its recipe's command line; `key: null` sets the option to none (over the recipe
+    YAML's value), e.g. `max_train_minutes: null` for no time budget."""
     args = []
     for key, value in options.items():
-        if value is None:
-            continue
         args.append(f"--{key}")
-        if isinstance(value, list):
+        if value is None:
+            args.append("none")
+        elif isinstance(value, list):
             args += [str(v) for v in value]
         else:
             args.append(str(value).lower() if isinstance(value, bool) else str(value))
@@ -268,6 +271,9 @@ def check_race(config: PipelineConfig) -> dict:
 # What the pipeline's demonstration must show (issue: "RLHF that visibly learns"): a reward model well above chance
 # on pairs it never trained on, and RL policies that it prefers to the SFT policy on prompts nobody trained on.
 MIN_RM_ACCURACY, MIN_RM_PAIRS, MIN_WIN_RATE, MIN_PROMPTS = 0.65, 100, 0.60, 64
+# A check measures what these stages trained (and, for a policy's checks, the policy stage): one that a time budget
+# stopped early did not do the work the check is sized for, so the check is "not reached" rather than failed.
+UPSTREAM_TRAINING = ("pretrain", "sft", "reward_model")
 KL_COEF_KEYS = {"ppo": ("ppo_results.json", "kl_coef"), "ppo_ptx": ("ppo_results.json", "kl_coef"),
                 "rloo": ("rloo_results.json", "kl_coef"), "grpo": ("grpo_results.json", "kl_coef")}
 
@@ -278,19 +284,22 @@ def pipeline_summary(config: PipelineConfig) -> dict:
     with its check. KL bound: PPO and RLOO maximise E[r] - kl_coef * KL(policy || SFT), which is E_sft[r] for the SFT
     policy itself, so a policy that improved that objective has KL <= (E[r] - E_sft[r]) / kl_coef, both rewards
     measured by the same RM on the same prompts. A KL above it means the policy moved further than its reward
-    gain pays for: the penalty is not holding it."""
+    gain pays for: the penalty is not holding it. A check whose stages a time budget stopped early is marked
+    "not reached" (passed: null) with the stop, and all_passed is false."""
     out = Path(config.output_dir)
     results_file = out / "evaluate" / "eval_results.json"
     if not results_file.is_file():
         return {}
     results = json.loads(results_file.read_text())
     models, wins, summary, checks = results["models"], results.get("win_rates", {}), {}, []
+    # (name, value, threshold, passed, the training stages whose result it measures)
     rm = results.get("reward_model_accuracy")
     if rm:
         summary.update(rm_eval_accuracy=rm["accuracy"], rm_eval_accuracy_ci=[rm["ci_low"], rm["ci_high"]],
                        rm_eval_pairs=rm["pairs"])
-        checks += [("rm_eval_accuracy", rm["accuracy"], f">= {MIN_RM_ACCURACY}", rm["accuracy"] >= MIN_RM_ACCURACY),
-                   ("rm_eval_pairs", rm["pairs"], f">= {MIN_RM_PAIRS}", rm["pairs"] >= MIN_RM_PAIRS)]
+        checks += [("rm_eval_accuracy", rm["accuracy"], f">= {MIN_RM_ACCURACY}", rm["accuracy"] >= MIN_RM_ACCURACY,
+                    UPSTREAM_TRAINING),
+                   ("rm_eval_pairs", rm["pairs"], f">= {MIN_RM_PAIRS}", rm["pairs"] >= MIN_RM_PAIRS, ())]
     for policy in [p for p in POLICIES if p in models and "sft" in models]:
         win = wins.get(f"{policy} vs sft")
         if win is None:
@@ -302,8 +311,8 @@ def pipeline_summary(config: PipelineConfig) -> dict:
                         f"{policy}_length_ratio": models[policy]["answer_tokens"] / max(models["sft"]["answer_tokens"],
                                                                                         1e-9)})
         checks += [(f"{policy}_win_rate_vs_sft", win["win_rate"], f">= {MIN_WIN_RATE}",
-                    win["win_rate"] >= MIN_WIN_RATE),
-                   (f"{policy}_eval_prompts", win["n"], f">= {MIN_PROMPTS}", win["n"] >= MIN_PROMPTS)]
+                    win["win_rate"] >= MIN_WIN_RATE, (*UPSTREAM_TRAINING, policy)),
+                   (f"{policy}_eval_prompts", win["n"], f">= {MIN_PROMPTS}", win["n"] >= MIN_PROMPTS, ())]
         kl = models[policy].get("kl_to_reference")
         if kl is not None and results.get("kl_reference") == "sft":
             summary[f"{policy}_kl_to_sft"] = kl
@@ -312,18 +321,40 @@ def pipeline_summary(config: PipelineConfig) -> dict:
             if kl_coef:
                 bound = max(gain, 0.0) / kl_coef
                 summary.update({f"{policy}_kl_coef": kl_coef, f"{policy}_kl_bound": bound})
-                checks.append((f"{policy}_kl_to_sft", kl, f"<= {bound:.3g} (reward gain / kl_coef)", kl <= bound))
-    summary["checks"] = [{"name": name, "value": value, "threshold": threshold, "passed": bool(passed)}
-                         for name, value, threshold, passed in checks]
-    summary["all_passed"] = all(check["passed"] for check in summary["checks"])
+                checks.append((f"{policy}_kl_to_sft", kl, f"<= {bound:.3g} (reward gain / kl_coef)", kl <= bound,
+                               (*UPSTREAM_TRAINING, policy)))
+    stops = budget_stops(config)
+    summary["checks"] = []
+    for name, value, threshold, passed, measures in checks:
+        cut = [stops[stage] for stage in measures if stage in stops]
+        summary["checks"].append({"name": name, "value": value, "threshold": threshold,
+                                  "passed": None if cut else bool(passed), "reached": not cut,
+                                  **({"not_reached_because": "; ".join(cut)} if cut else {})})
+    summary["time_budget_stops"] = stops
+    summary["all_passed"] = all(check["passed"] is True for check in summary["checks"])
     (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
+def budget_stops(config: PipelineConfig) -> dict[str, str]:
+    """The stages that their time budget (max_train_minutes) stopped before max_steps, each with what it trained."""
+    stops = {}
+    for stage in config.stages:
+        stop = budget_stop(Path(config.output_dir) / stage)
+        if stop:
+            stops[stage] = (f"{stage} stopped by max_train_minutes={stop['max_train_minutes']:g} at step "
+                            f"{stop['stopped_at_step']} of {stop['max_steps']}")
+    return stops
+
+
 def checks_markdown(summary: dict) -> str:
+    def verdict(check):
+        if not check.get("reached", True):
+            return f"not reached: {check['not_reached_because']}"
+        return "yes" if check["passed"] else "**no**"
+
     lines = ["| check | value | threshold | passed |", "|---|---|---|---|"]
-    lines += [f"| {c['name']} | {c['value']:.3g} | {c['threshold']} | {'yes' if c['passed'] else '**no**'} |"
-              for c in summary["checks"]]
+    lines += [f"| {c['name']} | {c['value']:.3g} | {c['threshold']} | {verdict(c)} |" for c in summary["checks"]]
     intervals = [f"{key[:-3]}: {value[0]:.1%} – {value[1]:.1%}" for key, value in summary.items()
                  if key.endswith("_ci")]
     if intervals:

@@ -217,3 +217,34 @@ def test_the_race_refuses_unequal_budgets_and_quick_applies_its_options(tmp_path
         main(quick)
     assert quick.output_dir == str(tmp_path / "run") + "-quick"
     assert not (tmp_path / "run").exists() and not (tmp_path / "run-quick").exists()  # refused before any stage
+
+
+def test_a_check_on_a_stage_its_time_budget_stopped_is_not_reached_rather_than_failed(tmp_path):
+    """The reward model stopped by max_train_minutes (the record recipes leave): its accuracy check and the
+    policy's checks that stand on it are marked not reached, with the stop; counts are still judged. A stage
+    option set to null reaches the recipe as `none` (no time budget)."""
+    from pipeline import PipelineConfig, checks_markdown, command_line, pipeline_summary
+
+    from chatgpt_recipes.time_budget import STOP_RECORD
+
+    out = tmp_path / "run"
+    (out / "evaluate").mkdir(parents=True)
+    (out / "reward_model").mkdir()
+    (out / "reward_model" / STOP_RECORD).write_text(
+        json.dumps({"stopped_at_step": 53, "max_steps": 76, "max_train_minutes": 6}))
+    win = {"win_rate": 0.7, "ci_low": 0.6, "ci_high": 0.8, "n": 100}
+    model = {"rm_score_mean": 0.0, "answer_tokens": 40.0}
+    (out / "evaluate" / "eval_results.json").write_text(json.dumps({
+        "models": {"sft": model, "ppo": {**model, "rm_score_mean": 0.5}}, "win_rates": {"ppo vs sft": win},
+        "reward_model_accuracy": {"accuracy": 0.62, "ci_low": 0.52, "ci_high": 0.71, "pairs": 100}}))
+    summary = pipeline_summary(PipelineConfig(output_dir=str(out), stages=["sft", "reward_model", "ppo", "evaluate"]))
+    checks = {check["name"]: check for check in summary["checks"]}
+    stop = "reward_model stopped by max_train_minutes=6 at step 53 of 76"
+    for name in ("rm_eval_accuracy", "ppo_win_rate_vs_sft"):
+        assert checks[name]["passed"] is None and not checks[name]["reached"]
+        assert checks[name]["not_reached_because"] == stop
+    assert checks["rm_eval_pairs"]["passed"] is True and checks["ppo_eval_prompts"]["passed"] is True
+    assert summary["time_budget_stops"] == {"reward_model": stop} and summary["all_passed"] is False
+    assert f"| rm_eval_accuracy | 0.62 | >= 0.65 | not reached: {stop} |" in checks_markdown(summary)
+    assert command_line({"max_train_minutes": None, "max_steps": 20}) == ["--max_train_minutes", "none",
+                                                                          "--max_steps", "20"]

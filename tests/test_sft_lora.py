@@ -40,6 +40,9 @@ def test_end_to_end_lowers_eval_loss_and_writes_a_loadable_adapter(sft_run):
     log = json.loads((output_dir / "log_history.json").read_text())
     eval_losses = [entry["eval_loss"] for entry in log if "eval_loss" in entry]
     assert eval_losses[-1] < eval_losses[0] - 0.05, eval_losses  # evaluation is deterministic: no noise
+    # the evaluation at the final step (eval_steps 8) is the final one: reported, not run a third time
+    assert [entry["step"] for entry in log if "eval_loss" in entry] == [0, 8]
+    assert json.loads((output_dir / "eval_results.json").read_text())["eval_loss"] == eval_losses[-1]
     assert "prompt format 'alpaca'" in result.stdout and "=== Tuned model ===" in result.stdout
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "README.md",
                  "report.md", "eval_results.json", "checkpoint-4", "checkpoint-8", "runs"):

@@ -199,13 +199,18 @@ def evaluation_markdown(results: dict) -> str:
 
 
 def record_metrics(trainer, train_result, evaluate: bool) -> dict:
-    """Log and save the train metrics, run the final evaluation (when there is an eval set) and save its metrics
-    and the trainer state; all metrics, for the report."""
+    """Log and save the train metrics, the final evaluation's (when there is an eval set; run here unless the
+    trainer evaluated at the final step) and the trainer state; all metrics, for the report."""
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     metrics = dict(train_result.metrics)
     if evaluate:
-        eval_metrics = trainer.evaluate()
+        last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+        if last is not None and last.get("step") == trainer.state.global_step:
+            # the evaluation the trainer ran at the final step: the same weights on the same rows
+            eval_metrics = {key: value for key, value in last.items() if key != "step"}
+        else:
+            eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)

@@ -136,15 +136,14 @@ class DiskSpaceGuard(TrainerCallback):
 
 
 def guard_trainer(trainer) -> None:
-    """Adds the NaN/inf and disk-space guards, and the time budget when one is set, to a transformers/TRL trainer
+    """Adds the NaN/inf and disk-space guards and the time budget (max_train_minutes) to a transformers/TRL trainer
     (once)."""
     present = {type(callback) for callback in trainer.callback_handler.callbacks}
     for guard in (NonFiniteLossGuard, DiskSpaceGuard):
         if guard not in present:
             trainer.add_callback(guard())
-    minutes = getattr(trainer.args, "max_train_minutes", None)
-    if minutes and TimeBudget not in present:
-        trainer.add_callback(TimeBudget(minutes))
+    if TimeBudget not in present:  # without a budget it still clears an earlier run's stop record
+        trainer.add_callback(TimeBudget(getattr(trainer.args, "max_train_minutes", None)))
 
 
 class CheckpointSaveError(RecipeError, OSError):
