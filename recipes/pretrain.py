@@ -202,6 +202,7 @@ def main(config: PretrainConfig, model_args: ModelArguments):
     if config.eval_on_start and evals:  # the untrained model's perplexity, logged at step 0
         metrics["before_perplexity"] = evals[0]
     if is_deepspeed_zero3_enabled():  # the engine's sharded weights: sample from the saved (gathered) model instead
+        trainer.accelerator.wait_for_everyone()  # once the main process has written it
         with models_built_whole():
             sample_after = sample(AutoModelForCausalLM.from_pretrained(config.output_dir, use_safetensors=True))
     else:
