@@ -22,7 +22,7 @@ import torch
 from chatgpt_recipes.config import ConfigError
 from chatgpt_recipes.metrics import answer_logprobs, reward_scores, win_rate
 from chatgpt_recipes.models import load_for_inference, load_tokenizer
-from chatgpt_recipes.precision import inference_dtype
+from chatgpt_recipes.precision import detect_capability, inference_dtype
 from chatgpt_recipes.preferences import encode_response
 from chatgpt_recipes.reward import load_reward_model
 from chatgpt_recipes.sft_data import sft_split, tokenize_example
@@ -201,14 +201,20 @@ def plot_race(rows: dict, start: str, path: str) -> None:
 
 
 def machine_description() -> str:
-    """The machine the race ran on, for its table: the GPU, else the CPU model and core count."""
+    """The machine the race ran on, for its table: the GPU, else the CPU model (with its family and model numbers,
+    which tell e.g. a Zen 3 from a Zen 4 that both call themselves "AMD EPYC"), core count and precision."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA)"
     cpuinfo = Path("/proc/cpuinfo")
-    model = next((line.split(":", 1)[1].strip() for line in
-                  (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []) if line.startswith("model name")),
-                 "unknown CPU")
-    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+    fields = {}
+    for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []):
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name", "unknown CPU")
+    if "cpu family" in fields:
+        model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    precision = "native bf16" if detect_capability(use_cpu=True).native_bf16 else "no native bf16: fp32"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {precision}"
 
 
 def write_race(out: Path, methods: list[str], start: str, budgets: dict, budget: dict, stage_records: dict,
