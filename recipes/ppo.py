@@ -37,7 +37,7 @@ from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
 from chatgpt_recipes.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer, warn_on_ppo_trouble
 from chatgpt_recipes.resume import explain_save_errors, guard_trainer, last_complete_checkpoint
 from chatgpt_recipes.reward import load_reward_model, load_value_model
-from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
+from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, ptx_training_rows, rl_prompts
 from chatgpt_recipes.sft_data import prepare_sft
 from chatgpt_recipes.templates import answer_end_token_id, tokenizer_ending_answers
 
@@ -67,7 +67,7 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
         ptx = prepare_sft(config.ptx_dataset_name, "train", tokenizer, config.ptx_max_length, "drop",
                           num_proc=config.dataset_num_proc, max_skipped_fraction=config.max_skipped_fraction)
         skips.extend(ptx.skips)
-        ptx_examples = ptx.select(ptx.examples).to_list()
+        ptx_examples = ptx.select(ptx_training_rows(ptx, config)).to_list()
     if PartialState().is_main_process:
         skips.write(config.output_dir)
 

@@ -243,3 +243,22 @@ def test_fp16_ppo_runs_with_loss_scaling(tmp_path, marker_policy_dir, reward_dir
     assert update["ptx/loss"] > 0
     state = json.loads((out / "checkpoint-1" / "ppo_state.json").read_text())
     assert state["grad_scaler"]["scale"] == update["fp16/loss_scale"]
+
+
+def test_ppo_ptx_leaves_out_the_rows_sft_held_out_of_the_same_file(tiny_llama_dir, data_cache):
+    """PPO-ptx on SFT's own file trains on SFT's training rows only: the evaluation answers the held-out rows and
+    compares with their reference answers. On another file every usable row is used."""
+    from chatgpt_recipes.rl_inputs import ptx_training_rows
+    from chatgpt_recipes.rows import column
+    from chatgpt_recipes.sft_data import prepare_sft, sft_split
+
+    alpaca = "data/alpaca_en_demo.json"
+    prepared = prepare_sft(alpaca, "train", load_tokenizer(tiny_llama_dir), 256)
+    config = SimpleNamespace(ptx_dataset_name=alpaca, dataset_name=alpaca, sft_eval_split_size=100, seed=42)
+    file_rows = column(prepared.dataset, "row")
+    trained = {file_rows[i] for i in ptx_training_rows(prepared, config)}
+    _, held_out = sft_split(alpaca, "train", 100, 42)
+    assert len(held_out) == 100 and not trained & {row for row, _ in held_out}
+    assert len(trained) == len(prepared.examples) - 100
+    other = SimpleNamespace(**{**vars(config), "ptx_dataset_name": "data/chat_demo.jsonl"})
+    assert ptx_training_rows(prepared, other) == prepared.examples

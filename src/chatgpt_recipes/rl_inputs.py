@@ -2,6 +2,7 @@
 trained model, a reward model that reads the same tokens as the policy and is better than chance."""
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -13,7 +14,7 @@ from chatgpt_recipes.output import say
 from chatgpt_recipes.preferences import prompt_of_row
 from chatgpt_recipes.rows import (DEFECT, UNUSABLE, DataError, RowError, SkipLog, cache_key, cached_dataset,
                                   kept_indices, num_proc_for, raw_dataset, rows_of_batch, skips_of, source_fingerprint,
-                                  tokenizer_fingerprint)
+                                  split_train_eval, tokenizer_fingerprint)
 from chatgpt_recipes.sft_data import sft_split
 from chatgpt_recipes.templates import (PromptFormatError, check_prompt_format, encode_prompt, example_prompt,
                                        read_stage_info, render_prompt)
@@ -129,6 +130,17 @@ def rl_prompts(config, tokenizer, tokenized: bool) -> tuple[Dataset, Dataset, Sk
                         f"eval_prompts={config.eval_prompts}")
     return (prompts.select(range(config.eval_prompts, len(prompts))), prompts.select(range(config.eval_prompts)),
             skips)
+
+
+def ptx_training_rows(prepared, config) -> list[int]:
+    """The rows of the PPO-ptx data (`prepared`, config.ptx_dataset_name prepared by sft_data.prepare_sft) that PPO-ptx
+    trains on: every usable row, except, when it is the file whose rows SFT held out (config.dataset_name with
+    sft_eval_split_size), those held-out rows: the evaluation answers them and compares with their references."""
+    same_file = (config.ptx_dataset_name == config.dataset_name
+                 or os.path.realpath(config.ptx_dataset_name) == os.path.realpath(config.dataset_name))
+    if config.sft_eval_split_size and same_file:
+        return split_train_eval(prepared.examples, config.sft_eval_split_size, config.seed)[0]
+    return prepared.examples
 
 
 def sft_held_out_prompts(config, tokenizer) -> set[str]:
