@@ -136,8 +136,7 @@ def ptx_training_rows(prepared, config) -> list[int]:
     """The rows of the PPO-ptx data (`prepared`, config.ptx_dataset_name prepared by sft_data.prepare_sft) that PPO-ptx
     trains on: every usable row, except, when it is the file whose rows SFT held out (config.dataset_name with
     sft_eval_split_size), those held-out rows: the evaluation answers them and compares with their references."""
-    same_file = (config.ptx_dataset_name == config.dataset_name
-                 or os.path.realpath(config.ptx_dataset_name) == os.path.realpath(config.dataset_name))
+    same_file = os.path.realpath(config.ptx_dataset_name) == os.path.realpath(config.dataset_name)  # hub names too
     if config.sft_eval_split_size and same_file:
         return split_train_eval(prepared.examples, config.sft_eval_split_size, config.seed)[0]
     return prepared.examples

@@ -24,8 +24,8 @@ class TimeBudgetArguments:
                 "no budget."})
 
 
-# Written to output_dir when the budget stops a run (and removed when a later run of it trains to the end), so
-# that whatever reads the run afterwards (the pipeline's checks) knows it trained fewer steps than it was set to.
+# Written to output_dir when the budget stops a run (and removed when the next run there starts), so that whatever
+# reads the run afterwards (the pipeline's checks) knows it trained fewer steps than it was set to.
 STOP_RECORD = "time_budget_stop.json"
 
 
@@ -42,7 +42,7 @@ class TimeBudget(TrainerCallback):
     max_steps. With `minutes` None it only clears an earlier run's record."""
 
     def __init__(self, minutes: float | None):
-        self.budget_s, self.stopped_at = (minutes * 60 if minutes else None), None
+        self.budget_s = minutes * 60 if minutes else None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.first_step = time.monotonic(), state.global_step
@@ -55,7 +55,6 @@ class TimeBudget(TrainerCallback):
         elapsed, steps = time.monotonic() - self.start, state.global_step - self.first_step
         if steps and state.global_step < state.max_steps and elapsed * (steps + 1) / steps > self.budget_s:
             control.should_training_stop = control.should_save = True
-            self.stopped_at = state.global_step
             if state.is_world_process_zero:
                 say(f"[time budget] stopping at step {state.global_step} of {state.max_steps}: "
                     f"{elapsed / steps:.1f} s/step here, and max_train_minutes={self.budget_s / 60:g} would be "
