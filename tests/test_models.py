@@ -228,3 +228,24 @@ def test_sft_adapter_under_a_score_head_copies_every_backbone_weight(tiny_llama_
     for name, weight in classifier.state_dict().items():
         if not name.startswith("score."):
             assert torch.allclose(weight, expected[name][: weight.shape[0]]), name
+
+
+def test_two_processes_fetching_the_same_model_into_an_empty_cache_both_get_it(tmp_path):
+    """The ranks of `accelerate launch` (and parallel test workers) may ask for the offline model at once: one
+    downloads and converts it, the other waits and reads the same directory, and no temporary copy is left."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from chatgpt_recipes.models import fetch_offline_model; print(fetch_offline_model('smollm2-135m-instruct'))"
+    env = {**os.environ, "RECIPES_CACHE": str(tmp_path)}
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(process.communicate(timeout=900), process.returncode) for process in processes]
+    for (stdout, stderr), returncode in results:
+        assert returncode == 0, stderr[-3000:]
+    paths = {stdout.strip().splitlines()[-1] for (stdout, _), _ in results}
+    assert paths == {str(tmp_path / "models" / "smollm2-135m-instruct")}
+    model_dir = tmp_path / "models" / "smollm2-135m-instruct"
+    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+    assert sorted(path.name for path in (tmp_path / "models").iterdir() if path.is_dir()) == ["smollm2-135m-instruct"]

