@@ -44,7 +44,8 @@ def test_pairwise_accuracy_and_margin_on_known_scores():
 
 
 def test_reward_scores_read_at_the_last_real_token(tiny_llama_dir):
-    """Batched, right-padded scores equal each sequence scored alone: the pad token is never read."""
+    """Batched (by length), right-padded scores equal each sequence scored alone, in the sequences' order: the pad
+    token is never read."""
     from transformers import AutoModelForSequenceClassification
 
     from chatgpt_recipes.models import load_tokenizer
@@ -54,10 +55,23 @@ def test_reward_scores_read_at_the_last_real_token(tiny_llama_dir):
     model.config.pad_token_id = tokenizer.pad_token_id
     sequences = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
                  for t in ["short", "a somewhat longer answer here", "mid length text"]]
-    batched = reward_scores(model, sequences, tokenizer.pad_token_id, batch_size=3)
+    batched = reward_scores(model, sequences, tokenizer.pad_token_id, batch_size=2)
     alone = [reward_scores(model, [s], tokenizer.pad_token_id)[0] for s in sequences]
     assert batched == pytest.approx(alone, abs=1e-5)
     assert len(set(round(s, 6) for s in batched)) == 3
+
+
+def test_answer_logprobs_in_length_batches_keep_the_answers_order(tiny_llama_dir):
+    from chatgpt_recipes.metrics import answer_logprobs
+
+    tokenizer, model = load_for_inference(tiny_llama_dir)
+    prompts = [tokenizer(t)["input_ids"] for t in ["Hi", "A much longer prompt than the others", "Mid prompt"]]
+    answers = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ["yes", "no", "a longer answer"]] + [[]]
+    prompts.append(prompts[0])
+    batched = answer_logprobs(model, prompts, answers, tokenizer.pad_token_id, batch_size=2)
+    alone = [answer_logprobs(model, [p], [a], tokenizer.pad_token_id)[0] for p, a in zip(prompts, answers)]
+    assert batched == pytest.approx(alone, abs=1e-4)
+    assert batched[3] == 0.0 and len(set(round(v, 4) for v in batched[:3])) == 3
 
 
 def test_wilson_interval_matches_scipy_and_win_rate_counts_ties_half():

@@ -107,6 +107,13 @@ def _batches(items: list, size: int):
         yield items[start:start + size]
 
 
+def _batches_by_length(lengths: list[int], size: int):
+    """Indices into the items in batches of similar length (longest first), so that a padded batch wastes little
+    compute on padding; callers put results back in the items' order."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return list(_batches(order, size))
+
+
 def _pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(s) for s in sequences)
     return torch.tensor([[value] * (width - len(s)) + s if left else s + [value] * (width - len(s))
@@ -118,7 +125,9 @@ def dataset_perplexity(model, examples: list[dict], batch_size: int = 8, progres
     """Perplexity of a causal LM on tokenised examples {input_ids, labels} (labels -100 where not scored, e.g.
     from chatgpt_recipes.data.tokenize_example, so exactly the tokens SFT trains on are measured)."""
     total_loss, total_tokens = 0.0, 0
-    for number, batch in enumerate(_batches(examples, batch_size), start=1):
+    batches = _batches_by_length([len(e["input_ids"]) for e in examples], batch_size)
+    for number, indices in enumerate(batches, start=1):
+        batch = [examples[i] for i in indices]
         input_ids = _pad([e["input_ids"] for e in batch], 0).to(model.device)
         labels = _pad([e["labels"] for e in batch], -100).to(model.device)
         attention_mask = _pad([[1] * len(e["input_ids"]) for e in batch], 0).to(model.device)
@@ -126,7 +135,7 @@ def dataset_perplexity(model, examples: list[dict], batch_size: int = 8, progres
         loss, tokens = token_loss_sums(logits, labels)
         total_loss, total_tokens = total_loss + loss, total_tokens + tokens
         if progress:
-            say(f"[{progress}] perplexity batch {number}/{math.ceil(len(examples) / batch_size)}", flush=True)
+            say(f"[{progress}] perplexity batch {number}/{len(batches)}", flush=True)
     return {"perplexity": perplexity(total_loss, total_tokens), "mean_token_loss": total_loss / total_tokens,
             "scored_tokens": total_tokens}
 
@@ -171,20 +180,19 @@ def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[in
                     temperature: float = 1.0, batch_size: int = 8) -> list[float]:
     """log p(answer | prompt) under `model` at `temperature` (the sum over the answer's tokens), each sequence
     right-padded; the difference of two models' values on one model's own samples is the k1 estimate of their KL."""
-    totals = []
-    for batch in _batches(list(zip(prompt_ids, answer_ids)), batch_size):
+    totals = [0.0] * len(prompt_ids)
+    for indices in _batches_by_length([len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)], batch_size):
+        batch = [(prompt_ids[i], answer_ids[i]) for i in indices]
         sequences = [p + a for p, a in batch]
         input_ids = _pad(sequences, pad_token_id).to(model.device)
         attention_mask = _pad([[1] * len(s) for s in sequences], 0).to(model.device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         logprobs = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), -1)
-        for row, (prompt, answer) in enumerate(batch):
-            if not answer:
-                totals.append(0.0)
-                continue
-            positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=logits.device)
-            targets = torch.tensor(answer, device=logits.device)
-            totals.append(logprobs[row, positions, targets].sum().item())
+        for row, (index, (prompt, answer)) in enumerate(zip(indices, batch)):
+            if answer:
+                positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=logits.device)
+                targets = torch.tensor(answer, device=logits.device)
+                totals[index] = logprobs[row, positions, targets].sum().item()
     return totals
 
 
@@ -192,10 +200,12 @@ def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[in
 def reward_scores(reward_model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 8) -> list[float]:
     """The reward model's scalar score of each token sequence (right-padded; transformers reads the score at
     the last non-pad token, which is why the pad token must differ from EOS)."""
-    scores = []
-    for batch in _batches(sequences, batch_size):
+    scores = [0.0] * len(sequences)
+    for indices in _batches_by_length([len(s) for s in sequences], batch_size):
+        batch = [sequences[i] for i in indices]
         input_ids = _pad(batch, pad_token_id).to(reward_model.device)
         attention_mask = _pad([[1] * len(s) for s in batch], 0).to(reward_model.device)
         logits = reward_model(input_ids=input_ids, attention_mask=attention_mask).logits
-        scores += logits[:, 0].float().tolist()
+        for index, score in zip(indices, logits[:, 0].float().tolist()):
+            scores[index] = score
     return scores
