@@ -10,7 +10,8 @@
 A model is `name=path` (a hub id, a directory, a LoRA adapter directory, a `.gguf`). For each model:
   - perplexity on the responses of the held-out instructions: the same split and the same masked tokens as SFT
     (chatgpt_recipes.rows.split_train_eval with the same seed, chatgpt_recipes.sft_data.tokenize_example), and optionally on plain
-    held-out text (`text_dataset`, blocks cut as pretraining cuts them);
+    held-out text (`text_dataset`, blocks cut as pretraining cuts them); per answered prompt, the log-likelihood
+    of its reference answer (eval_results.json `reference_logprobs`, the race's second judge);
   - answers sampled for the first `num_prompts` held-out prompts: distinct-1/2, mean length, the mean per-token
     entropy of the distributions the tokens were drawn from (whether RLHF lowered the diversity of the answers),
     and with `kl_reference` (e.g. sft) the KL to that model on the model's own answers;
@@ -96,11 +97,13 @@ def evaluate_policy(name: str, path: str, index: int, config, eval_examples, pro
     model.to(device)
     tokenized = [tokenize_example(e, tokenizer, f"{config.dataset_name}: held-out example {i}")
                  for i, e in enumerate(eval_examples, start=1)]
-    kept = [t for t in tokenized if len(t["input_ids"]) <= config.max_length]
+    kept = [i for i, t in enumerate(tokenized) if len(t["input_ids"]) <= config.max_length]
     if len(kept) < len(tokenized):
         print(f"[{name}] {len(tokenized) - len(kept)} held-out examples longer than {config.max_length} tokens "
               "left out of perplexity", flush=True)
-    row = {"path": path, **dataset_perplexity(model, kept, config.batch_size, name)}
+    measured = dataset_perplexity(model, [tokenized[i] for i in kept], config.batch_size, name)
+    reference_losses = dict(zip(kept, measured.pop("example_losses")))
+    row = {"path": path, **measured}
     if config.text_dataset:
         documents = load_documents(config.text_dataset).take(config.text_eval_documents)
         blocks = [{"input_ids": b["input_ids"], "labels": b["input_ids"]}
@@ -112,6 +115,9 @@ def evaluate_policy(name: str, path: str, index: int, config, eval_examples, pro
                token_entropy=sampled["token_entropy"],
                answer_words=sum(len(a.split()) for a in sampled["answers"]) / len(sampled["answers"]),
                answer_tokens=sum(len(a) for a in sampled["answer_ids"]) / len(sampled["answer_ids"]))
+    # log p(reference answer | prompt) of each answered prompt, for the race's second judge (None: too long)
+    sampled["reference_logprobs"] = [-reference_losses[i] if i in reference_losses else None
+                                     for i in range(min(config.num_prompts, len(eval_examples)))]
     sampled["logprobs"] = answer_logprobs(model, sampled["prompt_ids"], sampled["answer_ids"], tokenizer.pad_token_id,
                                           config.temperature, config.batch_size)
     print(f"[{name}] perplexity {row['perplexity']:.3f}, distinct-1 {row['distinct_1']:.3f}, distinct-2 "
@@ -165,6 +171,7 @@ def main(config: EvaluationConfig):
         results["models"][name], samples[name] = evaluate_policy(
             name, path, index, config, eval_examples, prompts_of, device)
     answers = {name: sampled["answers"] for name, sampled in samples.items()}
+    results["reference_logprobs"] = {name: sampled["reference_logprobs"] for name, sampled in samples.items()}
     if config.kl_reference:
         results["kl_reference"] = config.kl_reference
         for name, kl in kl_to_reference(config, models, samples, device).items():

@@ -12,7 +12,10 @@ import pytest
 import yaml
 from conftest import REPO
 
-from chatgpt_recipes.metrics import win_rate
+from chatgpt_recipes.metrics import answer_logprobs, win_rate
+from chatgpt_recipes.models import load_for_inference
+from chatgpt_recipes.rl_race import held_out_examples
+from chatgpt_recipes.sft_data import tokenize_example
 
 MARKER = "Certainly"
 
@@ -175,12 +178,24 @@ def test_the_rl_race_writes_one_table_whose_rows_come_from_each_methods_own_run(
         assert row["wall_minutes"] == pytest.approx(marker["seconds"] / 60) and row["peak_memory_mb"] > 50
         rescored = win_rate(judged["reward_model"][method], judged["reward_model"]["base"])
         assert rescored["win_rate"] == row["win_rate_vs_start_rm"]["win_rate"]
-        assert row["win_rate_vs_start_reference_likelihood"] == win_rate(judged["reference_likelihood"][method],
-                                                                         judged["reference_likelihood"]["base"])
+        both = [(a, b) for a, b in zip(judged["reference_likelihood"][method], judged["reference_likelihood"]["base"])
+                if a is not None and b is not None]  # None: an example longer than the evaluation's max_length
+        assert row["win_rate_vs_start_reference_likelihood"] == win_rate(*zip(*both))
         assert len(judged["reference_likelihood"][method]) == 4
         assert judged["reference_likelihood"][method] != judged["reference_likelihood"]["base"]  # it trained
         assert isinstance(row["reward_hacking_flags"], list) and 0 <= row["prompts_judges_disagree"] <= 1
     assert judged["reference_likelihood"]["grpo"] != judged["reference_likelihood"]["dpo"]  # two separate policies
+    # the evaluation's record of the second judge is log p(reference answer | prompt) under that policy
+    tokenizer, model = load_for_inference(str(out / "dpo"))
+    tokenized = [tokenize_example(e, tokenizer) for e in held_out_examples(results["config"])]
+    starts = [next(i for i, label in enumerate(t["labels"]) if label != -100) for t in tokenized]
+    recomputed = answer_logprobs(model, [t["input_ids"][:s] for t, s in zip(tokenized, starts)],
+                                 [t["input_ids"][s:] for t, s in zip(tokenized, starts)], tokenizer.pad_token_id)
+    scored = [i for i, value in enumerate(judged["reference_likelihood"]["dpo"]) if value is not None]
+    assert scored and [judged["reference_likelihood"]["dpo"][i] for i in scored] == pytest.approx(
+        [recomputed[i] for i in scored], rel=1e-3)
+    too_long = [i for i, t in enumerate(tokenized) if len(t["input_ids"]) > results["config"]["max_length"]]
+    assert sorted(set(range(len(tokenized))) - set(scored)) == too_long
     assert race["methods"]["dpo"]["generation_budget"] == {"answers": 0, "max_answer_tokens": 0}
     table = (out / "race.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == methods

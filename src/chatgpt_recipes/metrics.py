@@ -18,13 +18,13 @@ from chatgpt_recipes.output import say
 
 # Perplexity ---------------------------------------------------------------------------------------------------
 
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy (nats) and the number of scored tokens of a batch; labels are -100 where
-    a token is not scored (prompt, padding), exactly as the trainers mask them."""
+def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (nats) of each row of a batch; labels are -100 where a token is not scored
+    (prompt, padding), exactly as the trainers mask them."""
     shift_labels = labels[:, 1:]
     scored = shift_labels != -100  # only these rows of the (large) logits are softmaxed
-    loss = F.cross_entropy(logits[:, :-1][scored].float(), shift_labels[scored], reduction="sum")
-    return loss.item(), int(scored.sum())
+    losses = F.cross_entropy(logits[:, :-1][scored].float(), shift_labels[scored], reduction="none")
+    return torch.zeros(labels.shape[0], device=losses.device).index_add_(0, scored.nonzero()[:, 0], losses)
 
 
 def perplexity(total_loss: float, token_count: int) -> float:
@@ -123,8 +123,9 @@ def _pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Te
 @torch.no_grad()
 def dataset_perplexity(model, examples: list[dict], batch_size: int = 8, progress: str = "") -> dict:
     """Perplexity of a causal LM on tokenised examples {input_ids, labels} (labels -100 where not scored, e.g.
-    from chatgpt_recipes.data.tokenize_example, so exactly the tokens SFT trains on are measured)."""
-    total_loss, total_tokens = 0.0, 0
+    from chatgpt_recipes.data.tokenize_example, so exactly the tokens SFT trains on are measured), and each
+    example's summed loss, -log p(its scored tokens), in the examples' order."""
+    example_losses = [0.0] * len(examples)
     batches = _batches_by_length([len(e["input_ids"]) for e in examples], batch_size)
     for number, indices in enumerate(batches, start=1):
         batch = [examples[i] for i in indices]
@@ -132,12 +133,14 @@ def dataset_perplexity(model, examples: list[dict], batch_size: int = 8, progres
         labels = _pad([e["labels"] for e in batch], -100).to(model.device)
         attention_mask = _pad([[1] * len(e["input_ids"]) for e in batch], 0).to(model.device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        loss, tokens = token_loss_sums(logits, labels)
-        total_loss, total_tokens = total_loss + loss, total_tokens + tokens
+        for index, loss in zip(indices, token_loss_sums(logits, labels).tolist()):
+            example_losses[index] = loss
         if progress:
             say(f"[{progress}] perplexity batch {number}/{len(batches)}", flush=True)
+    total_loss = sum(example_losses)
+    total_tokens = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
     return {"perplexity": perplexity(total_loss, total_tokens), "mean_token_loss": total_loss / total_tokens,
-            "scored_tokens": total_tokens}
+            "scored_tokens": total_tokens, "example_losses": example_losses}
 
 
 @torch.no_grad()

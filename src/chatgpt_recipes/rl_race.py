@@ -12,7 +12,6 @@ only has learnt the reward model, not the task: with its answer length over
 SFT's, that is the reward-hacking flag in summary.json. Writes race.json, race.md and race.png to the pipeline's
 output_dir; each row names the run it was read from."""
 
-import gc
 import json
 import os
 from pathlib import Path
@@ -20,12 +19,12 @@ from pathlib import Path
 import torch
 
 from chatgpt_recipes.config import ConfigError
-from chatgpt_recipes.metrics import answer_logprobs, reward_scores, win_rate
-from chatgpt_recipes.models import load_for_inference, load_tokenizer
+from chatgpt_recipes.metrics import reward_scores, win_rate
+from chatgpt_recipes.models import load_tokenizer
 from chatgpt_recipes.precision import detect_capability, inference_dtype
 from chatgpt_recipes.preferences import encode_response
 from chatgpt_recipes.reward import load_reward_model
-from chatgpt_recipes.sft_data import sft_split, tokenize_example
+from chatgpt_recipes.sft_data import sft_split
 from chatgpt_recipes.templates import example_prompt_ids, read_stage_info
 
 RACE_METHODS = ("ppo", "ppo_ptx", "rloo", "grpo", "dpo")
@@ -69,36 +68,29 @@ def held_out_examples(evaluation_config: dict) -> list[dict]:
     return [example for _, example in held_out][: evaluation_config["num_prompts"]]
 
 
-@torch.no_grad()
-def per_prompt_judgements(models: dict[str, str], evaluation_dir: Path) -> dict[str, dict[str, list[float]]]:
+def per_prompt_judgements(models: dict[str, str], evaluation_dir: Path) -> dict[str, dict[str, list]]:
     """Both judges' per-prompt scores of each model on the evaluation stage's prompts: `reward_model`, its reward
     model's score of the answer the evaluation sampled (samples.jsonl; scored as evaluate_model.py scores it), and
     `reference_likelihood`, log p(reference answer | prompt) under the model, summed over the answer's tokens and
-    its EOS, at temperature 1."""
+    its EOS, at temperature 1, as the evaluation recorded it from its perplexity pass (None where the example was
+    too long for that pass)."""
     results = json.loads((evaluation_dir / "eval_results.json").read_text())
     evaluation_config = results["config"]
     examples = held_out_examples(evaluation_config)
     samples = [json.loads(line) for line in (evaluation_dir / "samples.jsonl").read_text().splitlines()]
     dtype = inference_dtype(evaluation_config.get("dtype", "auto"), evaluation_config.get("use_cpu", False))
     batch_size = evaluation_config.get("batch_size", 8)
-    judged = {"reward_model": {}, "reference_likelihood": {}}
+    judged = {"reward_model": {}, "reference_likelihood": {name: results["reference_logprobs"][name]
+                                                           for name in models}}
     rm_tokenizer = load_tokenizer(evaluation_config["reward_model"])
     reward_model = load_reward_model(evaluation_config["reward_model"], dtype)
     prompt_format = read_stage_info(evaluation_config["reward_model"]).get("prompt_format",
                                                                            evaluation_config.get("prompt_format", "alpaca"))
-    for name, path in models.items():
+    for name in models:
         sequences = [example_prompt_ids(example, rm_tokenizer)
                      + encode_response(sample[name], rm_tokenizer, prompt_format)
                      for example, sample in zip(examples, samples)]
         judged["reward_model"][name] = reward_scores(reward_model, sequences, rm_tokenizer.pad_token_id, batch_size)
-        tokenizer, model = load_for_inference(path, dtype=dtype)
-        tokenized = [tokenize_example(e, tokenizer, f"held-out example {i}") for i, e in enumerate(examples, 1)]
-        starts = [next(i for i, label in enumerate(t["labels"]) if label != -100) for t in tokenized]
-        judged["reference_likelihood"][name] = answer_logprobs(
-            model, [t["input_ids"][:s] for t, s in zip(tokenized, starts)],
-            [t["input_ids"][s:] for t, s in zip(tokenized, starts)], tokenizer.pad_token_id, 1.0, batch_size)
-        del model
-        gc.collect()
     return judged
 
 
@@ -117,9 +109,10 @@ def race_table(out: Path, methods: list[str], start: str, budgets: dict, stage_r
     for method in methods:
         model = models[method]
         rm_win = results["win_rates"][f"{method} vs {start}"]
-        likelihood_win = win_rate(likelihood[method], likelihood[start])
-        disagree = [(a > b) != (c > d) for a, b, c, d in zip(rm[method], rm[start], likelihood[method],
-                                                               likelihood[start])]
+        scored = [i for i, (a, b) in enumerate(zip(likelihood[method], likelihood[start]))
+                  if a is not None and b is not None]  # the second judge skips answers too long to score
+        likelihood_win = win_rate([likelihood[method][i] for i in scored], [likelihood[start][i] for i in scored])
+        disagree = [(rm[method][i] > rm[start][i]) != (likelihood[method][i] > likelihood[start][i]) for i in scored]
         flags = []
         length_ratio = model["answer_tokens"] / sft["answer_tokens"]
         if length_ratio > MAX_LENGTH_RATIO:
