@@ -148,7 +148,8 @@ def command_line(options: dict) -> list[str]:
 
 
 def launch_command(config: PipelineConfig, script: str, args: list[str]) -> list[str]:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    # --quiet: a failing stage shows its own error, without accelerate's traceback of the launch after it
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     if config.accelerate_config:
         launcher += ["--config_file", config.accelerate_config]
     elif config.use_cpu:  # accelerate's quiet CPU defaults

@@ -263,3 +263,17 @@ def test_a_check_on_a_stage_its_time_budget_stopped_is_not_reached_rather_than_f
     assert f"| rm_eval_accuracy | 0.62 | >= 0.65 | not reached: {stop} |" in checks_markdown(summary)
     assert command_line({"max_train_minutes": None, "max_steps": 20}) == ["--max_train_minutes", "none",
                                                                           "--max_steps", "20"]
+
+
+def test_a_failing_stage_shows_its_own_error_without_the_launchers_traceback(tmp_path, marker_policy_dir):
+    path = pipeline_config(tmp_path, marker_policy_dir, ["evaluate"])
+    config = yaml.safe_load(path.read_text())
+    config["evaluate"]["kl_reference"] = "no-such-model"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, str(REPO / "recipes" / "pipeline.py"), "--config", str(path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "kl_reference: 'no-such-model' is not one of the models" in output
+    assert "stage 'evaluate' failed" in output and str(tmp_path / "run" / "logs" / "evaluate.log") in output
+    assert "Traceback" not in output and "CalledProcessError" not in output
