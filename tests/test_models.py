@@ -230,22 +230,36 @@ def test_sft_adapter_under_a_score_head_copies_every_backbone_weight(tiny_llama_
             assert torch.allclose(weight, expected[name][: weight.shape[0]]), name
 
 
-def test_two_processes_fetching_the_same_model_into_an_empty_cache_both_get_it(tmp_path):
+def test_two_processes_filling_the_same_cache_entry_fill_it_once(tmp_path):
     """The ranks of `accelerate launch` (and parallel test workers) may ask for the offline model at once: one
-    downloads and converts it, the other waits and reads the same directory, and no temporary copy is left."""
+    fills the cache entry (download and conversion: here a slow fill that writes through a temporary directory as
+    the conversion does), the other waits for it and reads the same directory. (CI's empty cache and its two test
+    workers also run the real download and conversion this way, in the `smollm2_dir` fixture.)"""
     import os
     import subprocess
     import sys
 
-    code = "from chatgpt_recipes.models import fetch_offline_model; print(fetch_offline_model('smollm2-135m-instruct'))"
-    env = {**os.environ, "RECIPES_CACHE": str(tmp_path)}
-    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(process.communicate(timeout=900), process.returncode) for process in processes]
+    code = """
+import os, sys, time
+from pathlib import Path
+from chatgpt_recipes.models import fill_cache_entry_once
+
+def fill(out):
+    with open(out.parent / "fills.log", "a") as log:
+        log.write(str(os.getpid()) + "\\n")
+    tmp = out.parent / f"{out.name}.tmp{os.getpid()}"
+    tmp.mkdir()
+    time.sleep(2)
+    (tmp / "config.json").write_text("{}")
+    tmp.rename(out)
+
+print(fill_cache_entry_once(Path(sys.argv[1]) / "entry", fill))
+"""
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=os.environ) for _ in range(2)]
+    results = [(process.communicate(timeout=120), process.returncode) for process in processes]
     for (stdout, stderr), returncode in results:
         assert returncode == 0, stderr[-3000:]
-    paths = {stdout.strip().splitlines()[-1] for (stdout, _), _ in results}
-    assert paths == {str(tmp_path / "models" / "smollm2-135m-instruct")}
-    model_dir = tmp_path / "models" / "smollm2-135m-instruct"
-    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
-    assert sorted(path.name for path in (tmp_path / "models").iterdir() if path.is_dir()) == ["smollm2-135m-instruct"]
+    assert {stdout.strip() for (stdout, _), _ in results} == {str(tmp_path / "entry")}
+    assert len((tmp_path / "fills.log").read_text().split()) == 1  # filled once
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == ["entry"]

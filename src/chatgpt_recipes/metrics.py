@@ -123,7 +123,7 @@ def _pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Te
 @torch.no_grad()
 def dataset_perplexity(model, examples: list[dict], batch_size: int = 8, progress: str = "") -> dict:
     """Perplexity of a causal LM on tokenised examples {input_ids, labels} (labels -100 where not scored, e.g.
-    from chatgpt_recipes.data.tokenize_example, so exactly the tokens SFT trains on are measured), and each
+    from chatgpt_recipes.sft_data.tokenize_example, so exactly the tokens SFT trains on are measured), and each
     example's summed loss, -log p(its scored tokens), in the examples' order."""
     example_losses = [0.0] * len(examples)
     batches = _batches_by_length([len(e["input_ids"]) for e in examples], batch_size)

