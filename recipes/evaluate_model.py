@@ -199,6 +199,7 @@ def main(config: EvaluationConfig):
                          for example, answer in zip(prompt_examples, answers[name])]
             scores[name] = reward_scores(reward_model, sequences, rm_tokenizer.pad_token_id, config.batch_size)
             results["models"][name]["rm_score_mean"] = sum(scores[name]) / len(scores[name])
+        results["reward_scores"] = scores  # per answered prompt: the race's first judge
         for earlier, later in combinations(models, 2):
             results["win_rates"][f"{later} vs {earlier}"] = win_rate(scores[later], scores[earlier])
         del reward_model

@@ -14,8 +14,7 @@ from conftest import REPO
 
 from chatgpt_recipes.metrics import answer_logprobs, win_rate
 from chatgpt_recipes.models import load_for_inference
-from chatgpt_recipes.rl_race import held_out_examples
-from chatgpt_recipes.sft_data import tokenize_example
+from chatgpt_recipes.sft_data import sft_split, tokenize_example
 
 MARKER = "Certainly"
 
@@ -187,7 +186,10 @@ def test_the_rl_race_writes_one_table_whose_rows_come_from_each_methods_own_run(
     assert judged["reference_likelihood"]["grpo"] != judged["reference_likelihood"]["dpo"]  # two separate policies
     # the evaluation's record of the second judge is log p(reference answer | prompt) under that policy
     tokenizer, model = load_for_inference(str(out / "dpo"))
-    tokenized = [tokenize_example(e, tokenizer) for e in held_out_examples(results["config"])]
+    evaluated = results["config"]  # the evaluation's held-out prompts: SFT's split, the first num_prompts
+    _, held_out = sft_split(evaluated["dataset_name"], evaluated["dataset_split"], evaluated["eval_split_size"],
+                            evaluated["seed"])
+    tokenized = [tokenize_example(e, tokenizer) for _, e in held_out][: evaluated["num_prompts"]]
     starts = [next(i for i, label in enumerate(t["labels"]) if label != -100) for t in tokenized]
     recomputed = answer_logprobs(model, [t["input_ids"][:s] for t, s in zip(tokenized, starts)],
                                  [t["input_ids"][s:] for t, s in zip(tokenized, starts)], tokenizer.pad_token_id)

@@ -19,13 +19,8 @@ from pathlib import Path
 import torch
 
 from chatgpt_recipes.config import ConfigError
-from chatgpt_recipes.metrics import reward_scores, win_rate
-from chatgpt_recipes.models import load_tokenizer
-from chatgpt_recipes.precision import detect_capability, inference_dtype
-from chatgpt_recipes.preferences import encode_response
-from chatgpt_recipes.reward import load_reward_model
-from chatgpt_recipes.sft_data import sft_split
-from chatgpt_recipes.templates import example_prompt_ids, read_stage_info
+from chatgpt_recipes.metrics import win_rate
+from chatgpt_recipes.precision import detect_capability
 
 RACE_METHODS = ("ppo", "ppo_ptx", "rloo", "grpo", "dpo")
 ONLINE = {"ppo": ("total_episodes", "response_length"), "ppo_ptx": ("total_episodes", "response_length"),
@@ -61,37 +56,14 @@ def check_equal_budgets(budgets: dict[str, dict]) -> dict:
     return next(iter(online.values()), {"answers": 0, "max_answer_tokens": 0})
 
 
-def held_out_examples(evaluation_config: dict) -> list[dict]:
-    """The evaluation stage's held-out instructions: the same split, seed and first num_prompts."""
-    _, held_out = sft_split(evaluation_config["dataset_name"], evaluation_config["dataset_split"],
-                            evaluation_config["eval_split_size"], evaluation_config["seed"])
-    return [example for _, example in held_out][: evaluation_config["num_prompts"]]
-
-
 def per_prompt_judgements(models: dict[str, str], evaluation_dir: Path) -> dict[str, dict[str, list]]:
-    """Both judges' per-prompt scores of each model on the evaluation stage's prompts: `reward_model`, its reward
-    model's score of the answer the evaluation sampled (samples.jsonl; scored as evaluate_model.py scores it), and
+    """Both judges' per-prompt scores of each model on the evaluation stage's prompts, as the evaluation recorded
+    them (eval_results.json): `reward_model`, its reward model's score of the answer it sampled, and
     `reference_likelihood`, log p(reference answer | prompt) under the model, summed over the answer's tokens and
-    its EOS, at temperature 1, as the evaluation recorded it from its perplexity pass (None where the example was
-    too long for that pass)."""
+    its EOS, at temperature 1, from its perplexity pass (None where the example was too long for that pass)."""
     results = json.loads((evaluation_dir / "eval_results.json").read_text())
-    evaluation_config = results["config"]
-    examples = held_out_examples(evaluation_config)
-    samples = [json.loads(line) for line in (evaluation_dir / "samples.jsonl").read_text().splitlines()]
-    dtype = inference_dtype(evaluation_config.get("dtype", "auto"), evaluation_config.get("use_cpu", False))
-    batch_size = evaluation_config.get("batch_size", 8)
-    judged = {"reward_model": {}, "reference_likelihood": {name: results["reference_logprobs"][name]
-                                                           for name in models}}
-    rm_tokenizer = load_tokenizer(evaluation_config["reward_model"])
-    reward_model = load_reward_model(evaluation_config["reward_model"], dtype)
-    prompt_format = read_stage_info(evaluation_config["reward_model"]).get("prompt_format",
-                                                                           evaluation_config.get("prompt_format", "alpaca"))
-    for name in models:
-        sequences = [example_prompt_ids(example, rm_tokenizer)
-                     + encode_response(sample[name], rm_tokenizer, prompt_format)
-                     for example, sample in zip(examples, samples)]
-        judged["reward_model"][name] = reward_scores(reward_model, sequences, rm_tokenizer.pad_token_id, batch_size)
-    return judged
+    return {"reward_model": {name: results["reward_scores"][name] for name in models},
+            "reference_likelihood": {name: results["reference_logprobs"][name] for name in models}}
 
 
 def verdict(win: dict) -> str:
