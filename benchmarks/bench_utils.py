@@ -34,7 +34,7 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (GPU)"
-    from chatgpt_recipes.precision import detect_capability
+    from chatgpt_recipes.runtime.precision import detect_capability
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.processor())

@@ -9,8 +9,9 @@ import time
 
 import torch
 
+from chatgpt_recipes.modeling.kernels import FastDropout  # noqa: E402
+
 from bench_utils import machine  # noqa: E402
-from chatgpt_recipes.speed import FastDropout  # noqa: E402
 
 HIDDEN, INTERMEDIATE, TOKENS = 576, 1536, 2048  # SmolLM2-135M's widths, one packed 4 x 512-token batch
 

@@ -1,7 +1,7 @@
 """Packed attention on a CPU: which kernel should the CPU path keep? One SmolLM2-135M attention layer (9 query heads,
 3 key/value heads, head dim 64), forward + backward, on one packed row of 2048 tokens (the recipe's 4 x 512) cut into
 examples of Alpaca-like lengths, fp32, as the CPU trains:
-  sdpa_packed   causal SDPA per example (chatgpt_recipes.speed.packed_sdpa_attention, the CPU path)
+  sdpa_packed   causal SDPA per example (chatgpt_recipes.modeling.kernels.packed_sdpa_attention, the CPU path)
   masked_sdpa   one SDPA call with the block-diagonal causal mask (transformers' sdpa on a padding-free batch)
   flex_eager    flex_attention with a document block mask (built once), without torch.compile (eager flex
                 materialises the full score matrix); torch 2.13 has no flex backward on a CPU, which the table
@@ -31,7 +31,7 @@ def inputs():
 
 
 def sdpa_packed(q, k, v, _):
-    from chatgpt_recipes.speed import packed_sdpa_attention
+    from chatgpt_recipes.modeling.kernels import packed_sdpa_attention
 
     positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
     module = type("Attention", (), {"num_key_value_groups": HEADS // KV_HEADS})()

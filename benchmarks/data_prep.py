@@ -1,4 +1,4 @@
-"""Time and peak memory of SFT data preparation (chatgpt_recipes.sft_data.prepare_sft: read, normalise, tokenise with
+"""Time and peak memory of SFT data preparation (chatgpt_recipes.data.sft.prepare_sft: read, normalise, tokenise with
 SmolLM2's tokenizer, save the cache), once from scratch and once as a cached rerun, on two generated files:
 
   alpaca-52k  52,002 Alpaca rows (a JSON list, like stanford_alpaca's alpaca_data.json), built from the bundled
@@ -52,8 +52,8 @@ def prepare_once(path: str, num_proc: int, max_length: int) -> dict:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     from datasets.utils.logging import disable_progress_bar
 
-    from chatgpt_recipes.models import fetch_offline_model, load_tokenizer
-    from chatgpt_recipes.sft_data import prepare_sft
+    from chatgpt_recipes.data.sft import prepare_sft
+    from chatgpt_recipes.modeling.loading import fetch_offline_model, load_tokenizer
 
     disable_progress_bar()
     tokenizer = load_tokenizer(str(fetch_offline_model("smollm2-135m-instruct")))

@@ -14,7 +14,7 @@ rest as above.
 Our recipe's settings: recipes/ppo.py's default YAML (only batch, episodes, lengths and epochs set as below) and its
 own loaders: a LoRA policy whose reference is the same weights with the adapter disabled (no copy), a LoRA value
 model on the reward model's frozen backbone, frozen weights stored in bf16, bf16 autocast over the loop
-(chatgpt_recipes/ppo_trainer.py), fused AdamW, no gradient checkpointing.
+(chatgpt_recipes/rl/ppo_trainer.py), fused AdamW, no gradient checkpointing.
 Every variant starts from the same models: the policy, and a reward model that is the same checkpoint with one
 untrained scalar head (saved once, so every variant scores with the same head; speed does not depend on its
 quality), which also initialises the value model. The time counted is trainer.train() only; loading is excluded.
@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 from bench_utils import GpuBusy, machine, recipe_module, spread, versions  # noqa: E402
+
 VARIANTS = {"trl_example": "TRL PPO example settings (fp32: bf16 ignored)",
             "trl_best": "TRL PPO example + --use_peft, no gradient checkpointing",
             "recipe": "our recipe (recipes/ppo.py settings, precision auto)"}
@@ -58,11 +59,12 @@ def run_variant(args) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     ppo_recipe = recipe_module("ppo")
-    from chatgpt_recipes.config import parse_config
-    from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path, torch_dtype
-    from chatgpt_recipes.ppo_trainer import RecipePPOTrainer
-    from chatgpt_recipes.reward import load_reward_model, load_value_model
-    from chatgpt_recipes.rl_inputs import prompt_dataset
+    from chatgpt_recipes.cli import parse_config
+    from chatgpt_recipes.modeling.loading import (ModelArguments, load_model, load_tokenizer, lora_config,
+                                                  resolve_model_path, torch_dtype)
+    from chatgpt_recipes.rl.inputs import prompt_dataset
+    from chatgpt_recipes.rl.ppo_trainer import RecipePPOTrainer
+    from chatgpt_recipes.training.reward import load_reward_model, load_value_model
 
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)

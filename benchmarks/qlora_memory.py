@@ -8,7 +8,7 @@ Each configuration runs recipes/sft_lora.py's own main() (default YAML; only max
 eval/save/report overridden) in its own process. Reported per process: the peak RSS over the whole run (VmHWM,
 model loading included) and over training alone (the peak is reset with /proc/self/clear_refs when training
 starts), and on a GPU torch.cuda.max_memory_allocated. QLoRA quantizes every linear layer of the decoder; the
-(tied) embedding and the norms stay in the run's dtype (bf16), as in the LoRA run (chatgpt_recipes.models.
+(tied) embedding and the norms stay in the run's dtype (bf16), as in the LoRA run (chatgpt_recipes.modeling.loading.
 prepare_quantized_for_training: PEFT's prepare_model_for_kbit_training would upcast them to fp32, and with them the
 residual stream and every activation saved for backward), so the two runs differ only in the linear weights.
 """
@@ -43,8 +43,8 @@ def worker(name: str, model: str, steps: int) -> dict:
     from transformers import TrainerCallback
 
     sft_lora = recipe_module("sft_lora")
-    from chatgpt_recipes.config import parse_config
-    from chatgpt_recipes.models import ModelArguments
+    from chatgpt_recipes.cli import parse_config
+    from chatgpt_recipes.modeling.loading import ModelArguments
 
     class TrainingPeak(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):

@@ -22,7 +22,7 @@ turn, and whole groups go to the held-out side until it has --eval_rows rows; so
           plus --recipe_args, trained on every training row (eval_split_size 0: the benchmark evaluates).
 
 Evaluation: every held-out pair but the malformed ones (no final Assistant answer; skipped for both models and
-counted), scored by chatgpt_recipes.metrics.reward_scores. The recipe's model reads its pair as it was trained
+counted), scored by chatgpt_recipes.evaluation.metrics.reward_scores. The recipe's model reads its pair as it was trained
 (its rendering, cut from the left to max_length); the stock model reads the raw transcript + EOS, its oldest
 tokens cut when longer than max_length (TRL has no rule for them: it drops them from training). Accuracy counts a
 tie as half, with a 95% Wilson interval; the paired difference has an exact McNemar p-value and a paired bootstrap
@@ -47,14 +47,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import machine, recipe_module, versions  # noqa: E402
+from chatgpt_recipes.cli import parse_config  # noqa: E402
+from chatgpt_recipes.data.preferences import ranking_of, ranking_sequences, truncation_counts  # noqa: E402
+from chatgpt_recipes.evaluation.metrics import pairwise_accuracy, reward_scores  # noqa: E402
+from chatgpt_recipes.modeling.loading import ModelArguments, load_tokenizer, resolve_model_path  # noqa: E402
+from chatgpt_recipes.runtime.errors import RowError  # noqa: E402
+from chatgpt_recipes.training.reward import load_reward_model  # noqa: E402
 
-from chatgpt_recipes.config import parse_config  # noqa: E402
-from chatgpt_recipes.metrics import pairwise_accuracy, reward_scores  # noqa: E402
-from chatgpt_recipes.models import ModelArguments, load_tokenizer, resolve_model_path  # noqa: E402
-from chatgpt_recipes.preferences import ranking_of, ranking_sequences, truncation_counts  # noqa: E402
-from chatgpt_recipes.reward import load_reward_model  # noqa: E402
-from chatgpt_recipes.rows import RowError  # noqa: E402
+from bench_utils import machine, recipe_module, versions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "recipes" / "configs" / "reward" / "smollm2_hh_lora.yaml"
@@ -196,7 +196,7 @@ def paired_bootstrap(a: list[float], b: list[float], rounds: int = 2000, seed: i
 
 def truncation_table(rows: list[dict], model_name: str) -> list[dict]:
     """What each rendering keeps at each max_length: how many of `rows` are cut, and how (no training)."""
-    from chatgpt_recipes.preferences import read_rankings
+    from chatgpt_recipes.data.preferences import read_rankings
 
     tokenizer = load_tokenizer(model_name)
     rankings = read_rankings(rows, "rows")

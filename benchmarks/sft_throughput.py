@@ -1,6 +1,6 @@
 """SFT throughput: stock TRL SFTTrainer (its defaults, and in fp32) vs TRL's best flags for this hardware vs our
 recipe's `auto` precision, in one run, on the same model, data, LoRA rank, max length, batch and number of real
-(non-padding) tokens. The hardware (native bf16 or not, chatgpt_recipes/precision.py) is detected and printed.
+(non-padding) tokens. The hardware (native bf16 or not, chatgpt_recipes/runtime/precision.py) is detected and printed.
 
     export RECIPES_CACHE=/tmp/rcache
     python benchmarks/sft_throughput.py                      # the four configurations below, interleaved, 2 rounds
@@ -46,6 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 from bench_utils import GpuBusy, machine, recipe_module, spread, versions  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -225,15 +226,15 @@ def op_time_shares(profiler, wall_seconds: float) -> dict:
 
 
 def eval_examples_and_train():
-    from chatgpt_recipes.rows import read_rows, split_train_eval
-    from chatgpt_recipes.sft_data import sft_rows
+    from chatgpt_recipes.data.rows import read_rows, split_train_eval
+    from chatgpt_recipes.data.sft import sft_rows
 
     examples, _ = sft_rows(read_rows(str(REPO / DATA), "train"), DATA)
     return split_train_eval(examples, EVAL_ROWS, SEED)
 
 
 def native_bf16() -> bool:
-    from chatgpt_recipes.precision import detect_capability
+    from chatgpt_recipes.runtime.precision import detect_capability
 
     return detect_capability().native_bf16
 
@@ -244,7 +245,7 @@ def heldout_loss(model, tokenizer, examples, batch_size: int = 4) -> float:
     import torch
     import torch.nn.functional as F
 
-    from chatgpt_recipes.sft_data import tokenize_example
+    from chatgpt_recipes.data.sft import tokenize_example
 
     model = model.float().eval()
     device = model.device  # a GPU model takes its batches there
@@ -274,7 +275,7 @@ def run_trl(name: str, out_dir: str, token_budget: int, epochs: bool, rows: int 
     from peft import LoraConfig
     from trl import SFTConfig
 
-    from chatgpt_recipes.models import resolve_model_path
+    from chatgpt_recipes.modeling.loading import resolve_model_path
 
     train, _ = eval_examples_and_train()
     if rows:
@@ -286,8 +287,9 @@ def run_trl(name: str, out_dir: str, token_budget: int, epochs: bool, rows: int 
     if name == "trl_best":
         flags.update(packing=True, gradient_checkpointing=False, bf16=native_bf16())
         if torch.cuda.is_available():
-            from chatgpt_recipes.speed import liger_available
             from transformers.utils import is_flash_attn_2_available
+
+            from chatgpt_recipes.modeling.kernels import liger_available
 
             if liger_available():
                 flags.update(use_liger_kernel=True)
@@ -305,15 +307,15 @@ def run_trl(name: str, out_dir: str, token_budget: int, epochs: bool, rows: int 
 
 def run_recipe(out_dir: str, token_budget: int, epochs: bool, rows: int | None):
     sft_lora = recipe_module("sft_lora")
-    from chatgpt_recipes.config import parse_config
-    from chatgpt_recipes.models import ModelArguments, load_tokenizer
+    from chatgpt_recipes.cli import parse_config
+    from chatgpt_recipes.modeling.loading import ModelArguments, load_tokenizer
 
     args = ["--model_name_or_path", MODEL, "--output_dir", out_dir, "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
             "--logging_steps", str(10**6), "--sample_max_new_tokens", "1", "--per_device_train_batch_size", str(BATCH),
             "--gpu_tokens_per_step", "0"]  # the same batch as the TRL configurations
     if rows:
         rows_file = Path(out_dir) / "rows.json"
-        from chatgpt_recipes.rows import read_rows
+        from chatgpt_recipes.data.rows import read_rows
 
         source = read_rows(str(REPO / DATA), "train")
         rows_file.parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +402,7 @@ def matmul_peak(seconds: float = 6.0) -> dict:
 
 
 def base_eval() -> dict:
-    from chatgpt_recipes.models import load_for_inference
+    from chatgpt_recipes.modeling.loading import load_for_inference
 
     _, eval_examples = eval_examples_and_train()
     tokenizer, model = load_for_inference(MODEL)

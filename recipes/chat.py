@@ -18,11 +18,11 @@ from pathlib import Path
 
 from transformers import TextStreamer
 
-from chatgpt_recipes.config import run
-from chatgpt_recipes.generation import generate
-from chatgpt_recipes.models import load_adapter, load_for_inference
-from chatgpt_recipes.precision import inference_device, inference_dtype
-from chatgpt_recipes.templates import PROMPT_FORMATS, check_format, read_stage_info, render_conversation
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.templates import PROMPT_FORMATS, check_format, read_stage_info, render_conversation
+from chatgpt_recipes.modeling.generation import generate
+from chatgpt_recipes.modeling.loading import load_adapter, load_for_inference
+from chatgpt_recipes.runtime.precision import inference_device, inference_dtype
 
 
 @dataclass

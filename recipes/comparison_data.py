@@ -28,14 +28,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from chatgpt_recipes.config import ConfigError, run
-from chatgpt_recipes.generation import stop_token_ids
-from chatgpt_recipes.metrics import sample_answers
-from chatgpt_recipes.models import load_for_inference
-from chatgpt_recipes.output import say
-from chatgpt_recipes.precision import inference_dtype
-from chatgpt_recipes.sft_data import sft_split
-from chatgpt_recipes.templates import example_prompt
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.sft_split import sft_held_out_rows, split_examples
+from chatgpt_recipes.data.templates import example_prompt
+from chatgpt_recipes.evaluation.metrics import sample_answers
+from chatgpt_recipes.modeling.generation import stop_token_ids
+from chatgpt_recipes.modeling.loading import load_for_inference
+from chatgpt_recipes.runtime.errors import ConfigError
+from chatgpt_recipes.runtime.output import say
+from chatgpt_recipes.runtime.precision import inference_dtype
 
 
 @dataclass
@@ -47,7 +48,8 @@ class ComparisonDataConfig:
                               metadata={"help": "The SFT data: instructions with reference answers."})
     dataset_split: str = field(default="train")
     sft_eval_split_size: float = field(default=40, metadata={
-        "help": "The SFT run's eval_split_size: those held-out instructions are never used."})
+        "help": "The instructions SFT held out are never used: read from the SFT model's sft_split.json; without "
+                "one, SFT's eval_split_size and seed recompute them. 0 holds nothing out."})
     seed: int = field(default=42, metadata={"help": "The SFT run's split seed; also the sampling seed."})
     num_pairs: int = field(default=400, metadata={"help": "Pairs to write (one per instruction)."})
     max_answer_tokens: int = field(default=64, metadata={"help": "Both answers are cut to this many tokens."})
@@ -64,7 +66,7 @@ def reference_answer(example: dict) -> str:
 
 
 def comparison_row(example: dict, chosen: str, rejected: str, source_row: int) -> dict:
-    """A pair in the shape chatgpt_recipes.preferences reads: the prompt as SFT rendered it (Alpaca template, plain
+    """A pair in the shape chatgpt_recipes.data.preferences reads: the prompt as SFT rendered it (Alpaca template, plain
     text) or the chat turns before the answer."""
     prompt = example["messages"][:-1] if "messages" in example else example["prompt"]
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source_row": source_row}
@@ -98,7 +100,9 @@ def recorded_pairs(output: str, recorded: int) -> int:
 
 
 def main(config: ComparisonDataConfig):
-    usable, held_out = sft_split(config.dataset_name, config.dataset_split, config.sft_eval_split_size, config.seed)
+    held_out_rows = sft_held_out_rows([config.model_name_or_path], config.dataset_name, config.dataset_split,
+                                      "sft_eval_split_size", config.sft_eval_split_size, config.seed)
+    usable, held_out = split_examples(config.dataset_name, config.dataset_split, held_out_rows)
     if config.num_pairs > len(usable):
         raise ConfigError(f"num_pairs={config.num_pairs}: {config.dataset_name} has {len(usable)} instructions "
                           f"outside the SFT held-out split ({len(held_out)} rows)")

@@ -17,17 +17,18 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import DPOConfig, DPOTrainer
 
-from chatgpt_recipes.config import run
-from chatgpt_recipes.data_args import DataArguments
-from chatgpt_recipes.merging import whole_model
-from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from chatgpt_recipes.output import say
-from chatgpt_recipes.preferences import prepare_train_eval_rankings
-from chatgpt_recipes.reporting import write_training_report
-from chatgpt_recipes.resume import train_with_resume
-from chatgpt_recipes.rl_inputs import check_policy_path
-from chatgpt_recipes.templates import check_prompt_format, save_stage_info, tokenizer_ending_answers
-from chatgpt_recipes.time_budget import TimeBudgetArguments
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.options import DataArguments
+from chatgpt_recipes.data.preferences import prepare_train_eval_rankings
+from chatgpt_recipes.data.sft_split import carry_sft_split
+from chatgpt_recipes.data.templates import check_prompt_format, save_stage_info, tokenizer_ending_answers
+from chatgpt_recipes.evaluation.reporting import write_training_report
+from chatgpt_recipes.modeling.loading import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from chatgpt_recipes.rl.inputs import check_policy_path
+from chatgpt_recipes.runtime.output import say
+from chatgpt_recipes.training.resume import train_with_resume
+from chatgpt_recipes.training.saving import whole_model
+from chatgpt_recipes.training.time_budget import TimeBudgetArguments
 
 
 @dataclass
@@ -82,6 +83,7 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(config.output_dir)
         save_stage_info(config.output_dir, "dpo", config.prompt_format, base_model=model_args.model_name_or_path)
+        carry_sft_split(model_args.model_name_or_path, config.output_dir)
         write_training_report(config.output_dir, "DPO", trainer.state.log_history, metrics,
                               {"Skipped rows": skips.markdown()},
                               plot_keys=["loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"])

@@ -8,8 +8,8 @@
         ppo=outputs/ppo --reward_model outputs/reward-model --output_dir outputs/eval
 
 A model is `name=path` (a hub id, a directory, a LoRA adapter directory, a `.gguf`). For each model:
-  - perplexity on the responses of the held-out instructions: the same split and the same masked tokens as SFT
-    (chatgpt_recipes.rows.split_train_eval with the same seed, chatgpt_recipes.sft_data.tokenize_example), and optionally on plain
+  - perplexity on the responses of the held-out instructions: the rows SFT held out (its sft_split.json) and the
+    same masked tokens as SFT (chatgpt_recipes.data.sft.tokenize_example), and optionally on plain
     held-out text (`text_dataset`, blocks cut as pretraining cuts them); per answered prompt, the log-likelihood
     of its reference answer (eval_results.json `reference_logprobs`, the race's second judge);
   - answers sampled for the first `num_prompts` held-out prompts: distinct-1/2, mean length, the mean per-token
@@ -30,19 +30,22 @@ from itertools import combinations
 import evaluate
 import torch
 
-from chatgpt_recipes.config import ConfigError, run
-from chatgpt_recipes.generation import stop_token_ids
-from chatgpt_recipes.metrics import (answer_logprobs, dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores,
-                                     sample_answers, win_rate)
-from chatgpt_recipes.models import load_for_inference, load_tokenizer
-from chatgpt_recipes.precision import inference_dtype
-from chatgpt_recipes.preferences import encode_response, read_rankings, tokenize_rankings
-from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates, write_training_report
-from chatgpt_recipes.reward import load_reward_model
-from chatgpt_recipes.rows import read_rows, split_train_eval
-from chatgpt_recipes.sft_data import sft_split, tokenize_example
-from chatgpt_recipes.templates import example_prompt, example_prompt_ids, read_stage_info
-from chatgpt_recipes.text_data import load_documents, token_blocks
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.preferences import encode_response, read_rankings, tokenize_rankings
+from chatgpt_recipes.data.rows import read_rows, split_train_eval
+from chatgpt_recipes.data.sft import tokenize_example
+from chatgpt_recipes.data.sft_split import sft_held_out_rows, split_examples
+from chatgpt_recipes.data.templates import example_prompt, example_prompt_ids, read_stage_info
+from chatgpt_recipes.data.text import load_documents, token_blocks
+from chatgpt_recipes.evaluation.metrics import (answer_logprobs, dataset_perplexity, distinct_n, pairwise_accuracy,
+                                                reward_scores, sample_answers, win_rate)
+from chatgpt_recipes.evaluation.reporting import (evaluation_markdown, plot_model_comparison, plot_win_rates,
+                                                  write_training_report)
+from chatgpt_recipes.modeling.generation import stop_token_ids
+from chatgpt_recipes.modeling.loading import load_for_inference, load_tokenizer
+from chatgpt_recipes.runtime.errors import ConfigError
+from chatgpt_recipes.runtime.precision import inference_dtype
+from chatgpt_recipes.training.reward import load_reward_model
 
 
 @dataclass
@@ -56,7 +59,9 @@ class EvaluationConfig:
     dataset_name: str = field(default="data/alpaca_en_demo.json",
                               metadata={"help": "Instruction set: held-out responses (perplexity) and prompts."})
     dataset_split: str = field(default="train")
-    eval_split_size: float = field(default=40, metadata={"help": "Held-out fraction or count; SFT's value."})
+    eval_split_size: float = field(default=40, metadata={
+        "help": "The rows SFT held out are read from the models' sft_split.json; without one, SFT's held-out "
+                "fraction or count (with `seed`) recomputes them."})
     max_length: int = field(default=512, metadata={"help": "Longer examples are left out (counted)."})
     text_dataset: str | None = field(default=None, metadata={"help": "Plain held-out text for perplexity."})
     text_eval_documents: int = field(default=5, metadata={"help": "Its first N documents (pretraining's held-out)."})
@@ -154,11 +159,14 @@ def main(config: EvaluationConfig):
         raise ConfigError(f"kl_reference: '{config.kl_reference}' is not one of the models {list(models)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
 
-    # Held-out instructions: the split SFT held out (same size, same seed)
-    _, held_out = sft_split(config.dataset_name, config.dataset_split, config.eval_split_size, config.seed)
-    eval_examples = [example for _, example in held_out]
+    # Held-out instructions: the rows SFT held out, as the models' sft_split.json records them
+    held_out_rows = sft_held_out_rows(list(models.values()), config.dataset_name, config.dataset_split,
+                                      "eval_split_size", config.eval_split_size, config.seed)
+    eval_examples = [example for _, example in split_examples(config.dataset_name, config.dataset_split,
+                                                               held_out_rows)[1]]
     if not eval_examples:
-        raise ConfigError(f"eval_split_size={config.eval_split_size} holds out no examples of {config.dataset_name}")
+        raise ConfigError(f"SFT held out no examples of {config.dataset_name} (its sft_split.json, or "
+                          f"eval_split_size={config.eval_split_size} without one): nothing to evaluate on")
     prompt_examples = eval_examples[: config.num_prompts]
     answered = [e["completion"] if "completion" in e else e["messages"][-1]["content"] for e in prompt_examples]
 

@@ -18,19 +18,19 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import GRPOConfig, GRPOTrainer
 
-from chatgpt_recipes.compat import models_built_whole
-from chatgpt_recipes.config import run
-from chatgpt_recipes.data_args import NumProcArguments
-from chatgpt_recipes.merging import save_aligned_policy
-from chatgpt_recipes.models import ModelArguments, load_frozen_reference, load_model, lora_config
-from chatgpt_recipes.output import say
-from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
-from chatgpt_recipes.resume import train_with_resume
-from chatgpt_recipes.reward import (checked_rule_rewards, load_reward_model, logging_group_spread,
-                                    reward_model_function)
-from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
-from chatgpt_recipes.templates import answer_end_token_id, tokenizer_ending_answers
-from chatgpt_recipes.time_budget import TimeBudgetArguments
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.options import NumProcArguments
+from chatgpt_recipes.data.templates import answer_end_token_id, tokenizer_ending_answers
+from chatgpt_recipes.evaluation.policy_eval import evaluate_policy, policy_change_summary
+from chatgpt_recipes.modeling.loading import ModelArguments, load_frozen_reference, load_model, lora_config
+from chatgpt_recipes.rl.inputs import RLPromptArguments, checked_rl_inputs, rl_prompts
+from chatgpt_recipes.runtime.compat import models_built_whole
+from chatgpt_recipes.runtime.output import say
+from chatgpt_recipes.training.resume import train_with_resume
+from chatgpt_recipes.training.reward import (checked_rule_rewards, load_reward_model, logging_group_spread,
+                                             reward_model_function)
+from chatgpt_recipes.training.saving import save_aligned_policy
+from chatgpt_recipes.training.time_budget import TimeBudgetArguments
 
 
 @dataclass
@@ -53,7 +53,7 @@ def main(config: GRPORecipeConfig, model_args: ModelArguments):
     policy_path, reward_path, rm_info, tokenizer = checked_rl_inputs(config, model_args, config.trust_remote_code)
 
     # Data: prompt texts rendered as SFT renders them; a few held out for before/after
-    train_dataset, eval_dataset, skips = rl_prompts(config, tokenizer, tokenized=False)
+    train_dataset, eval_dataset, skips = rl_prompts(config, tokenizer, False, model_args.model_name_or_path)
     eval_texts = eval_dataset["prompt"]
     if PartialState().is_main_process:
         skips.write(config.output_dir)

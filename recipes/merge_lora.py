@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from chatgpt_recipes.config import run
-from chatgpt_recipes.models import ModelLoadError, adapter_base, load_for_inference
-from chatgpt_recipes.templates import read_stage_info, save_stage_info
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.templates import read_stage_info, save_stage_info
+from chatgpt_recipes.modeling.loading import adapter_base, load_for_inference
+from chatgpt_recipes.runtime.errors import ModelLoadError
 
 
 @dataclass

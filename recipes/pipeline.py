@@ -16,7 +16,7 @@ SFT output, the reward model starts from the SFT output (and trains on the compa
 PPO/PPO-ptx/RLOO/GRPO start from the SFT output with that reward model, DPO from the SFT output (on the comparison
 data when that stage runs), and the evaluation compares base, SFT and each RL policy, judged by the reward model.
 With `race: true` (recipes/configs/pipeline/compare_rl.yaml) the policies are then raced against SFT by two judges
-(chatgpt_recipes/rl_race.py: race.md, race.json, race.png, and the reward-hacking flags in summary.json).
+(chatgpt_recipes/evaluation/race.py: race.md, race.json, race.png, and the reward-hacking flags in summary.json).
 The comparison data, the RL stages and the evaluation hold out the rows SFT held out, so the evaluation's prompts
 were trained on by no stage and never seen by the judge.
 At the end, summary.json holds the demonstration's checks (see `pipeline_summary`).
@@ -38,10 +38,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatgpt_recipes.config import RECIPES_DIR, ConfigError, run
-from chatgpt_recipes.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
-from chatgpt_recipes.rl_race import RACE_METHODS, check_equal_budgets, generation_budget, write_race
-from chatgpt_recipes.time_budget import budget_stop
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.evaluation.race import RACE_METHODS, check_equal_budgets, generation_budget, write_race
+from chatgpt_recipes.evaluation.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
+from chatgpt_recipes.runtime.config import RECIPES_DIR
+from chatgpt_recipes.runtime.errors import ConfigError
+from chatgpt_recipes.training.time_budget import budget_stop
 
 DONE, STARTED, SUMMARY = "STAGE_DONE.json", "STAGE_STARTED.json", "summary.json"
 SCRIPTS = {"self_instruct": "self_instruct.py", "pretrain": "pretrain.py", "sft": "sft_lora.py",
@@ -49,7 +51,6 @@ SCRIPTS = {"self_instruct": "self_instruct.py", "pretrain": "pretrain.py", "sft"
            "ppo_ptx": "ppo.py", "rloo": "rloo.py", "grpo": "grpo.py", "dpo": "dpo.py", "evaluate": "evaluate_model.py"}
 POLICIES = RACE_METHODS  # stages whose output is an aligned policy: ppo, ppo_ptx, rloo, grpo, dpo
 RL_STAGES = ("ppo", "ppo_ptx", "rloo", "grpo")  # sample prompts and optimise the reward model
-SFT_EVAL_SPLIT_SIZE = 40  # recipes/configs/sft/smollm2_alpaca_lora.yaml's, when the sft options do not set it
 
 
 @dataclass
@@ -80,7 +81,7 @@ class PipelineConfig:
     use_cpu: bool = field(default=False, metadata={"help": "Run every stage on the CPU."})
     race: bool = field(default=False, metadata={"help": "After the evaluation, race the policy stages (ppo, "
                        "ppo_ptx, rloo, grpo, dpo) against SFT with two judges: race.md/.json/.png "
-                       "(chatgpt_recipes.rl_race); their generation budgets must be set and equal."})
+                       "(chatgpt_recipes.evaluation.race); their generation budgets must be set and equal."})
     quick: bool = field(default=False, metadata={"help": "Apply `quick_options` over the stages' options and write "
                         "to <output_dir>-quick: the YAML's shorter variant."})
     quick_options: dict = field(default_factory=dict, metadata={"help": "Per stage, the options --quick changes "
@@ -110,19 +111,17 @@ def stage_paths(config: PipelineConfig) -> dict[str, dict]:
 
 
 def derived_defaults(config: PipelineConfig, stage: str) -> dict:
-    """Options that follow SFT's and the reward model's unless the stage sets them, so that held-out means held
-    out at every stage: the comparison data and PPO/RLOO leave out the instructions SFT held out (same file, split
-    size and seed), and the evaluation answers those and scores the RM on the pairs it held out."""
+    """Options that follow SFT's and the reward model's unless the stage sets them: the comparison data, the RL
+    stages and the evaluation read SFT's data file (the rows SFT held out they read from its sft_split.json, not from
+    options), and the evaluation scores the RM on the pairs it held out."""
     sft, rm = config.sft, config.reward_model
     wiring = stage_paths(config)
     sft_data = wiring.get("sft", {}).get("dataset_name", sft.get("dataset_name"))
     if stage in ("comparisons", *RL_STAGES) and "sft" in config.stages and "dataset_name" not in getattr(config,
                                                                                                         stage):
-        derived = {"dataset_name": sft_data, "sft_eval_split_size": sft.get("eval_split_size", SFT_EVAL_SPLIT_SIZE),
-                   "seed": sft.get("seed")}
+        derived = {"dataset_name": sft_data, "seed": sft.get("seed")}
     elif stage == "evaluate":
-        derived = {"dataset_name": sft_data, "eval_split_size": sft.get("eval_split_size"),
-                   "seed": sft.get("seed"), "max_length": sft.get("max_length"),
+        derived = {"dataset_name": sft_data, "seed": sft.get("seed"), "max_length": sft.get("max_length"),
                    "preference_dataset": rm.get("dataset_name"), "preference_eval_split_size": rm.get("eval_split_size"),
                    "kl_reference": "sft" if "sft" in config.stages else None}
         if "comparisons" in config.stages and "reward_model" in config.stages:

@@ -1,5 +1,5 @@
 """PPO against a learned reward model (InstructGPT step 3) with TRL's PPOTrainer (trl.experimental.ppo), plus
-PPO-ptx, per-update logs, guards and resumable checkpoints (chatgpt_recipes/ppo_trainer.py).
+PPO-ptx, per-update logs, guards and resumable checkpoints (chatgpt_recipes/rl/ppo_trainer.py).
 
     # after recipes/reward_model.py (its default output is this recipe's default reward model), CPU, offline
     accelerate launch recipes/ppo.py
@@ -17,7 +17,7 @@ reward model, value backbone) are stored in `dtype`; the loop runs under bf16 au
 Rewards: the reward model's score at the answer's EOS, centred by the offset stored with it. Prompts are rendered
 like SFT (prompt_format) and the reward model must use the policy's tokenizer. Rerunning the same command
 resumes from the newest complete checkpoint (policy, value model, optimizer, scheduler, RNG, update count) and
-replays: prompts come in a seeded order per epoch (chatgpt_recipes.ppo_trainer.SeededPromptOrder), so the resumed
+replays: prompts come in a seeded order per epoch (chatgpt_recipes.rl.ppo_trainer.SeededPromptOrder), so the resumed
 updates see the prompts, and end with the weights, of an uninterrupted run.
 """
 
@@ -28,18 +28,18 @@ import torch
 from accelerate import PartialState
 from trl.experimental.ppo import PPOConfig
 
-from chatgpt_recipes.config import run
-from chatgpt_recipes.generation import zero3_gathered
-from chatgpt_recipes.merging import save_aligned_policy
-from chatgpt_recipes.models import ModelArguments, load_model, lora_config, torch_dtype
-from chatgpt_recipes.output import say
-from chatgpt_recipes.policy_eval import evaluate_policy, policy_change_summary
-from chatgpt_recipes.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer, warn_on_ppo_trouble
-from chatgpt_recipes.resume import explain_save_errors, guard_trainer, last_complete_checkpoint
-from chatgpt_recipes.reward import load_reward_model, load_value_model
-from chatgpt_recipes.rl_inputs import RLPromptArguments, checked_rl_inputs, ptx_training_rows, rl_prompts
-from chatgpt_recipes.sft_data import prepare_sft
-from chatgpt_recipes.templates import answer_end_token_id, tokenizer_ending_answers
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.sft import prepare_sft
+from chatgpt_recipes.data.templates import answer_end_token_id, tokenizer_ending_answers
+from chatgpt_recipes.evaluation.policy_eval import evaluate_policy, policy_change_summary
+from chatgpt_recipes.modeling.generation import zero3_gathered
+from chatgpt_recipes.modeling.loading import ModelArguments, load_model, lora_config, torch_dtype
+from chatgpt_recipes.rl.inputs import RLPromptArguments, checked_rl_inputs, ptx_training_rows, rl_prompts
+from chatgpt_recipes.rl.ppo_trainer import VALUE_WEIGHTS, RecipePPOTrainer, warn_on_ppo_trouble
+from chatgpt_recipes.runtime.output import say
+from chatgpt_recipes.training.resume import explain_save_errors, guard_trainer, last_complete_checkpoint
+from chatgpt_recipes.training.reward import load_reward_model, load_value_model
+from chatgpt_recipes.training.saving import save_aligned_policy
 
 
 @dataclass
@@ -60,14 +60,14 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
     tokenizer.padding_side = "left"  # PPO generates from left-padded queries
 
     # Data: prompts rendered as SFT renders them; a few held out for before/after and samples
-    train_dataset, eval_dataset, skips = rl_prompts(config, tokenizer, tokenized=True)
+    train_dataset, eval_dataset, skips = rl_prompts(config, tokenizer, True, model_args.model_name_or_path)
     eval_texts = [tokenizer.decode(row["input_ids"]) for row in eval_dataset]
     ptx_examples = None
     if config.ptx_coef > 0:
         ptx = prepare_sft(config.ptx_dataset_name, "train", tokenizer, config.ptx_max_length, "drop",
                           num_proc=config.dataset_num_proc, max_skipped_fraction=config.max_skipped_fraction)
         skips.extend(ptx.skips)
-        ptx_examples = ptx.select(ptx_training_rows(ptx, config)).to_list()
+        ptx_examples = ptx.select(ptx_training_rows(ptx, config, model_args.model_name_or_path)).to_list()
     if PartialState().is_main_process:
         skips.write(config.output_dir)
 

@@ -27,18 +27,19 @@ from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from chatgpt_recipes.compat import models_built_whole
-from chatgpt_recipes.config import ConfigError, run
-from chatgpt_recipes.generation import generate
-from chatgpt_recipes.models import (ModelArguments, check_context_length, load_model, load_tokenizer, lora_config,
-                                    resolve_model_path)
-from chatgpt_recipes.output import say
-from chatgpt_recipes.reporting import record_metrics, write_training_report
-from chatgpt_recipes.resume import train_with_resume
-from chatgpt_recipes.rows import SkipLog
-from chatgpt_recipes.text_data import block_dataset, document_skips, load_documents, split_documents
-from chatgpt_recipes.time_budget import TimeBudgetArguments
-from chatgpt_recipes.tokenizer_training import check_vocab_size, train_bpe_tokenizer
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.rows import SkipLog
+from chatgpt_recipes.data.text import block_dataset, document_skips, load_documents, split_documents
+from chatgpt_recipes.data.tokenizer_training import check_vocab_size, train_bpe_tokenizer
+from chatgpt_recipes.evaluation.reporting import record_metrics, write_training_report
+from chatgpt_recipes.modeling.generation import generate
+from chatgpt_recipes.modeling.loading import (ModelArguments, check_context_length, load_model, load_tokenizer,
+                                              lora_config, resolve_model_path)
+from chatgpt_recipes.runtime.compat import models_built_whole
+from chatgpt_recipes.runtime.errors import ConfigError
+from chatgpt_recipes.runtime.output import say
+from chatgpt_recipes.training.resume import train_with_resume
+from chatgpt_recipes.training.time_budget import TimeBudgetArguments
 
 # GPT-2 architecture sizes for a fresh model; the vocabulary comes from the tokenizer.
 MODEL_PRESETS = {

@@ -10,7 +10,7 @@ or K-wise rankings with TRL's RewardTrainer; full, LoRA or 4-bit QLoRA.
         --dataset_name Anthropic/hh-rlhf --prompt_format chat
 
 Data: pairs ({prompt, chosen, rejected} as text or chat turns, ShareGPT {conversations, chosen, rejected},
-HH-RLHF transcripts) or K-wise rankings {prompt, responses: [best, ..., worst]} (see chatgpt_recipes/preferences.py).
+HH-RLHF transcripts) or K-wise rankings {prompt, responses: [best, ..., worst]} (see chatgpt_recipes/data/preferences.py).
 Each ranking gives its C(K,2) pairs weighted 1/C(K,2), all in the same step. The score is read at the EOS that
 ends each answer. After training, the mean reward on training answers is stored as `reward_offset` in
 config.json, so the PPO/RLOO loaders see centred rewards. Output: a plain sequence-classification model (LoRA
@@ -24,17 +24,18 @@ from dataclasses import dataclass, field
 from accelerate import PartialState
 from trl import RewardConfig
 
-from chatgpt_recipes.config import run
-from chatgpt_recipes.data_args import DataArguments
-from chatgpt_recipes.merging import whole_model
-from chatgpt_recipes.models import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
-from chatgpt_recipes.output import say
-from chatgpt_recipes.preferences import prepare_train_eval_rankings
-from chatgpt_recipes.reporting import write_training_report
-from chatgpt_recipes.resume import train_with_resume
-from chatgpt_recipes.reward import REWARD_OFFSET_KEY, KWiseRewardTrainer, WeightedPreferenceCollator, mean_reward
-from chatgpt_recipes.templates import check_prompt_format, save_stage_info
-from chatgpt_recipes.time_budget import TimeBudgetArguments
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.options import DataArguments
+from chatgpt_recipes.data.preferences import prepare_train_eval_rankings
+from chatgpt_recipes.data.templates import check_prompt_format, save_stage_info
+from chatgpt_recipes.evaluation.reporting import write_training_report
+from chatgpt_recipes.modeling.loading import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
+from chatgpt_recipes.runtime.output import say
+from chatgpt_recipes.training.resume import train_with_resume
+from chatgpt_recipes.training.reward import (REWARD_OFFSET_KEY, KWiseRewardTrainer, WeightedPreferenceCollator,
+                                             mean_reward)
+from chatgpt_recipes.training.saving import whole_model
+from chatgpt_recipes.training.time_budget import TimeBudgetArguments
 
 
 @dataclass

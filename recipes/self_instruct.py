@@ -28,13 +28,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from chatgpt_recipes.config import ConfigError, run
-from chatgpt_recipes.instruction_generators import PROMPT_STYLES, Decoding, LocalGenerator, OpenAICompatibleGenerator
-from chatgpt_recipes.rouge_dedup import RougeDeduplicator
-from chatgpt_recipes.self_instruct import (REJECT_REASONS, SelfInstructError, append_generation_log, append_output_rows,
-                                           filter_reason, parse_completion, read_generation_log,
-                                           read_instruction_prompt, read_output_rows, read_seed_tasks,
-                                           sample_request_prompts, write_generation_report)
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.runtime.errors import ConfigError, SelfInstructError
+from chatgpt_recipes.self_instruct.generators import PROMPT_STYLES, Decoding, LocalGenerator, OpenAICompatibleGenerator
+from chatgpt_recipes.self_instruct.rouge_dedup import RougeDeduplicator
+from chatgpt_recipes.self_instruct.tasks import (REJECT_REASONS, append_generation_log, append_output_rows,
+                                                 filter_reason, parse_completion, read_generation_log,
+                                                 read_instruction_prompt, read_output_rows, read_seed_tasks,
+                                                 sample_request_prompts, write_generation_report)
 
 
 @dataclass
@@ -99,7 +100,7 @@ def make_generator(config: SelfInstructConfig):
     if config.api_base:
         return OpenAICompatibleGenerator(config.api_base, config.api_model, config.prompt_style, decoding,
                                          config.max_retries, config.request_timeout)
-    from chatgpt_recipes.precision import inference_dtype
+    from chatgpt_recipes.runtime.precision import inference_dtype
 
     return LocalGenerator(config.model_name_or_path, inference_dtype(config.dtype, config.use_cpu),
                           config.prompt_style, decoding, config.trust_remote_code, config.use_cpu)

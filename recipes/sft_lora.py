@@ -11,7 +11,7 @@
 The prompt format follows the shape of most rows: Alpaca rows {instruction, input, output} are rendered with the
 Alpaca prompt (stanford_alpaca's with-input / no-input variants); chat rows {messages} or ShareGPT {conversations}
 with the tokenizer's chat template (a fallback one for tokenizers without, e.g. gpt2); {prompt, completion} rows as
-they are (chatgpt_recipes.templates). Rows of another shape are rendered in that format, or skipped and counted if they
+they are (chatgpt_recipes.data.templates). Rows of another shape are rendered in that format, or skipped and counted if they
 cannot be. The format is printed at start and recorded in stage_info.json, which the later stages and chat.py read.
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
@@ -23,19 +23,22 @@ from accelerate import PartialState
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from chatgpt_recipes import compat
-from chatgpt_recipes.config import ConfigError, run
-from chatgpt_recipes.data_args import DataArguments
-from chatgpt_recipes.generation import generate
-from chatgpt_recipes.models import ModelArguments, check_context_length, load_model, load_tokenizer, lora_config
-from chatgpt_recipes.output import say
-from chatgpt_recipes.reporting import record_metrics, write_training_report
-from chatgpt_recipes.resume import train_with_resume
-from chatgpt_recipes.rows import DataError, SkipLog, eval_source, train_and_eval
-from chatgpt_recipes.sft_data import prepare_sft, streamed_sft
-from chatgpt_recipes.speed import enable_fast_training, gpu_training_defaults
-from chatgpt_recipes.templates import example_prompt, save_stage_info
-from chatgpt_recipes.time_budget import TimeBudgetArguments
+from chatgpt_recipes.cli import run
+from chatgpt_recipes.data.options import DataArguments
+from chatgpt_recipes.data.rows import SkipLog, column, eval_source, train_and_eval
+from chatgpt_recipes.data.sft import prepare_sft, streamed_sft
+from chatgpt_recipes.data.sft_split import SPLIT_FILE, record_sft_split
+from chatgpt_recipes.data.templates import example_prompt, save_stage_info
+from chatgpt_recipes.evaluation.reporting import record_metrics, write_training_report
+from chatgpt_recipes.modeling.generation import generate
+from chatgpt_recipes.modeling.kernels import enable_fast_training, gpu_training_defaults
+from chatgpt_recipes.modeling.loading import (ModelArguments, check_context_length, load_model, load_tokenizer,
+                                              lora_config)
+from chatgpt_recipes.runtime import compat
+from chatgpt_recipes.runtime.errors import ConfigError, DataError
+from chatgpt_recipes.runtime.output import say
+from chatgpt_recipes.training.resume import train_with_resume
+from chatgpt_recipes.training.time_budget import TimeBudgetArguments
 
 FORMAT_HELP = {
     "alpaca": "Alpaca rows: the Alpaca prompt template, loss on the response and EOS",
@@ -70,6 +73,7 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
     skips = SkipLog()
     if config.streaming:
         train_dataset, eval_dataset, data_format, demo_prompt = streamed_data(config, tokenizer, skips)
+        held_out = None  # a stream's held-out rows are its first ones: no record, later stages recompute them
     else:
         train_data = prepare_sft(config.dataset_name, config.dataset_split, tokenizer, config.max_length,
                                  config.overlong, config.columns, config.dataset_num_proc, config.max_skipped_fraction)
@@ -81,6 +85,8 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
         skips.extend(data_skips)
         train_dataset = train_data.select(train_rows)
         eval_dataset = eval_data.select(eval_rows) if eval_rows else None
+        row_numbers = column(eval_data.dataset, "row")
+        held_out = (separate or (config.dataset_name, config.dataset_split)), [row_numbers[i] for i in eval_rows]
         demo = eval_data.example(eval_rows[0]) if eval_rows else train_data.example(train_rows[0])
         demo_prompt = example_prompt(demo, tokenizer)
         say(f"[data] {config.dataset_name}: {len(train_dataset)} training examples, "
@@ -105,13 +111,18 @@ def main(config: SFTRecipeConfig, model_args: ModelArguments):
             processing_class=tokenizer,
             peft_config=lora_config(model_args, model),
         )
-    enable_fast_training(trainer)  # packed attention, fused loss (chatgpt_recipes/speed.py)
+    enable_fast_training(trainer)  # packed attention, fused loss (chatgpt_recipes/modeling/kernels.py)
     train_result = train_with_resume(trainer)  # from the newest complete checkpoint; NaN/inf and disk guards
 
     # Save: adapter or full model, tokenizer, metrics, model card
     trainer.save_model(config.output_dir)
     if trainer.accelerator.is_main_process:
         save_stage_info(config.output_dir, "sft", data_format)
+        if held_out is not None:
+            record_sft_split(config.output_dir, (config.dataset_name, config.dataset_split), *held_out, data_format,
+                             config.eval_split_size, config.seed)
+            say(f"[split] {len(held_out[1])} held-out rows of {held_out[0][0]} recorded in "
+                f"{os.path.join(config.output_dir, SPLIT_FILE)}: later stages leave them out", flush=True)
         skips.write(config.output_dir)
     metrics = record_metrics(trainer, train_result, evaluate=eval_dataset is not None)
     # Report: the same held-out prompt answered before and after tuning (on every rank: sharded weights under

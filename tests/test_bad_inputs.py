@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from chatgpt_recipes.config import ConfigError, parse_config
-from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_model, load_tokenizer, lora_target_modules
-from chatgpt_recipes.rows import DataError, read_rows
-from chatgpt_recipes.sft_data import sft_rows, tokenize_sft
+from chatgpt_recipes.cli import parse_config
+from chatgpt_recipes.data.rows import read_rows
+from chatgpt_recipes.data.sft import sft_rows, tokenize_sft
+from chatgpt_recipes.modeling.loading import ModelArguments, load_model, load_tokenizer, lora_target_modules
+from chatgpt_recipes.runtime.errors import ConfigError, DataError, ModelLoadError
 
 ALPACA_ROW = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 PAIR_ROW = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A colour."}
@@ -54,7 +55,7 @@ def pair_odd_row(row):
 
 
 def preference_file(tmp_path, rows, name="prefs.json"):
-    from chatgpt_recipes.preferences import read_rankings
+    from chatgpt_recipes.data.preferences import read_rankings
 
     path = write(tmp_path, name, rows)
     return read_rankings(read_rows(path), path)
@@ -90,7 +91,7 @@ def long_sft(tmp_path, models):
 def long_pairs(tmp_path, models):
     from transformers import AutoTokenizer
 
-    from chatgpt_recipes.preferences import tokenize_rankings
+    from chatgpt_recipes.data.preferences import tokenize_rankings
 
     tokenizer = AutoTokenizer.from_pretrained(models["llama"])
     rankings = preference_file(tmp_path, [PAIR_ROW, {**PAIR_ROW, "chosen": "long " * 300}])
@@ -104,7 +105,7 @@ def lora_targets_missing(tmp_path, models):
 
 
 def rm_tokenizer_differs(tmp_path, models):
-    from chatgpt_recipes.rl_inputs import check_same_tokenizer
+    from chatgpt_recipes.rl.inputs import check_same_tokenizer
 
     return check_same_tokenizer(load_tokenizer(models["llama"]), load_tokenizer(models["gpt2"]),
                                 models["llama"], models["gpt2"], "chat")
@@ -120,29 +121,29 @@ def block_size_too_big(tmp_path, models):
 
 
 def rl_long_prompts(tmp_path, models):
-    from chatgpt_recipes.rl_inputs import prompt_dataset
+    from chatgpt_recipes.rl.inputs import prompt_dataset
 
     path = write(tmp_path, "prompts.json", [ALPACA_ROW, {**ALPACA_ROW, "instruction": "long " * 100}])
     return prompt_dataset(path, load_tokenizer(models["llama"]), "alpaca", 64)
 
 
 def rl_odd_prompt(tmp_path, models):
-    from chatgpt_recipes.rl_inputs import prompt_dataset
+    from chatgpt_recipes.rl.inputs import prompt_dataset
 
     path = write(tmp_path, "prompts.json", GOOD_SFT + [{**ALPACA_ROW, "instruction": " "}])
     return prompt_dataset(path, load_tokenizer(models["llama"]), "alpaca", 64)
 
 
 def rl_weak_reward_model(tmp_path, models):
-    from chatgpt_recipes.rl_inputs import check_reward_model_quality
-    from chatgpt_recipes.templates import save_stage_info
+    from chatgpt_recipes.data.templates import save_stage_info
+    from chatgpt_recipes.rl.inputs import check_reward_model_quality
 
     save_stage_info(str(tmp_path / "rm"), "reward_model", "alpaca", eval_accuracy=0.5)
     return check_reward_model_quality(str(tmp_path / "rm"), 0.55, "error")
 
 
 def rl_policy_adapter_without_base(tmp_path, models):
-    from chatgpt_recipes.rl_inputs import check_policy_path
+    from chatgpt_recipes.rl.inputs import check_policy_path
 
     return check_policy_path(adapter_dir(tmp_path, str(tmp_path / "deleted-sft-base")))
 
@@ -171,7 +172,7 @@ def sft_model_dir_truncated(tmp_path, models):
 
 
 def rl_causal_lm_as_reward_model(tmp_path, models):
-    from chatgpt_recipes.rl_inputs import check_reward_model_path
+    from chatgpt_recipes.rl.inputs import check_reward_model_path
 
     return check_reward_model_path(models["gpt2"])
 
@@ -179,7 +180,7 @@ def rl_causal_lm_as_reward_model(tmp_path, models):
 def rl_classifier_with_two_labels(tmp_path, models):
     from transformers import AutoModelForSequenceClassification
 
-    from chatgpt_recipes.rl_inputs import check_reward_model_path
+    from chatgpt_recipes.rl.inputs import check_reward_model_path
 
     AutoModelForSequenceClassification.from_pretrained(models["gpt2"], num_labels=2).save_pretrained(tmp_path / "rm")
     return check_reward_model_path(str(tmp_path / "rm"))
@@ -188,7 +189,7 @@ def rl_classifier_with_two_labels(tmp_path, models):
 def flags_of(script: str, args: list[str]):
     import importlib
 
-    from chatgpt_recipes.config import parse_flags
+    from chatgpt_recipes.cli import parse_flags
 
     module = importlib.import_module(script)
     arguments = {"merge_lora": "MergeArguments", "chat": "ChatArguments"}[script]
@@ -203,7 +204,7 @@ def dataset_directory(tmp_path, models):
 
 # (id, what to call, expected error class or "skip", strings the message or the printed skip count must hold)
 CASES = [
-    # --- data files (every recipe reads them with chatgpt_recipes.rows.read_rows) ---
+    # --- data files (every recipe reads them with chatgpt_recipes.data.rows.read_rows) ---
     ("malformed-json", lambda t, m: sft_file(t, '[{"instruction": "a", "output": "b"},\n {"instruction": '),
      DataError, ["data.json", "not valid JSON at line 2"]),
     ("malformed-jsonl-line", lambda t, m: sft_file(t, json.dumps(ALPACA_ROW) + "\n{oops\n", "data.jsonl"),
@@ -305,7 +306,7 @@ CASES = [
      ConfigError, ["max_stepz"]),
     ("config-file-missing", lambda t, m: sft_config(["--config", str(t / "nope.yaml")]),
      ConfigError, ["nope.yaml", "not found"]),
-    # --- options, all checked by chatgpt_recipes.option_checks before anything heavy loads ---
+    # --- options, all checked by chatgpt_recipes.cli before anything heavy loads ---
     ("yaml-syntax-error", lambda t, m: sft_config(["--config", config_file(t, "max_steps: 3\n  lora_r: : 8\n")]),
      ConfigError, ["recipe.yaml: not valid YAML at line 3, column 9"]),
     ("yaml-not-a-mapping", lambda t, m: sft_config(["--config", write(t, "recipe.yaml", "- max_steps\n")]),
@@ -553,11 +554,12 @@ def test_under_two_processes_the_error_is_printed_once_and_named_in_the_launcher
 
 def test_ctrl_c_ends_on_one_line_naming_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
     """KeyboardInterrupt anywhere in a recipe: one line saying where the run stopped and what rerunning does, exit
-    status 130, no traceback. (The checkpoint check itself is tests/test_kill_resume.py's.)"""
+    status 130, no traceback. (The checkpoint check itself is tests/training/test_kill_resume.py's.)"""
     from sft_lora import SFTRecipeConfig
 
-    from chatgpt_recipes import resume
-    from chatgpt_recipes.config import EXIT_INTERRUPTED, run
+    from chatgpt_recipes import cli
+    from chatgpt_recipes.cli import run
+    from chatgpt_recipes.runtime.errors import EXIT_INTERRUPTED
 
     def interrupted(config, model_args):
         raise KeyboardInterrupt
@@ -566,7 +568,7 @@ def test_ctrl_c_ends_on_one_line_naming_the_checkpoint_to_resume_from(tmp_path, 
                                         "command starts from the beginning"),
                                  (str(tmp_path / "out" / "checkpoint-4"), f"the newest complete checkpoint is "
                                   f"{tmp_path / 'out' / 'checkpoint-4'}: rerun the same command to resume from it")):
-        monkeypatch.setattr(resume, "last_complete_checkpoint", lambda output_dir, **kwargs: checkpoint)
+        monkeypatch.setattr(cli, "last_complete_checkpoint", lambda output_dir, **kwargs: checkpoint)
         monkeypatch.setattr(sys, "argv", ["sft_lora.py", "--output_dir", str(tmp_path / "out")])
         with pytest.raises(SystemExit) as stop:
             run(interrupted, (SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml")

@@ -62,7 +62,7 @@ def test_every_cited_test_exists():
     """A statement about behaviour that names the test proving it (`test_x`, or tests/test_file.py::test_x) names a
     test that is there."""
     texts = {path.name: path.read_text() for path in DOCS} | recipe_docstrings() | config_comments()
-    defined = {name for path in (REPO / "tests").glob("test_*.py")
+    defined = {name for path in (REPO / "tests").rglob("test_*.py")
                for name in re.findall(r"^def (test_\w+)", path.read_text(), re.M)}
     missing = [f"{where}: {name}" for where, text in texts.items()
                for name in re.findall(r"(?<![\w/])(test_\w+)(?![\w.])", text) if name not in defined]
@@ -116,7 +116,7 @@ def test_quoted_commands_answer_help_with_their_options():
         if script in helps:
             options = set(re.findall(r"--[\w-]+", helps[script]["help"]))
             if re.search(r'run\(main, .*\.yaml"\)', (REPO / script).read_text()):
-                options.add("--config")  # read by chatgpt_recipes.config.parse_config before argparse, so not in --help
+                options.add("--config")  # read by chatgpt_recipes.cli.parse_config before argparse, so not in --help
             passed = re.findall(r"(?<![\w-])--\w+", line.split(script, 1)[1])
             unknown += [f"{where}: {option} in `{line}`" for option in passed if option not in options]
     assert not unknown, "quoted commands pass options their script does not have:\n" + "\n".join(unknown)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import REPO
 from torch.overrides import TorchFunctionMode
 
-from chatgpt_recipes.config import parse_config
-from chatgpt_recipes.models import ModelArguments
+from chatgpt_recipes.cli import parse_config
+from chatgpt_recipes.modeling.loading import ModelArguments
 
 pytestmark = pytest.mark.gpu
 
@@ -64,7 +64,7 @@ def run_sft(out, *args):
 @pytest.mark.parametrize("mode", [[], ["--load_in_4bit", "true"], ["--use_peft", "false"]],
                          ids=["lora", "qlora", "full"])
 def test_sft_on_gpu(tmp_path, tiny_llama_dir, mode, capsys):
-    from chatgpt_recipes import speed
+    from chatgpt_recipes.modeling import kernels as speed
 
     speed.announce_attention.cache_clear()  # printed once per process: once per run here
     on_gpu(f"sft {mode}", run_sft, tmp_path / "sft", "--model_name_or_path", tiny_llama_dir, *mode)
@@ -138,7 +138,7 @@ def test_packed_varlen_attention_gives_unpacked_per_example_losses():
     equals that of the example alone through plain sdpa; the example bounds are computed once for all layers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chatgpt_recipes import speed
+    from chatgpt_recipes.modeling import kernels as speed
 
     name, _ = speed.packed_attention_choice("cuda", True)
     assert name in (speed.PACKED_VARLEN, "flash_attention_2", "flash_attention_3")

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # the quick lane (README, Tests) leaves these out
+
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -177,8 +179,8 @@ def test_deepspeed_configs_are_usable_from_the_recipe_command_line(tmp_path):
     os.environ.setdefault("RECIPES_CACHE", str(tmp_path))
     from sft_lora import SFTRecipeConfig
 
-    from chatgpt_recipes.config import parse_config
-    from chatgpt_recipes.models import ModelArguments
+    from chatgpt_recipes.cli import parse_config
+    from chatgpt_recipes.modeling.loading import ModelArguments
 
     config, _ = parse_config((SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml",
                              ["--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--output_dir", str(tmp_path)])

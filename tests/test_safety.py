@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from chatgpt_recipes.config import parse_config
-from chatgpt_recipes.models import ModelArguments, ModelLoadError, load_for_inference, load_model, load_tokenizer
+from chatgpt_recipes.cli import parse_config
+from chatgpt_recipes.modeling.loading import ModelArguments, load_for_inference, load_model, load_tokenizer
+from chatgpt_recipes.runtime.errors import ModelLoadError
 
 # A ChatGLM-style checkpoint: its config names a model type transformers does not know, and maps the Auto
 # classes to Python files shipped next to the weights. Importing those files leaves a marker: proof the code ran.

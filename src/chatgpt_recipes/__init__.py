@@ -1,10 +1,7 @@
-"""chatgpt_recipes: the code under the scripts in recipes/, one module per job.
+"""chatgpt_recipes: the code under the scripts in recipes/, in folders that are layers, lowest first. Each folder
+imports only from the folders before it; `cli` (the recipes' front door) sits on top and nothing here imports it.
 
-config (YAML + flags, errors), precision (the bf16/fp16/fp32 decision), models (loading, LoRA, 4-bit), templates
-(prompt rendering for every stage, stage_info.json), rows (reading rows, the skip policy, the data cache),
-sft_data, preferences, text_data, rl_inputs (each stage's data), reward (reward and value models), merging
-(saving LoRA merged), resume (complete-checkpoint resume and the NaN/disk guards), time_budget, generation,
-policy_eval, metrics, reporting (report.md, plots, JSON), compat (every touch of a library's internals, version
-checked). Serving one recipe each, holding machinery that would bury its steps: speed (SFT), ppo_trainer (PPO),
-self_instruct, instruction_generators, rouge_dedup (self-instruct), tokenizer_training (pretraining).
+runtime → data → modeling → rl → evaluation → training → self_instruct → cli
+
+The package map, one line per module: docs/package.md. tests/test_layers.py keeps the order.
 """

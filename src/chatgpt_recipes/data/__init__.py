@@ -1,0 +1,1 @@
+"""Layer 2: rows from any file or hub shape with counted skips, prompt rendering and stage_info.json, SFT examples and the split SFT records, preference rankings, plain-text corpora, tokenizer training."""

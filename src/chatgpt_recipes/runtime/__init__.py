@@ -1,0 +1,1 @@
+"""Layer 1: what every layer needs and that needs nothing of ours: error types and exit statuses (errors, which imports no ML library), config-file checks and the precision decision, console output, the model and data cache, and every guarded touch of a library's internals (compat)."""
