@@ -352,8 +352,10 @@ def ranking_sequences(ranking: dict, tokenizer, prompt_format: str, max_length: 
             raise SkipRanking(f"longer than max_length={max_length} tokens")
         return sequences, dict(NO_CUT)
     sequences, cut = fit_ranking(prompts, ranking["responses"], tokenizer, prompt_format, max_length)
-    if cut["answers_cut"] and len({tuple(s) for s in sequences}) < len(sequences):
-        raise SkipRanking(f"answers identical within max_length={max_length} tokens")
+    # Any cut can make two sequences token-identical: answers cut at their end, or, when each answer follows its own
+    # conversation and their final answers are the same text, the oldest turns (where they differ) dropped
+    if len({tuple(s) for s in sequences}) < len(sequences):
+        raise SkipRanking(f"chosen and rejected identical within max_length={max_length} tokens")
     return sequences, cut
 
 
