@@ -443,8 +443,8 @@ def run_one(model: str, seed: int, args, out: Path, results: Path, train_rows, p
               f"{trained['train_rows_given']} rows used, {trained['train_rows_cut_or_dropped']} "
               f"{trained['cut_or_dropped'].split(' (')[0].split(';')[0]}", flush=True)
     reward_model = load_reward_model(str(model_dir))  # the stock model's pad token is its EOS, as it was trained
-    chosen, rejected = score(reward_model, reward_model.config.pad_token_id, [p[model] for p in pairs], args.eval_batch_size,
-                             name)
+    chosen, rejected = score(reward_model, reward_model.config.pad_token_id, [p[model] for p in pairs],
+                             args.eval_batch_size, name)
     del reward_model
     gc.collect()
     record = result_record(model, args.variant, seed, chosen, rejected, pairs, left_out, sha, trained,
@@ -516,6 +516,10 @@ def differing_settings(record: dict, stock: dict) -> list[str]:
             if record["settings"].get(key) != stock["settings"].get(key)]
 
 
+def cpu_words(cpu: dict) -> str:
+    return f"{cpu['model']} ({'native' if cpu['native_bf16'] else 'no native'} bf16)"
+
+
 def summary(results: Path) -> str:
     """The markdown tables (per seed; mean ± standard deviation over seeds; variants) from the result files."""
     records = read_results(results)
@@ -528,7 +532,7 @@ def summary(results: Path) -> str:
              f"{', '.join(sorted({str(r['eval_pairs']) for r in records}))}, "
              f"{'the identical set in every file' if len(shas) == 1 else f'{len(shas)} DIFFERENT sets (see sha)'} "
              f"(eval_pairs_sha {', '.join(s[:12] for s in sorted(shas))}); CPU: "
-             f"{'; '.join(sorted({r['cpu']['model'] + (' (native bf16)' if r['cpu']['native_bf16'] else ' (no native bf16)') for r in records}))}",
+             f"{'; '.join(sorted({cpu_words(r['cpu']) for r in records}))}",
              "", "| model | seed | accuracy % [95% CI] | mean margin | held-out pairs scored (left out) | "
              "training rows given | used | dropped (stock) / cut (recipe) | train s | recipe - stock, points "
              "[95% CI] | McNemar p | commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -547,8 +551,9 @@ def summary(results: Path) -> str:
                       f"{comparison['interval'][1] * 100:+.1f}]")
             p = f"{comparison['mcnemar_p']:.3f}"
         name = record["model"] + (f" ({record['variant']})" if record["variant"] else "")
-        lines.append(f"| {name} | {record['seed']} | {record['accuracy'] * 100:.1f} [{record['interval'][0] * 100:.1f}, "
-                     f"{record['interval'][1] * 100:.1f}] | {record['mean_margin']:.3f} | {record['eval_pairs']} "
+        low, high = record["interval"]
+        lines.append(f"| {name} | {record['seed']} | {record['accuracy'] * 100:.1f} [{low * 100:.1f}, {high * 100:.1f}] | "
+                     f"{record['mean_margin']:.3f} | {record['eval_pairs']} "
                      f"({len({x['row'] for x in record['eval_left_out']})}) | {record['train_rows_given']} | "
                      f"{record['train_rows_used']} | {record['train_rows_cut_or_dropped']} | {record['seconds']:.0f} | "
                      f"{versus} | {p} | {record['commit']} |")
@@ -557,7 +562,8 @@ def summary(results: Path) -> str:
             {("recipe", r["variant"]) for r in records if r["variant"]}):
         values = [r["accuracy"] for r in records if r["model"] == name and r["variant"] == variant]
         if values:
-            versus = mean_spread(differences[variant], form="+.1f") if name == "recipe" and differences.get(variant) else ""
+            versus = (mean_spread(differences[variant], form="+.1f") if name == "recipe" and differences.get(variant)
+                      else "")
             lines.append(f"| {name}{f' ({variant})' if variant else ''} | {mean_spread(values)} | {versus} |")
     variants = [r for r in records if r["variant"]]
     if variants:
