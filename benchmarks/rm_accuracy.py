@@ -552,7 +552,8 @@ def summary(results: Path) -> str:
             p = f"{comparison['mcnemar_p']:.3f}"
         name = record["model"] + (f" ({record['variant']})" if record["variant"] else "")
         low, high = record["interval"]
-        lines.append(f"| {name} | {record['seed']} | {record['accuracy'] * 100:.1f} [{low * 100:.1f}, {high * 100:.1f}] | "
+        lines.append(f"| {name} | {record['seed']} | {record['accuracy'] * 100:.1f} [{low * 100:.1f}, "
+                     f"{high * 100:.1f}] | "
                      f"{record['mean_margin']:.3f} | {record['eval_pairs']} "
                      f"({len({x['row'] for x in record['eval_left_out']})}) | {record['train_rows_given']} | "
                      f"{record['train_rows_used']} | {record['train_rows_cut_or_dropped']} | {record['seconds']:.0f} | "
