@@ -495,7 +495,7 @@ def mean_spread(values: list[float], scale: float = 100, form: str = ".1f") -> s
     mean = statistics.mean(values)
     if len(values) == 1:
         return f"{mean * scale:{form}} (1 seed)"
-    return f"{mean * scale:{form}} ± {statistics.stdev(values) * scale:{form}} ({len(values)} seeds)"
+    return f"{mean * scale:{form}} ± {statistics.stdev(values) * scale:{form.lstrip('+')}} ({len(values)} seeds)"
 
 
 def paired(recipe: dict, stock: dict) -> dict:

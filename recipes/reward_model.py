@@ -33,7 +33,7 @@ from chatgpt_recipes.modeling.loading import ModelArguments, load_model, load_to
 from chatgpt_recipes.runtime.output import say
 from chatgpt_recipes.training.resume import train_with_resume
 from chatgpt_recipes.training.reward import (REWARD_OFFSET_KEY, KWiseRewardTrainer, WeightedPreferenceCollator,
-                                             mean_reward)
+                                             final_evaluation, mean_reward)
 from chatgpt_recipes.training.saving import whole_model
 from chatgpt_recipes.training.time_budget import TimeBudgetArguments
 
@@ -98,7 +98,7 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
     metrics.update({f"{split}_{key}_rankings": count for split, counts in truncation.items()
                     for key, count in counts.items()})
     if eval_dataset is not None:
-        eval_metrics = trainer.evaluate()  # TRL adds eval_accuracy and eval_margin (mean chosen - rejected score)
+        eval_metrics = final_evaluation(trainer)  # TRL's eval_accuracy, eval_margin (mean chosen - rejected score)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()

@@ -48,7 +48,8 @@ def trained_rm(tmp_path_factory, tiny_llama_dir):
                         "--use_peft", "false", "--max_steps", "25", "--learning_rate", "2e-3",
                         "--per_device_train_batch_size", "8", "--eval_split_size", "20", "--max_length", str(MAX_LENGTH),
                         "--centering_samples", "1000", "--bf16", "false", "--report_to", "none",
-                        "--save_strategy", "no", "--logging_steps", "5", "--output_dir", out)
+                        "--save_strategy", "no", "--logging_steps", "5", "--eval_strategy", "steps",
+                        "--eval_steps", "10", "--output_dir", out)
     return {"dir": str(out), "data": str(data), "stdout": result.stdout}
 
 
@@ -64,6 +65,16 @@ def test_tiny_rm_learns_marker_preference(trained_rm):
     assert info["eval_pairs"] == sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in held_out)
     assert info["truncation"]["eval"]["truncated"] == len(held_out) == 20
     assert "eval pairwise accuracy" in trained_rm["stdout"]
+
+
+def test_the_final_weights_are_evaluated_once(trained_rm):
+    """The trainer evaluates at its last step (eval_strategy steps): the recipe reuses that evaluation for
+    eval_results.json, stage_info.json and the report instead of scoring the held-out pairs again."""
+    state = json.loads(open(trained_rm["dir"] + "/trainer_state.json").read())
+    final = [entry for entry in state["log_history"] if "eval_loss" in entry and entry["step"] == state["global_step"]]
+    assert state["global_step"] == 25 and len(final) == 1, final
+    results = json.loads(open(trained_rm["dir"] + "/eval_results.json").read())
+    assert results["eval_accuracy"] == final[0]["eval_accuracy"] and results["eval_margin"] == final[0]["eval_margin"]
 
 
 def test_centred_rewards_have_mean_zero(trained_rm):

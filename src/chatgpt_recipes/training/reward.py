@@ -86,6 +86,16 @@ class KWiseRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def final_evaluation(trainer) -> dict:
+    """The held-out metrics of the trained weights, measured once: the trainer's own evaluation at the last step
+    when it ran one (transformers evaluates there under eval_strategy steps or epoch), else `trainer.evaluate()`
+    now. The report, stage_info.json and eval_results.json all read this one evaluation."""
+    last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {key: value for key, value in last.items() if key.startswith("eval_") or key == "epoch"}
+    return trainer.evaluate()
+
+
 def mean_reward(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 8) -> float:
     """The mean score of token sequences (each read at its last real token, as the model's head does)."""
     model.eval()
