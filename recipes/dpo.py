@@ -19,7 +19,7 @@ from trl import DPOConfig, DPOTrainer
 
 from chatgpt_recipes.cli import run
 from chatgpt_recipes.data.options import DataArguments
-from chatgpt_recipes.data.preferences import prepare_train_eval_rankings
+from chatgpt_recipes.data.preferences import prepare_train_eval_rankings, truncation_markdown
 from chatgpt_recipes.data.sft_split import carry_sft_split
 from chatgpt_recipes.data.templates import check_prompt_format, save_stage_info, tokenizer_ending_answers
 from chatgpt_recipes.evaluation.reporting import write_training_report
@@ -56,8 +56,14 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
         config, tokenizer, "dpo", **options)
     train_dataset = train_data.dpo_dataset(train_rankings)
     eval_dataset = eval_data.dpo_dataset(eval_rankings) if eval_rankings else None
+    # Cut by us from the left, as the reward model's (preferences.fit_dpo_pairs); an answer still longer than the room
+    # left is cut at its end by TRL (truncation_mode keep_start): counted as answer_cut
+    truncation = {"train": train_data.truncation(train_rankings), "eval": eval_data.truncation(eval_rankings)}
     say(f"[data] {len(train_dataset)} training pairs, {len(eval_dataset) if eval_dataset is not None else 0} eval "
-        f"pairs{f' (from {separate[0]}, split {separate[1]})' if separate else ''}", flush=True)
+        f"pairs{f' (from {separate[0]}, split {separate[1]})' if separate else ''}; cut to max_length="
+        f"{config.max_length}: {truncation['train']['truncated']} training and {truncation['eval']['truncated']} eval "
+        f"prompts ({truncation['train']['answer_cut']} and {truncation['eval']['answer_cut']} with an answer cut at "
+        "its end)", flush=True)
     if PartialState().is_main_process:
         skips.write(config.output_dir)
 
@@ -82,10 +88,11 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
             policy.save_pretrained(config.output_dir, safe_serialization=True)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(config.output_dir)
-        save_stage_info(config.output_dir, "dpo", config.prompt_format, base_model=model_args.model_name_or_path)
+        save_stage_info(config.output_dir, "dpo", config.prompt_format, base_model=model_args.model_name_or_path,
+                        max_length=config.max_length, truncation=truncation)
         carry_sft_split(model_args.model_name_or_path, config.output_dir)
         write_training_report(config.output_dir, "DPO", trainer.state.log_history, metrics,
-                              {"Skipped rows": skips.markdown()},
+                              {"Skipped rows": skips.markdown(), "Cut to max_length": truncation_markdown(truncation)},
                               plot_keys=["loss", "rewards/accuracies", "rewards/margins", "eval_rewards/accuracies"])
         accuracy = metrics.get("eval_rewards/accuracies", float("nan"))
         say(f"\n=== DPO ===\neval reward accuracy (implicit reward prefers chosen): {accuracy:.3f} "

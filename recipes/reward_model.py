@@ -26,7 +26,7 @@ from trl import RewardConfig
 
 from chatgpt_recipes.cli import run
 from chatgpt_recipes.data.options import DataArguments
-from chatgpt_recipes.data.preferences import prepare_train_eval_rankings
+from chatgpt_recipes.data.preferences import prepare_train_eval_rankings, truncation_markdown
 from chatgpt_recipes.data.templates import check_prompt_format, save_stage_info
 from chatgpt_recipes.evaluation.reporting import write_training_report
 from chatgpt_recipes.modeling.loading import ModelArguments, load_model, load_tokenizer, lora_config, resolve_model_path
@@ -134,14 +134,6 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
             f"centering offset: {offset:.3f} (the mean reward of {len(answers)} training answers; loaders "
             f"subtract it)\n"
             f"Saved to {config.output_dir}", flush=True)
-
-
-def truncation_markdown(truncation: dict) -> str:
-    lines = ["| split | prompts cut | oldest turns dropped | last prompt cut at its start | answer cut at its end |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {split} | {c['truncated']} | {c['turns_dropped']} | {c['prompt_cut']} | {c['answer_cut']} |"
-              for split, c in truncation.items()]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Left truncation of long preference conversations (issue 28): the oldest turns go first, the final exchange
-stays whole, chosen and rejected keep identical prompt tokens, and no row is dropped for length."""
+stays whole, chosen and rejected keep identical prompt tokens, and no row is dropped for length. Issue 34: a pair
+that a cut makes identical is skipped and counted, and DPO prompts are cut by us like the reward model's, with what
+TRL still cuts counted."""
 
 import gzip
+import json
 
 import pytest
 from conftest import REPO
 
-from chatgpt_recipes.data.preferences import (dpo_pairs, encode_response, prepare_rankings, ranking_of,
-                                              ranking_sequences, render_prompt)
+from chatgpt_recipes.data.preferences import (SkipRanking, dpo_pairs, dpo_rows, encode_response, fit_dpo_pairs,
+                                              prepare_rankings, ranking_of, ranking_sequences, render_prompt,
+                                              tokenize_rankings)
 from chatgpt_recipes.data.templates import encode_prompt
 
 
@@ -116,6 +120,59 @@ def test_dpo_drops_the_same_oldest_turns(tokenizer):
     assert "Old question number 0" in whole["prompt"] and "Old question number 0" not in pair["prompt"]
     assert pair["prompt"].endswith("Name a fruit<|im_end|>\n<|im_start|>assistant\n")
     assert len(tokenizer(pair["prompt"] + pair["chosen"], add_special_tokens=False)["input_ids"]) <= 100
+
+
+def differing_only_early() -> dict:
+    """Transcripts that differ only in their opening exchange and end with the same answer (the full HH set has
+    such pairs): a preference only while that opening exchange is kept."""
+    return {"chosen": hh_transcript([("Hi", "Hello, how can I help you today?")] + OLD + [("Name a fruit", "Apple.")]),
+            "rejected": hh_transcript([("Hi", "Go away.")] + OLD + [("Name a fruit", "Apple.")])}
+
+
+def test_a_pair_the_cut_makes_identical_is_skipped_and_counted(tokenizer):
+    ranking = ranking_of(differing_only_early(), "hh: row 1")  # kept: the transcripts differ
+    (whole_chosen, whole_rejected), _ = ranking_sequences(ranking, tokenizer, "chat", None, "truncate")
+    assert whole_chosen != whole_rejected
+    with pytest.raises(SkipRanking, match="identical within max_length=100"):
+        ranking_sequences(ranking, tokenizer, "chat", 100, "truncate")
+    fine = ranking_of({"chosen": hh_transcript([("Name a fruit", "Apple.")]),
+                       "rejected": hh_transcript([("Name a fruit", "No.")])}, "hh: row 2")
+    rows, skipped = tokenize_rankings([ranking, fine], tokenizer, "chat", 100, "hh", overlong="truncate")
+    assert len(rows) == 1 and rows[0]["group"] == 1
+    assert [(r["row"], "identical" in r["reason"]) for r in skipped.records] == [(1, True)]
+    # DPO alike: dropping the opening turns leaves the same prompt and the same answer
+    with pytest.raises(SkipRanking, match="identical"):
+        fit_dpo_pairs(ranking, tokenizer, "chat", 100)
+    assert len(dpo_rows([ranking, fine], tokenizer, "chat", "hh", max_length=100)) == 1
+
+
+def test_dpo_cuts_a_prompt_too_long_alone_at_its_start_and_counts_what_trl_still_cuts(tokenizer):
+    question = " ".join(f"detail{i}" for i in range(300)) + " So, which fruit?"
+    ranking = ranking_of({"prompt": question, "chosen": "Apple.", "rejected": "A stone."}, "pairs: row 1")
+    (pair,), cut = fit_dpo_pairs(ranking, tokenizer, "chat", 64)
+    assert cut["prompt_tokens_cut"] > 200 and cut["answers_cut"] == 0
+    assert pair["prompt"].endswith("So, which fruit?<|im_end|>\n<|im_start|>assistant\n")
+    for answer in (pair["chosen"], pair["rejected"]):  # nothing is left for TRL to cut
+        assert len(tokenizer(pair["prompt"] + answer, add_special_tokens=False)["input_ids"]) <= 64
+    long_answer = " ".join(f"word{i}" for i in range(200))
+    ranking = ranking_of({"prompt": question, "chosen": long_answer, "rejected": "No."}, "pairs: row 2")
+    (pair,), cut = fit_dpo_pairs(ranking, tokenizer, "chat", 64)
+    assert cut["prompt_tokens_cut"] > 0 and cut["answers_cut"] == 1  # TRL cuts the long answer's end: counted
+    assert len(tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]) <= 32  # half of max_length
+
+
+def test_dpo_preparation_records_its_cuts(tokenizer, data_cache, tmp_path):
+    rows = [{"chosen": hh_transcript(OLD + [("Name a fruit", "Apple.")]),
+             "rejected": hh_transcript(OLD + [("Name a fruit", "No.")])}, differing_only_early(),
+            {"chosen": hh_transcript([("Name a fruit", "Apple.")]),
+             "rejected": hh_transcript([("Name a fruit", "No.")])}]
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepared = prepare_rankings(str(tmp_path / "hh.jsonl"), "train", tokenizer, "chat", "dpo", max_length=100,
+                                max_skipped_fraction=0.5)
+    assert [r["row"] for r in prepared.skips.records] == [2]
+    assert prepared.truncation(prepared.examples) == {"truncated": 1, "turns_dropped": 1, "prompt_cut": 0,
+                                                      "answer_cut": 0}
+    assert len(prepared.dpo_dataset(prepared.examples)) == 2
 
 
 def test_no_row_of_the_real_hh_sample_is_dropped_for_length(tokenizer, data_cache, tmp_path):

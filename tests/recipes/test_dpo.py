@@ -22,7 +22,10 @@ def test_dpo_runs_on_tiny_model(tmp_path, tiny_llama_dir):
     assert 0.0 <= results["eval_rewards/accuracies"] <= 1.0 and "eval_rewards/margins" in results
     assert "eval reward accuracy" in result.stdout
     assert "multi-turn conversation cannot be rendered in the alpaca format" in result.stdout  # counted skip
-    assert json.loads((out / "stage_info.json").read_text())["prompt_format"] == "alpaca"
+    info = json.loads((out / "stage_info.json").read_text())
+    assert info["prompt_format"] == "alpaca" and info["max_length"] == 128
+    assert set(info["truncation"]) == {"train", "eval"}  # what was cut to max_length, counted (issue 34)
+    assert "cut to max_length=128" in result.stdout
     initial = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
     final = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(value, final[name]) for name, value in initial.items())

@@ -379,6 +379,15 @@ def report_truncation(source: str, counts: dict, total: int, max_length: int | N
             flush=True)
 
 
+def truncation_markdown(truncation: dict) -> str:
+    """The report's table of `truncation_counts` per split."""
+    lines = ["| split | prompts cut | oldest turns dropped | last prompt cut at its start | answer cut at its end |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {split} | {c['truncated']} | {c['turns_dropped']} | {c['prompt_cut']} | {c['answer_cut']} |"
+              for split, c in truncation.items()]
+    return "\n".join(lines)
+
+
 def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_length: int | None,
                       source: str, overlong: str = "drop", system_prompt: str | None = None
                       ) -> tuple[list[dict], SkipLog]:
@@ -404,14 +413,25 @@ def tokenize_rankings(rankings: list[dict], tokenizer, prompt_format: str, max_l
 
 
 def dpo_pairs(ranking: dict, tokenizer, prompt_format: str, max_length: int | None = None) -> list[dict]:
-    """DPO rows {prompt, chosen, rejected} of one ranking as text, the prompt rendered like SFT and each answer
-    ending with the token that ends an answer (its text; TRL's DPOTrainer then adds no EOS of its own, see
-    recipes/dpo.py). When the answers follow different conversations, the prompt is their longest common prefix
-    ending with a user turn and each answer is the rest of its own transcript. A conversation longer than
-    max_length loses its oldest exchanges first, the same ones on every side, as the reward model's do (TRL's
-    DPOTrainer then cuts what still does not fit at the end)."""
+    """DPO rows {prompt, chosen, rejected} of one ranking as text (see `fit_dpo_pairs`, which also says what was cut
+    to fit max_length)."""
+    return fit_dpo_pairs(ranking, tokenizer, prompt_format, max_length)[0]
+
+
+def fit_dpo_pairs(ranking: dict, tokenizer, prompt_format: str, max_length: int | None = None
+                  ) -> tuple[list[dict], dict]:
+    """(DPO rows {prompt, chosen, rejected} of one ranking as text, what was cut to fit max_length). The prompt is
+    rendered like SFT and each answer ends with the token that ends an answer (its text; TRL's DPOTrainer then
+    adds no EOS of its own, see recipes/dpo.py). When the answers follow different conversations, the prompt is
+    their longest common prefix ending with a user turn and each answer is the rest of its own transcript.
+    A conversation longer than max_length is cut here, from the left, as the reward model's are (`fit_ranking`):
+    its oldest exchanges first, the same ones on every side; then, when the final prompt alone leaves too little
+    room, its start at the token level (to no less than half of max_length). What still does not fit is an answer
+    longer than the room left, whose end TRL's DPOTrainer cuts (truncation_mode keep_start): counted as
+    `answers_cut`. A ranking whose answers are identical within max_length raises SkipRanking."""
+    cut = dict(NO_CUT)
     if max_length:
-        ranking = _dpo_ranking_to_fit(ranking, tokenizer, prompt_format, max_length)
+        ranking, cut["turns_dropped"] = _dpo_ranking_to_fit(ranking, tokenizer, prompt_format, max_length)
     end = tokenizer.convert_ids_to_tokens(answer_end_token_id(tokenizer, prompt_format))
     responses = [text + end for text in ranking["responses"]]
     if ranking.get("response_prompts"):
@@ -423,11 +443,35 @@ def dpo_pairs(ranking: dict, tokenizer, prompt_format: str, max_length: int | No
         responses = [text[len(prompt):] for text in full]
     else:
         prompt = render_prompt(ranking["prompt"], tokenizer, prompt_format)
+    if max_length:
+        prompt, responses = _dpo_cut_to_fit(prompt, responses, tokenizer, prompt_format, max_length, cut)
+    elif len(set(responses)) < len(responses):
+        raise SkipRanking("chosen and rejected identical")
     return [{"prompt": prompt, "chosen": responses[b], "rejected": responses[w]}
-            for b, w, _ in ranking_pairs(len(responses))]
+            for b, w, _ in ranking_pairs(len(responses))], cut
 
 
-def _dpo_ranking_to_fit(ranking: dict, tokenizer, prompt_format: str, max_length: int) -> dict:
+def _dpo_cut_to_fit(prompt: str, responses: list[str], tokenizer, prompt_format: str, max_length: int,
+                    cut: dict) -> tuple[str, list[str]]:
+    """The prompt cut at its start when it leaves an answer too little room (recorded in `cut`, with the answers
+    TRL will cut at their end); SkipRanking when the answers are the same within what TRL keeps."""
+    prompt_ids = encode_prompt(prompt, tokenizer, prompt_format) if prompt else []
+    answer_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in responses]
+    if len(prompt_ids) + max(len(a) for a in answer_ids) > max_length:
+        keep = max(max_length - max(len(a) for a in answer_ids), min(len(prompt_ids), max_length // 2))
+        if keep < len(prompt_ids):
+            prompt = tokenizer.decode(prompt_ids[-keep:], skip_special_tokens=False)
+            cut["prompt_tokens_cut"] = len(prompt_ids) - keep
+            prompt_ids = encode_prompt(prompt, tokenizer, prompt_format)  # as TRL will tokenise the cut text
+    room = max_length - len(prompt_ids)
+    cut["answers_cut"] = sum(len(a) > room for a in answer_ids)
+    if len({tuple(a[:room]) for a in answer_ids}) < len(answer_ids):
+        raise SkipRanking(f"chosen and rejected identical within max_length={max_length} tokens")
+    return prompt, responses
+
+
+def _dpo_ranking_to_fit(ranking: dict, tokenizer, prompt_format: str, max_length: int) -> tuple[dict, int]:
+    """The ranking without its oldest exchanges, as many as fitting max_length takes (`fit_ranking`), and how many."""
     prompts = ranking.get("response_prompts") or [ranking["prompt"]] * len(ranking["responses"])
     answer_lengths = [len(encode_response(text, tokenizer, prompt_format)) for text in ranking["responses"]]
 
@@ -440,13 +484,13 @@ def _dpo_ranking_to_fit(ranking: dict, tokenizer, prompt_format: str, max_length
 
     count, _ = _drop_oldest_turns_to_fit(prompts, prompt_ids_without, too_long)
     if not count:
-        return ranking
+        return ranking, 0
     fitted = {**ranking, "prompt": _without_oldest_turns(ranking["prompt"], count)}
     if ranking.get("response_prompts"):
         fitted["response_prompts"] = [_without_oldest_turns(p, count) for p in ranking["response_prompts"]]
         if not any(t["role"] == "user" for t in fitted["prompt"]):
             fitted["prompt"] = []
-    return fitted
+    return fitted, count
 
 
 def dpo_rows(rankings: list[dict], tokenizer, prompt_format: str, source: str,
@@ -457,7 +501,7 @@ def dpo_rows(rankings: list[dict], tokenizer, prompt_format: str, source: str,
     for number, ranking in enumerate(rankings, start=1):
         try:
             rows += dpo_pairs(ranking, tokenizer, prompt_format, max_length)
-        except PromptFormatError as error:
+        except (PromptFormatError, SkipRanking) as error:
             skipped.add(source, number, None, str(error), UNUSABLE)
     skipped.report(source, len(rankings))
     if not rows:
@@ -500,15 +544,18 @@ def _reward_batch(batch, tokenizer, prompt_format, max_length, overlong, system_
 
 def _dpo_batch(batch, tokenizer, prompt_format, max_length):
     pairs, reasons, kinds = [], list(batch["skip_reason"]), list(batch["skip_kind"])
+    cuts = {key: [] for key in NO_CUT}
     for i, ranking in enumerate(batch["ranking"]):
-        rows = []
+        rows, cut = [], NO_CUT
         if not reasons[i]:
             try:
-                rows = dpo_pairs(json.loads(ranking), tokenizer, prompt_format, max_length)
-            except PromptFormatError as error:
+                rows, cut = fit_dpo_pairs(json.loads(ranking), tokenizer, prompt_format, max_length)
+            except (PromptFormatError, SkipRanking) as error:
                 reasons[i], kinds[i] = str(error), UNUSABLE
         pairs.append(json.dumps(rows, ensure_ascii=False))
-    return {"pairs": pairs, "skip_reason": reasons, "skip_kind": kinds}
+        for key in cuts:
+            cuts[key].append(cut[key])
+    return {"pairs": pairs, "skip_reason": reasons, "skip_kind": kinds, **cuts}
 
 
 class PreparedRankings:
