@@ -1,14 +1,17 @@
 """Reward-model accuracy on the same data: stock TRL RewardTrainer against recipes/reward_model.py, trained on the
 same training rows with the same LoRA, epochs, batch, learning rate, schedule, seed and precision decision, with no
 time budget on either side, and scored by the same code on the identical held-out pairs, every one of them.
-Resumable: each finished training writes benchmarks/results/rm_accuracy/<model>-seed<N>.json; a rerun skips it.
+Resumable: each finished training writes benchmarks/results/rm_accuracy/<model>-seed<N>.json (a run of any other
+size: OUTPUT_DIR/results/); a rerun skips it.
 
     python benchmarks/rm_accuracy.py --seed 42                # one seed, both models, every training row
     python benchmarks/rm_accuracy.py --seeds 3                # seeds 42, 43, 44 (finished ones are skipped)
     python benchmarks/rm_accuracy.py --summary                # the table, rebuilt from the result files
     python benchmarks/rm_accuracy.py --seed 42 --models recipe --variant len512 --recipe_args "--max_length 512"
+        # the issue's other variants, each its own --variant name: --recipe_args "--num_train_epochs 2",
+        # "--learning_rate 5e-5", "--learning_rate 2e-4", "--use_peft false", "--center_rewards_coefficient 0.01"
     python benchmarks/rm_accuracy.py --train_rows 24 --eval_rows 16 --max_steps 2 --max_length 128 \
-        --centering_samples 4 --output_dir /tmp/rm_smoke --results_dir /tmp/rm_smoke/results   # a smoke run
+        --centering_samples 4 --output_dir /tmp/rm_smoke     # a smoke run: its files go to /tmp/rm_smoke/results
 
 Data (--data): preference rows as the reward-model recipe reads them (chatgpt_recipes/data/preferences.py: HH-RLHF
 transcripts, {prompt, chosen, rejected} as text or turns, ShareGPT, K-wise rankings), a .jsonl(.gz) or a .json list.
@@ -603,13 +606,21 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--eval_batch_size", type=int, default=16)
     parser.add_argument("--output_dir", default="outputs/rm_accuracy",
                         help="the split and the trained models, one folder per model and seed (kept: resumable)")
-    parser.add_argument("--results_dir", default=str(DEFAULT_RESULTS), help="the result files, one per training")
+    parser.add_argument("--results_dir", default=None,
+                        help=f"the result files, one per training (default: {DEFAULT_RESULTS.relative_to(REPO)} for "
+                        "the full-size benchmark and its variants and for --summary, else OUTPUT_DIR/results)")
     parser.add_argument("--summary", action="store_true",
                         help="only print the tables rebuilt from the result files in --results_dir (and write "
                         "summary.md there)")
     parser.add_argument("--truncation_only", action="store_true",
                         help="only count, per rendering and max_length, the rows that are cut (no training)")
     args = parser.parse_args(argv)
+    if args.results_dir is None:
+        full_size = (args.summary or all(getattr(args, name) is None for name in
+                                         ("train_rows", "max_steps", "max_length", "centering_samples"))
+                     and args.eval_rows == 300 and Path(args.data) == DEFAULT_DATA
+                     and Path(args.config) == DEFAULT_CONFIG and (args.variant or not args.recipe_args))
+        args.results_dir = str(DEFAULT_RESULTS if full_size else Path(args.output_dir) / "results")
     if args.variant is not None and (args.models != ["recipe"] or not args.recipe_args):
         parser.error("--variant NAME needs --models recipe and the variant's --recipe_args")
     if args.variant is not None and not args.variant.replace("_", "").replace(".", "").replace("-", "").isalnum():
