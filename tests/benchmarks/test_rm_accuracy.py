@@ -217,3 +217,17 @@ def test_the_summary_refuses_files_that_scored_other_pairs_or_trained_otherwise(
     (tmp_path / "b" / "stock-seed42.json").write_text(json.dumps(record))
     with pytest.raises(DataError, match="stopped early"):
         rm_accuracy.summary(tmp_path / "b")
+
+
+def test_only_the_full_size_benchmark_writes_into_the_committed_results(tmp_path):
+    committed = str(rm_accuracy.DEFAULT_RESULTS)
+    assert rm_accuracy.parse_args(["--seed", "42"]).results_dir == committed
+    assert rm_accuracy.parse_args(["--seed", "42", "--models", "recipe", "--variant", "len512", "--recipe_args",
+                                   "--max_length 512"]).results_dir == committed
+    assert rm_accuracy.parse_args(["--summary"]).results_dir == committed
+    for small in (["--max_steps", "2"], ["--train_rows", "24"], ["--eval_rows", "16"],
+                  ["--recipe_args", "--lora_r 32"]):
+        args = rm_accuracy.parse_args(small + ["--output_dir", str(tmp_path)])
+        assert args.results_dir == str(tmp_path / "results"), small
+    with pytest.raises(SystemExit):  # a variant is recipe-only and names what it changes
+        rm_accuracy.parse_args(["--variant", "len512", "--recipe_args", "--max_length 512"])
