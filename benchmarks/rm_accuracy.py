@@ -371,7 +371,7 @@ def train_stock(config, model_args, train_rows: list[dict], output_dir: Path) ->
 
 def train_recipe(config, model_args, train_rows: list[dict], output_dir: Path) -> dict:
     """recipes/reward_model.py's main(); a checkpoint left by a killed run is resumed (the recipe's own rule)."""
-    start = time.perf_counter()
+    start, resumed = time.perf_counter(), any(output_dir.glob("checkpoint-*"))
     recipe_module("reward_model").main(config, model_args)
     state = json.loads((output_dir / "trainer_state.json").read_text())
     check_finished(output_dir, state["global_step"], state["max_steps"], "recipe")
@@ -382,7 +382,7 @@ def train_recipe(config, model_args, train_rows: list[dict], output_dir: Path) -
             "train_rows_cut_or_dropped": stage["truncation"]["train"]["truncated"],
             "cut_or_dropped": "cut from the left (kept); malformed rows skipped: given - used",
             "train_truncation": stage["truncation"]["train"], "seconds": time.perf_counter() - start,
-            "global_step": state["global_step"]}
+            "global_step": state["global_step"], "resumed_from_checkpoint": resumed}
 
 
 def score(model, pad_token_id: int, pairs: list[tuple[list[int], list[int]]], batch_size: int,
@@ -411,8 +411,9 @@ def result_record(model: str, variant: str | None, seed: int, chosen: list[float
               "stopped_early": False, "global_step": trained["global_step"], "cpu": cpu_info(), "commit": commit(),
               "settings": settings, **context,
               "pair_scores": [[p["row"], c, r] for p, c, r in zip(pairs, chosen, rejected)]}
-    if "train_truncation" in trained:
-        record["train_truncation"] = trained["train_truncation"]
+    for key in ("train_truncation", "resumed_from_checkpoint"):  # the recipe's (seconds: only since the resume)
+        if key in trained:
+            record[key] = trained[key]
     return record
 
 
