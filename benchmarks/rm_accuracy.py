@@ -190,10 +190,20 @@ def rows_sha(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------- the two renderings of a pair
 
+PROMPT_FIELDS = ("prompt", "instruction", "conversations", "messages")
+
+
+def is_transcript_pair(row: dict) -> bool:
+    """chosen and rejected as whole texts with no prompt of their own (HH-RLHF): what stock TRL reads as it is."""
+    return (isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)
+            and not any(field in row for field in PROMPT_FIELDS))
+
+
 def stock_text(row: dict, ranking: dict, tokenizer) -> tuple[str, str]:
-    """The (chosen, rejected) text stock TRL trains on: HH transcripts as they are; a prompt + answer as text; turns
-    rendered by the chat template. A K-wise ranking gives its best and worst answers."""
-    if isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str) and "prompt" not in row:
+    """The (chosen, rejected) text stock TRL trains on: HH transcripts as they are; a prompt + answer as text (an
+    Alpaca prompt: its instruction and input); turns rendered by the chat template. A K-wise ranking gives its best
+    and worst answers."""
+    if is_transcript_pair(row):
         return row["chosen"], row["rejected"]
     prompt = ranking.get("response_prompts") or [ranking["prompt"]] * len(ranking["responses"])
     best, worst = 0, len(ranking["responses"]) - 1
@@ -351,7 +361,7 @@ def train_stock(config, model_args, train_rows: list[dict], output_dir: Path) ->
                              task_type="SEQ_CLS") if model_args.use_peft else None
     examples = []
     for row, ranking in zip(train_rows, rankings_of(train_rows, "train.jsonl")):
-        if ranking is None and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+        if ranking is None and is_transcript_pair(row):
             examples.append({"chosen": row["chosen"], "rejected": row["rejected"]})  # as TRL reads it, defects too
         elif ranking is not None:
             chosen, rejected = stock_text(row, ranking, tokenizer)

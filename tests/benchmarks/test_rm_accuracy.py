@@ -231,3 +231,17 @@ def test_only_the_full_size_benchmark_writes_into_the_committed_results(tmp_path
         assert args.results_dir == str(tmp_path / "results"), small
     with pytest.raises(SystemExit):  # a variant is recipe-only and names what it changes
         rm_accuracy.parse_args(["--variant", "len512", "--recipe_args", "--max_length 512"])
+
+
+def test_stock_reads_each_shape_with_its_prompt(tokenizer):
+    rows = [{"chosen": hh("Name a fruit", "Apple."), "rejected": hh("Name a fruit", "No.")},
+            {"instruction": "Name a fruit", "input": "", "chosen": "Apple.", "rejected": "No."},
+            {"prompt": "Name a fruit. ", "chosen": "Apple.", "rejected": "No."},
+            {"prompt": [{"role": "user", "content": "Name a fruit"}], "chosen": [{"role": "assistant", "content":
+                                                                                  "Apple."}],
+             "rejected": [{"role": "assistant", "content": "No."}]}]
+    texts = [rm_accuracy.stock_text(row, rm_accuracy.ranking_of(row, "row"), tokenizer) for row in rows]
+    assert texts[0] == (rows[0]["chosen"], rows[0]["rejected"])
+    assert texts[1] == ("Name a fruitApple.", "Name a fruitNo.")  # TRL joins prompt and answer as they are
+    assert texts[2] == ("Name a fruit. Apple.", "Name a fruit. No.")
+    assert texts[3][0].endswith("<|im_start|>user\nName a fruit<|im_end|>\n<|im_start|>assistant\nApple.<|im_end|>\n")
