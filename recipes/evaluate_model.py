@@ -17,6 +17,12 @@ A model is `name=path` (a hub id, a directory, a LoRA adapter directory, a `.ggu
     and with `kl_reference` (e.g. sft) the KL to that model on the model's own answers;
 With a reward model: its pairwise accuracy and margin on held-out preference pairs, its mean score of each
 model's answers, and the win-rate of every later model against every earlier one with a 95% Wilson interval.
+With `--judge_model PATH` (a directory or a hub id): the same from a second reward model, e.g. one trained on human
+preferences that none of the models was trained towards (eval_results.json judge_scores, judge_win_rates,
+judge_accuracy on the held-out rows of `judge_preference_dataset`):
+
+    accelerate launch recipes/evaluate_model.py --models sft=outputs/sft ppo=outputs/ppo \
+        --reward_model outputs/reward-model --judge_model outputs/judge --output_dir outputs/eval
 Writes eval_results.json (evaluate.save), samples.md/.jsonl (prompt and every model's answer side by side),
 report.md and PNGs to output_dir.
 """
@@ -29,6 +35,7 @@ from itertools import combinations
 
 import evaluate
 import torch
+from huggingface_hub import snapshot_download
 
 from chatgpt_recipes.cli import run
 from chatgpt_recipes.data.preferences import encode_response, read_rankings, tokenize_rankings
@@ -37,13 +44,13 @@ from chatgpt_recipes.data.sft import tokenize_example
 from chatgpt_recipes.data.sft_split import sft_held_out_rows, split_examples
 from chatgpt_recipes.data.templates import example_prompt, example_prompt_ids, read_stage_info
 from chatgpt_recipes.data.text import load_documents, token_blocks
-from chatgpt_recipes.evaluation.metrics import (answer_logprobs, dataset_perplexity, distinct_n, pairwise_accuracy,
-                                                reward_scores, sample_answers, win_rate)
+from chatgpt_recipes.evaluation.metrics import (answer_token_logprobs, dataset_perplexity, distinct_n, k3_kl,
+                                                pairwise_accuracy, reward_scores, sample_answers, win_rate)
 from chatgpt_recipes.evaluation.reporting import (evaluation_markdown, plot_model_comparison, plot_win_rates,
                                                   write_training_report)
 from chatgpt_recipes.modeling.generation import stop_token_ids
-from chatgpt_recipes.modeling.loading import load_for_inference, load_tokenizer
-from chatgpt_recipes.runtime.errors import ConfigError
+from chatgpt_recipes.modeling.loading import load_for_inference, load_tokenizer, resolve_model_path
+from chatgpt_recipes.runtime.errors import ConfigError, ModelLoadError
 from chatgpt_recipes.runtime.precision import inference_dtype
 from chatgpt_recipes.training.reward import load_reward_model
 
@@ -55,6 +62,14 @@ class EvaluationConfig:
     models: list[str] = field(default_factory=lambda: ["base=smollm2-135m-instruct"],
                               metadata={"help": "name=path of each model, in stage order (base, sft, ppo, ...)."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward model directory: accuracy, win-rates."})
+    judge_model: str | None = field(default=None, metadata={
+        "help": "A second reward model (directory or hub id) that scores every model's answers: per-prompt scores "
+                "(eval_results.json judge_scores), mean score and win-rates by it. Use one no model was trained "
+                "towards, e.g. recipes/reward_model.py on human preferences, or a public reward model on a GPU."})
+    judge_preference_dataset: str | None = field(default=None, metadata={
+        "help": "Preference pairs the judge's accuracy is measured on: the rows its own training held out "
+                "(judge_preference_eval_split_size, seed)."})
+    judge_preference_eval_split_size: float = field(default=50, metadata={"help": "The judge's held-out rankings."})
     output_dir: str = field(default="outputs/eval-smollm2")
     dataset_name: str = field(default="data/alpaca_en_demo.json",
                               metadata={"help": "Instruction set: held-out responses (perplexity) and prompts."})
@@ -72,7 +87,8 @@ class EvaluationConfig:
                                                            "unless its stage_info.json says: alpaca, chat or plain."})
     num_prompts: int = field(default=24, metadata={"help": "Held-out prompts answered by every model."})
     kl_reference: str | None = field(default=None, metadata={
-        "help": "Name of the model (e.g. sft) that every other model's KL is measured to, on its own answers."})
+        "help": "Name of the model (e.g. sft) that every other model's KL is measured to, on its own answers "
+                "(per-token k3 estimate: never negative)."})
     max_new_tokens: int = field(default=64)
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 is greedy."})
     batch_size: int = field(default=8)
@@ -123,8 +139,8 @@ def evaluate_policy(name: str, path: str, index: int, config, eval_examples, pro
     # log p(reference answer | prompt) of each answered prompt, for the race's second judge (None: too long)
     sampled["reference_logprobs"] = [-reference_losses[i] if i in reference_losses else None
                                      for i in range(min(config.num_prompts, len(eval_examples)))]
-    sampled["logprobs"] = answer_logprobs(model, sampled["prompt_ids"], sampled["answer_ids"], tokenizer.pad_token_id,
-                                          config.temperature, config.batch_size)
+    sampled["token_logprobs"] = answer_token_logprobs(model, sampled["prompt_ids"], sampled["answer_ids"],
+                                                      tokenizer.pad_token_id, config.temperature, config.batch_size)
     print(f"[{name}] perplexity {row['perplexity']:.3f}, distinct-1 {row['distinct_1']:.3f}, distinct-2 "
           f"{row['distinct_2']:.3f}, token entropy {row['token_entropy']:.3f}", flush=True)
     del model
@@ -133,8 +149,9 @@ def evaluate_policy(name: str, path: str, index: int, config, eval_examples, pro
 
 
 def kl_to_reference(config, models: dict, samples: dict, device) -> dict[str, float]:
-    """Each model's mean KL to the reference model on its own sampled answers (k1: log p_model - log p_ref,
-    summed over answer tokens, at the sampling temperature); the reference is loaded once more for it."""
+    """Each model's mean KL to the reference model on its own sampled answers to the held-out prompts, in nats
+    per answer: the per-token k3 estimate (metrics.k3_kl, never below zero) summed over the answer's tokens, at the
+    sampling temperature; the reference is loaded once more for it."""
     tokenizer, reference = load_for_inference(models[config.kl_reference],
                                               dtype=inference_dtype(config.dtype, config.use_cpu))
     reference.to(device)
@@ -143,14 +160,55 @@ def kl_to_reference(config, models: dict, samples: dict, device) -> dict[str, fl
         if name == config.kl_reference:
             continue
         sampled = samples[name]
-        reference_logprobs = answer_logprobs(reference, sampled["prompt_ids"], sampled["answer_ids"],
-                                             tokenizer.pad_token_id, config.temperature, config.batch_size)
-        differences = [own - ref for own, ref in zip(sampled["logprobs"], reference_logprobs)]
-        kls[name] = sum(differences) / len(differences)
+        reference_logprobs = answer_token_logprobs(reference, sampled["prompt_ids"], sampled["answer_ids"],
+                                                   tokenizer.pad_token_id, config.temperature, config.batch_size)
+        per_answer = [k3_kl(own, ref) for own, ref in zip(sampled["token_logprobs"], reference_logprobs)]
+        kls[name] = sum(per_answer) / len(per_answer)
         print(f"[{name}] KL to {config.kl_reference}: {kls[name]:.3f} nats per answer", flush=True)
     del reference
     gc.collect()
     return kls
+
+
+def local_reward_model(name: str) -> str:
+    """A reward model's directory: as given, or a hub id's snapshot (safetensors and tokenizer files only)."""
+    path = resolve_model_path(name)
+    if os.path.isdir(path):
+        return path
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as error:  # offline, unknown id, gated: one line naming the model
+        raise ModelLoadError(f"reward model '{name}': not a local directory, and the hub gave no snapshot of it "
+                             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+
+
+def score_answers(config, reward_model_name: str, preference_dataset: str | None, eval_split_size: float,
+                  prompt_examples: list[dict], answers: dict[str, list[str]], device) -> tuple[dict | None, dict]:
+    """A reward model's pairwise accuracy on the held-out rows of `preference_dataset` (None without one) and its
+    score of every model's answer to each prompt, the prompt rendered for its tokenizer and in its prompt format."""
+    path = local_reward_model(reward_model_name)
+    tokenizer = load_tokenizer(path)
+    reward_model = load_reward_model(path, inference_dtype(config.dtype, config.use_cpu)).to(device)  # centred
+    prompt_format = read_stage_info(path).get("prompt_format", config.prompt_format)
+    accuracy = None
+    if preference_dataset:
+        rankings = read_rankings(read_rows(preference_dataset), preference_dataset)
+        _, held_out = split_train_eval(rankings, eval_split_size, config.seed)
+        pairs, _ = tokenize_rankings(held_out, tokenizer, prompt_format, None,  # no length cut: any pair
+                                     preference_dataset + " (held-out)")
+        chosen = reward_scores(reward_model, [p["chosen_ids"] for p in pairs], tokenizer.pad_token_id,
+                               config.batch_size)
+        rejected = reward_scores(reward_model, [p["rejected_ids"] for p in pairs], tokenizer.pad_token_id,
+                                 config.batch_size)
+        accuracy = pairwise_accuracy(chosen, rejected)
+    scores = {}
+    for name, model_answers in answers.items():
+        sequences = [example_prompt_ids(example, tokenizer) + encode_response(answer, tokenizer, prompt_format)
+                     for example, answer in zip(prompt_examples, model_answers)]
+        scores[name] = reward_scores(reward_model, sequences, tokenizer.pad_token_id, config.batch_size)
+    del reward_model
+    gc.collect()
+    return accuracy, scores
 
 
 def main(config: EvaluationConfig):
@@ -185,32 +243,31 @@ def main(config: EvaluationConfig):
         for name, kl in kl_to_reference(config, models, samples, device).items():
             results["models"][name]["kl_to_reference"] = kl
 
-    # Reward model: accuracy on held-out preferences, scores of every model's answers, win-rates
+    # Reward model, then the judge: accuracy on held-out preferences, scores of every model's answers, win-rates
     if config.reward_model:
-        rm_tokenizer = load_tokenizer(config.reward_model)
-        reward_model = load_reward_model(config.reward_model, inference_dtype(config.dtype, config.use_cpu)).to(device)  # centred
-        prompt_format = read_stage_info(config.reward_model).get("prompt_format", config.prompt_format)
-        if config.preference_dataset:
-            rankings = read_rankings(read_rows(config.preference_dataset), config.preference_dataset)
-            _, held_out = split_train_eval(rankings, config.preference_eval_split_size, config.seed)
-            pairs, _ = tokenize_rankings(held_out, rm_tokenizer, prompt_format, None,  # no length cut: any pair
-                                         config.preference_dataset + " (held-out)")
-            chosen = reward_scores(reward_model, [p["chosen_ids"] for p in pairs], rm_tokenizer.pad_token_id,
-                                   config.batch_size)
-            rejected = reward_scores(reward_model, [p["rejected_ids"] for p in pairs], rm_tokenizer.pad_token_id,
-                                     config.batch_size)
-            results["reward_model_accuracy"] = pairwise_accuracy(chosen, rejected)
-            print(f"[reward model] held-out accuracy {results['reward_model_accuracy']['accuracy']:.1%}", flush=True)
-        scores = {}
+        accuracy, scores = score_answers(config, config.reward_model, config.preference_dataset,
+                                         config.preference_eval_split_size, prompt_examples, answers, device)
+        if accuracy:
+            results["reward_model_accuracy"] = accuracy
+            print(f"[reward model] held-out accuracy {accuracy['accuracy']:.1%}", flush=True)
         for name in models:
-            sequences = [example_prompt_ids(example, rm_tokenizer) + encode_response(answer, rm_tokenizer, prompt_format)
-                         for example, answer in zip(prompt_examples, answers[name])]
-            scores[name] = reward_scores(reward_model, sequences, rm_tokenizer.pad_token_id, config.batch_size)
             results["models"][name]["rm_score_mean"] = sum(scores[name]) / len(scores[name])
-        results["reward_scores"] = scores  # per answered prompt: the race's first judge
+        results["reward_scores"] = scores  # per answered prompt: the race's reward-model judge
         for earlier, later in combinations(models, 2):
             results["win_rates"][f"{later} vs {earlier}"] = win_rate(scores[later], scores[earlier])
-        del reward_model
+    if config.judge_model:
+        accuracy, scores = score_answers(config, config.judge_model, config.judge_preference_dataset,
+                                         config.judge_preference_eval_split_size, prompt_examples, answers, device)
+        results["judge_model"] = config.judge_model
+        if accuracy:
+            results["judge_accuracy"] = accuracy
+            print(f"[judge] held-out accuracy {accuracy['accuracy']:.1%} on {config.judge_preference_dataset}",
+                  flush=True)
+        for name in models:
+            results["models"][name]["judge_score_mean"] = sum(scores[name]) / len(scores[name])
+        results["judge_scores"] = scores
+        results["judge_win_rates"] = {f"{later} vs {earlier}": win_rate(scores[later], scores[earlier])
+                                      for earlier, later in combinations(models, 2)}
 
     # Save: results (with evaluate's run metadata), side-by-side samples, report with plots
     os.makedirs(config.output_dir, exist_ok=True)

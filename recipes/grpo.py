@@ -40,6 +40,9 @@ class GRPORecipeConfig(RLPromptArguments, NumProcArguments, TimeBudgetArguments,
 
     reward_model_path: str = field(default="outputs/rm-smollm2-dpo-demo",
                                    metadata={"help": "Output dir of recipes/reward_model.py."})
+    missing_eos_penalty: float | None = field(default=None, metadata={
+        "help": "Subtracted from the reward of an answer cut off at max_completion_length (no end-of-answer token), "
+                "as PPO's missing_eos_penalty: the race gives every online method the same (recipes/pipeline.py)."})
     rule_rewards: list[str] = field(default_factory=list, metadata={
         "help": "Rule rewards added to the reward model's, by name: length_penalty (-answer tokens / "
                 "max_completion_length), format_check (1 for a non-empty answer ending with EOS). reward_weights "
@@ -65,7 +68,9 @@ def main(config: GRPORecipeConfig, model_args: ModelArguments):
     # TRL's GRPO stops generation and ends the completion mask at its tokenizer's EOS: given the token that ends an
     # answer as EOS, it stops where SFT taught the policy to (a chat model's end of turn), and so does format_check
     answers_tokenizer = tokenizer_ending_answers(tokenizer, config.prompt_format)
-    reward_funcs = [reward_model_function(reward_model, tokenizer, config.prompt_format),
+    reward_funcs = [reward_model_function(reward_model, tokenizer, config.prompt_format,
+                                          missing_eos_penalty=config.missing_eos_penalty,
+                                          answer_end_id=answer_end_token_id(tokenizer, config.prompt_format)),
                     *[make(answers_tokenizer, config.max_completion_length) for make in rule_rewards]]
     reward_funcs = logging_group_spread(reward_funcs, config.reward_weights, config.num_generations)
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=config, train_dataset=train_dataset,
@@ -81,7 +86,7 @@ def main(config: GRPORecipeConfig, model_args: ModelArguments):
     metrics.update({f"{key}_after": value for key, value in after.items()})
     metrics["steps"], metrics["reward_model_eval_accuracy"] = trainer.state.global_step, rm_info.get("eval_accuracy")
     metrics.update(kl_coef=config.beta, num_generations=config.num_generations, loss_type=config.loss_type,
-                   rule_rewards=config.rule_rewards)
+                   rule_rewards=config.rule_rewards, missing_eos_penalty=config.missing_eos_penalty)
 
     # Save: the policy merged into one plain model, tokenizer, metrics, report
     save_aligned_policy(trainer, trainer.model, config, model_args, tokenizer, "grpo", reward_path, metrics,

@@ -38,8 +38,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import yaml
+
 from chatgpt_recipes.cli import run
-from chatgpt_recipes.evaluation.race import RACE_METHODS, check_equal_budgets, generation_budget, write_race
+from chatgpt_recipes.evaluation.race import (ONLINE, RACE_METHODS, check_equal_budgets, check_same_reward,
+                                             generation_budget, write_race)
 from chatgpt_recipes.evaluation.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
 from chatgpt_recipes.runtime.config import RECIPES_DIR
 from chatgpt_recipes.runtime.errors import ConfigError
@@ -48,7 +52,14 @@ from chatgpt_recipes.training.time_budget import budget_stop
 DONE, STARTED, SUMMARY = "STAGE_DONE.json", "STAGE_STARTED.json", "summary.json"
 SCRIPTS = {"self_instruct": "self_instruct.py", "pretrain": "pretrain.py", "sft": "sft_lora.py",
            "comparisons": "comparison_data.py", "reward_model": "reward_model.py", "ppo": "ppo.py",
-           "ppo_ptx": "ppo.py", "rloo": "rloo.py", "grpo": "grpo.py", "dpo": "dpo.py", "evaluate": "evaluate_model.py"}
+           "ppo_ptx": "ppo.py", "rloo": "rloo.py", "grpo": "grpo.py", "dpo": "dpo.py", "judge": "reward_model.py",
+           "evaluate": "evaluate_model.py"}
+# Each recipe's own YAML (its `run(...)` default), under which a stage's options apply: the race reads budgets and
+# the judge's data from the two together
+RECIPE_YAMLS = {"sft": "sft/smollm2_alpaca_lora.yaml", "ppo": "ppo/smollm2_alpaca_lora.yaml", "ppo_ptx": "ppo/smollm2_alpaca_lora.yaml",
+                "rloo": "rloo/smollm2_alpaca_lora.yaml", "grpo": "grpo/smollm2_alpaca_lora.yaml",
+                "dpo": "dpo/smollm2_dpo_demo_lora.yaml", "reward_model": "reward/smollm2_dpo_demo_lora.yaml",
+                "judge": "reward/smollm2_dpo_demo_lora.yaml"}
 POLICIES = RACE_METHODS  # stages whose output is an aligned policy: ppo, ppo_ptx, rloo, grpo, dpo
 RL_STAGES = ("ppo", "ppo_ptx", "rloo", "grpo")  # sample prompts and optimise the reward model
 
@@ -77,7 +88,17 @@ class PipelineConfig:
     grpo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/grpo.py (YAML only)."})
     dpo: dict = field(default_factory=dict, metadata={"help": "Options of recipes/dpo.py (YAML only); it trains on "
                       "the comparison data when that stage runs."})
+    judge: dict = field(default_factory=dict, metadata={"help": "Options of recipes/reward_model.py for the race's "
+                        "judge: a second reward model, from base_model, on human preference data no other stage "
+                        "trains on (its recipe YAML's data/dpo_en_demo.json unless set); never the comparison data."})
     evaluate: dict = field(default_factory=dict, metadata={"help": "Options of recipes/evaluate_model.py."})
+    judge_model: str | None = field(default=None, metadata={"help": "A reward model (directory or hub id) that "
+                                    "judges every model's answers in the evaluation instead of the judge stage's, "
+                                    "e.g. a public reward model on a GPU machine."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the reward of an "
+                                              "answer that does not end within its length cap, in every online RL "
+                                              "stage alike (PPO's own option; RLOO and GRPO apply it in their reward "
+                                              "function); 0: no penalty; null: each stage's own. The race needs it."})
     use_cpu: bool = field(default=False, metadata={"help": "Run every stage on the CPU."})
     race: bool = field(default=False, metadata={"help": "After the evaluation, race the policy stages (ppo, "
                        "ppo_ptx, rloo, grpo, dpo) against SFT with two judges: race.md/.json/.png "
@@ -100,12 +121,14 @@ def stage_paths(config: PipelineConfig) -> dict[str, dict]:
               "comparisons": {"model_name_or_path": sft},
               "reward_model": {"model_name_or_path": sft, "dataset_name": comparisons},
               "ppo": {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")},
-              "dpo": {"model_name_or_path": sft, "dataset_name": comparisons}}
+              "dpo": {"model_name_or_path": sft, "dataset_name": comparisons},
+              "judge": {"model_name_or_path": base}}
     for stage in RL_STAGES:
         wiring[stage] = {"model_name_or_path": sft, "reward_model_path": out.get("reward_model")}
     models = [f"base={base}"] + ([f"sft={sft}"] if "sft" in out else []) + [f"{s}={out[s]}" for s in POLICIES
                                                                              if s in out]
-    wiring["evaluate"] = {"models": models, "reward_model": out.get("reward_model")}
+    wiring["evaluate"] = {"models": models, "reward_model": out.get("reward_model"),
+                          "judge_model": config.judge_model or out.get("judge")}
     return {stage: {**{k: v for k, v in wiring[stage].items() if v is not None}, "output_dir": out[stage]}
             for stage in config.stages}
 
@@ -126,9 +149,50 @@ def derived_defaults(config: PipelineConfig, stage: str) -> dict:
                    "kl_reference": "sft" if "sft" in config.stages else None}
         if "comparisons" in config.stages and "reward_model" in config.stages:
             derived["preference_dataset"] = wiring["reward_model"]["dataset_name"]
+        if "judge" in config.stages and not config.judge_model:  # the judge's accuracy on the rows it held out
+            judge = stage_settings(config, "judge")
+            derived.update(judge_preference_dataset=judge.get("dataset_name"),
+                           judge_preference_eval_split_size=judge.get("eval_split_size"))
+    elif stage == "judge":
+        derived = {"seed": sft.get("seed")}  # the evaluation splits the judge's data with this seed too
     else:
         derived = {}
+    if stage in ONLINE and config.missing_eos_penalty is not None:
+        derived["missing_eos_penalty"] = config.missing_eos_penalty
     return {key: value for key, value in derived.items() if value is not None}
+
+
+def stage_settings(config: PipelineConfig, stage: str) -> dict:
+    """A stage's settings as its recipe will see them: its recipe YAML (`config:` in its options, else the recipe's
+    own) under the pipeline's derived options and the stage's options."""
+    options = getattr(config, stage)
+    recipe_yaml = options.get("config") or (RECIPES_DIR / "configs" / RECIPE_YAMLS[stage] if stage in RECIPE_YAMLS
+                                            else None)
+    defaults = yaml.safe_load(Path(recipe_yaml).read_text()) or {} if recipe_yaml else {}
+    derived = derived_defaults(config, stage) if stage != "evaluate" else {}
+    return {**defaults, **derived, **options}
+
+
+def training_data(config: PipelineConfig) -> dict[str, str]:
+    """The data file each stage other than the judge trains on (PPO's and PPO-ptx's pretraining mix included)."""
+    wiring, data = stage_paths(config), {}
+    for stage in config.stages:
+        settings = stage_settings(config, stage) if stage in RECIPE_YAMLS else getattr(config, stage)
+        if stage in ("sft", "reward_model", "dpo"):
+            data[stage] = wiring[stage].get("dataset_name") or settings.get("dataset_name")
+        elif stage in ("ppo", "ppo_ptx") and settings.get("ptx_coef"):
+            data[stage] = settings.get("ptx_dataset_name")
+    return {stage: str(path) for stage, path in data.items() if path}
+
+
+def launcher_processes(config: PipelineConfig) -> int:
+    """How many processes `accelerate launch` gives each stage: the accelerate config's num_processes (1 when it
+    names none), 1 with use_cpu, else one per GPU (accelerate's default without a config file)."""
+    if config.accelerate_config:
+        return int((yaml.safe_load(Path(config.accelerate_config).read_text()) or {}).get("num_processes", 1))
+    if config.use_cpu:
+        return 1
+    return max(torch.cuda.device_count(), 1)
 
 
 def command_line(options: dict) -> list[str]:
@@ -240,7 +304,8 @@ def main(config: PipelineConfig):
     if config.race:
         methods = [stage for stage in config.stages if stage in RACE_METHODS]
         records = {stage: read_marker(Path(wiring[stage]["output_dir"]) / DONE) for stage in methods}
-        budgets = {stage: generation_budget(stage, getattr(config, stage)) for stage in methods}
+        budgets = {stage: generation_budget(stage, stage_settings(config, stage), launcher_processes(config))
+                   for stage in methods}
         start = "sft" if "sft" in config.stages else "base"
         checks["race"] = write_race(Path(config.output_dir), methods, start, budgets, budget, records,
                                     {name: path for name, path in (spec.split("=", 1) for spec in
@@ -253,19 +318,42 @@ def main(config: PipelineConfig):
 
 
 def check_race(config: PipelineConfig) -> dict:
-    """Before any stage runs: the race needs the reward model, two or more policy stages and the evaluation, whose
-    KL is measured to the model they start from (sft, or base without an SFT stage), and its online methods must
-    sample alike. Returns that generation budget."""
+    """Before any stage runs: the race needs the reward model, a judge (the judge stage or judge_model) whose data no
+    stage trains on, two or more policy stages and the evaluation, whose KL is measured to the model they start
+    from (sft, or base without an SFT stage); its online methods must optimise one reward (one treatment of an
+    answer that does not end) and sample alike (answers counted over all processes and iterations). Returns that
+    generation budget."""
     methods = [stage for stage in config.stages if stage in RACE_METHODS]
     needed = [stage for stage in ("reward_model", "evaluate") if stage not in config.stages]
     if needed or len(methods) < 2:
         raise ConfigError(f"race: stages must include reward_model, evaluate and two or more of "
                           f"{list(RACE_METHODS)} (missing {needed or 'policy stages'})")
+    if "judge" not in config.stages and not config.judge_model:
+        raise ConfigError("race: add the judge stage (a reward model on human preferences no stage trains on) to "
+                          "stages, or name a reward model with judge_model")
+    if "judge" in config.stages:
+        judge_data = stage_settings(config, "judge").get("dataset_name")
+        trained_on = [stage for stage, data in training_data(config).items() if data == judge_data]
+        if trained_on:
+            raise ConfigError(f"race: the judge's data {judge_data} is trained on by {trained_on}: give the judge "
+                              "preference data that no stage of the race trains on")
     start = "sft" if "sft" in config.stages else "base"
     if config.evaluate.get("kl_reference", derived_defaults(config, "evaluate").get("kl_reference")) != start:
         raise ConfigError(f"race: set evaluate.kl_reference to {start}, the model the policies start from (the race "
                           "measures their KL to it)")
-    return check_equal_budgets({stage: generation_budget(stage, getattr(config, stage)) for stage in methods})
+    online = [stage for stage in methods if stage in ONLINE]
+    if online and config.missing_eos_penalty is None:
+        raise ConfigError("race: set missing_eos_penalty (0 for none) so that every online method optimises the same "
+                          "reward for an answer that does not end")
+    treatments = {}
+    for stage in online:
+        settings = stage_settings(config, stage)
+        treatments[stage] = {"missing_eos_penalty": settings.get("missing_eos_penalty"),
+                             "mask_truncated_completions": bool(settings.get("mask_truncated_completions", False))}
+    check_same_reward(treatments)
+    processes = launcher_processes(config)
+    return check_equal_budgets({stage: generation_budget(stage, stage_settings(config, stage), processes)
+                                for stage in methods})
 
 
 # What the pipeline's demonstration must show (issue: "RLHF that visibly learns"): a reward model well above chance
@@ -274,8 +362,12 @@ MIN_RM_ACCURACY, MIN_RM_PAIRS, MIN_WIN_RATE, MIN_PROMPTS = 0.65, 100, 0.60, 64
 # A check measures what these stages trained (and, for a policy's checks, the policy stage): one that a time budget
 # stopped early did not do the work the check is sized for, so the check is "not reached" rather than failed.
 UPSTREAM_TRAINING = ("pretrain", "sft", "reward_model")
-KL_COEF_KEYS = {"ppo": ("ppo_results.json", "kl_coef"), "ppo_ptx": ("ppo_results.json", "kl_coef"),
-                "rloo": ("rloo_results.json", "kl_coef"), "grpo": ("grpo_results.json", "kl_coef")}
+# The KL bound holds where the method maximises E[r] - kl_coef * KL on the raw rewards: PPO and RLOO (TRL puts the
+# KL into the reward of both; RLOO with normalize_advantages off, its default). Not for these:
+KL_COEF_KEYS = {"ppo": ("ppo_results.json", "kl_coef"), "rloo": ("rloo_results.json", "kl_coef")}
+KL_BOUND_DOES_NOT_HOLD = {
+    "ppo_ptx": "PPO-ptx adds a language-model loss on other text, so it may move further than its reward gain pays",
+    "grpo": "GRPO divides rewards by the group's spread and puts the KL in the loss, not in the reward"}
 
 
 def pipeline_summary(config: PipelineConfig) -> dict:
@@ -317,7 +409,10 @@ def pipeline_summary(config: PipelineConfig) -> dict:
         if kl is not None and results.get("kl_reference") == "sft":
             summary[f"{policy}_kl_to_sft"] = kl
             stage_results = out / policy / KL_COEF_KEYS.get(policy, ("", ""))[0]
-            kl_coef = json.loads(stage_results.read_text()).get("kl_coef") if stage_results.is_file() else None
+            kl_coef = (json.loads(stage_results.read_text()).get("kl_coef")
+                       if policy in KL_COEF_KEYS and stage_results.is_file() else None)
+            if policy in KL_BOUND_DOES_NOT_HOLD:
+                summary[f"{policy}_kl_bound"] = f"not applied: {KL_BOUND_DOES_NOT_HOLD[policy]}"
             if kl_coef:
                 bound = max(gain, 0.0) / kl_coef
                 summary.update({f"{policy}_kl_coef": kl_coef, f"{policy}_kl_bound": bound})

@@ -36,6 +36,9 @@ class RLOORecipeConfig(RLPromptArguments, NumProcArguments, TimeBudgetArguments,
 
     reward_model_path: str = field(default="outputs/rm-smollm2-dpo-demo",
                                    metadata={"help": "Output dir of recipes/reward_model.py."})
+    missing_eos_penalty: float | None = field(default=None, metadata={
+        "help": "Subtracted from the reward of an answer cut off at max_completion_length (no end-of-answer token), "
+                "as PPO's missing_eos_penalty: the race gives every online method the same (recipes/pipeline.py)."})
 
 
 def main(config: RLOORecipeConfig, model_args: ModelArguments):
@@ -54,8 +57,10 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
         reward_model = load_reward_model(reward_path).to(PartialState().device)
     # TRL's RLOO stops generation and ends the completion mask at its tokenizer's EOS: given the token that ends an
     # answer as EOS, it stops where SFT taught the policy to (a chat model's end of turn)
-    trainer = RLOOTrainer(model=policy, reward_funcs=reward_model_function(reward_model, tokenizer,
-                                                                           config.prompt_format),
+    score = reward_model_function(reward_model, tokenizer, config.prompt_format,
+                                  missing_eos_penalty=config.missing_eos_penalty,
+                                  answer_end_id=answer_end_token_id(tokenizer, config.prompt_format))
+    trainer = RLOOTrainer(model=policy, reward_funcs=score,
                           args=config, train_dataset=train_dataset,
                           processing_class=tokenizer_ending_answers(tokenizer, config.prompt_format),
                           peft_config=lora_config(model_args, policy))
@@ -69,7 +74,7 @@ def main(config: RLOORecipeConfig, model_args: ModelArguments):
     metrics = {f"{key}_before": value for key, value in before.items()}
     metrics.update({f"{key}_after": value for key, value in after.items()})
     metrics["steps"], metrics["reward_model_eval_accuracy"] = trainer.state.global_step, rm_info.get("eval_accuracy")
-    metrics["kl_coef"] = config.beta
+    metrics["kl_coef"], metrics["missing_eos_penalty"] = config.beta, config.missing_eos_penalty
 
     # Save: the policy merged into one plain model, tokenizer, metrics, report
     save_aligned_policy(trainer, trainer.model, config, model_args, tokenizer, "rloo", reward_path, metrics,

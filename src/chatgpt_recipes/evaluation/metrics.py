@@ -179,11 +179,11 @@ def sample_answers(model, tokenizer, prompts: list[str], stop_ids: list[int], ma
 
 
 @torch.no_grad()
-def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_token_id: int,
-                    temperature: float = 1.0, batch_size: int = 8) -> list[float]:
-    """log p(answer | prompt) under `model` at `temperature` (the sum over the answer's tokens), each sequence
-    right-padded; the difference of two models' values on one model's own samples is the k1 estimate of their KL."""
-    totals = [0.0] * len(prompt_ids)
+def answer_token_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_token_id: int,
+                          temperature: float = 1.0, batch_size: int = 8) -> list[list[float]]:
+    """log p(token | prompt, earlier answer tokens) under `model` at `temperature` of each answer token, each
+    sequence right-padded; an empty answer has none."""
+    logprobs_of = [[] for _ in prompt_ids]
     for indices in _batches_by_length([len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)], batch_size):
         batch = [(prompt_ids[i], answer_ids[i]) for i in indices]
         sequences = [p + a for p, a in batch]
@@ -195,8 +195,27 @@ def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[in
             if answer:
                 positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=logits.device)
                 targets = torch.tensor(answer, device=logits.device)
-                totals[index] = logprobs[row, positions, targets].sum().item()
-    return totals
+                logprobs_of[index] = logprobs[row, positions, targets].tolist()
+    return logprobs_of
+
+
+def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_token_id: int,
+                    temperature: float = 1.0, batch_size: int = 8) -> list[float]:
+    """log p(answer | prompt) under `model` at `temperature`: the sum over the answer's tokens."""
+    return [sum(tokens) for tokens in answer_token_logprobs(model, prompt_ids, answer_ids, pad_token_id, temperature,
+                                                            batch_size)]
+
+
+def k3_kl(own_logprobs: list[float], reference_logprobs: list[float]) -> float:
+    """KL(policy || reference) of one answer sampled from the policy, estimated per token with Schulman's k3,
+    (r - 1) - log r with r = p_ref / p_policy, summed over the answer's tokens. Each term is >= 0 (log r <= r - 1),
+    so unlike k1 (log p - log p_ref, whose mean over few answers can go negative) the estimate never reads as
+    negative; it is unbiased for the KL of each token's distribution given the tokens before it."""
+    if len(own_logprobs) != len(reference_logprobs):
+        raise ValueError(f"one log-probability per answer token from both models (got {len(own_logprobs)} and "
+                         f"{len(reference_logprobs)})")
+    log_ratios = torch.tensor(reference_logprobs, dtype=torch.float64) - torch.tensor(own_logprobs, dtype=torch.float64)
+    return (torch.expm1(log_ratios) - log_ratios).sum().item()
 
 
 @torch.no_grad()

@@ -150,14 +150,24 @@ def load_value_model(path: str, model_args):
     return compat.value_model_for_trl_ppo(adapted)
 
 
-def reward_model_function(reward_model, tokenizer, prompt_format: str, batch_size: int = 8):
+def reward_model_function(reward_model, tokenizer, prompt_format: str, batch_size: int = 8,
+                          missing_eos_penalty: float | None = None, answer_end_id: int | None = None):
     """A TRL reward function that scores exactly the tokens PPO would: tokens(prompt) + the generated ids up to
     and including EOS. (Given the model itself, RLOOTrainer decodes completions with special tokens skipped and
-    re-tokenises the text, so the EOS the reward model reads its score at would be missing.)"""
+    re-tokenises the text, so the EOS the reward model reads its score at would be missing.) With
+    `missing_eos_penalty`, an answer whose last id is not `answer_end_id` (cut off at the length cap) loses that
+    much, as TRL's PPO does with its own missing_eos_penalty, so that RLOO and GRPO optimise PPO's reward."""
+    if missing_eos_penalty is not None and answer_end_id is None:
+        raise ValueError("missing_eos_penalty needs the id of the token that ends an answer")
+
     def reward_model_score(prompts, completions, completion_ids, **kwargs):
         sequences = [encode_prompt(prompt, tokenizer, prompt_format) + list(ids)
                      for prompt, ids in zip(prompts, completion_ids)]
-        return reward_scores(reward_model, sequences, tokenizer.pad_token_id, batch_size)
+        scores = reward_scores(reward_model, sequences, tokenizer.pad_token_id, batch_size)
+        if missing_eos_penalty is None:
+            return scores
+        return [score - missing_eos_penalty * (not ids or ids[-1] != answer_end_id)
+                for score, ids in zip(scores, completion_ids)]
 
     return reward_model_score
 
