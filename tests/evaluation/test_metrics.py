@@ -123,3 +123,23 @@ def test_sampled_answers_stop_at_eos_and_entropy_counts_answer_tokens(tiny_llama
     assert greedy["answers"] == again["answers"]  # left padding does not change a greedy answer
     assert all(len(ids) <= 6 and tokenizer.eos_token_id not in ids for ids in greedy["answer_ids"])
     assert 0 < greedy["token_entropy"] <= math.log(len(tokenizer)) + 1e-4
+
+
+def test_k3_kl_is_never_negative_and_averages_to_the_exact_kl():
+    """Tokens drawn from p, scored by p and q: per answer, k1 (the summed log-ratio) goes negative on many answers
+    while k3 never does, and k3's mean over answers matches the exact KL(p || q) per token times the answer length."""
+    from chatgpt_recipes.evaluation.metrics import k3_kl
+
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(6), 0)
+    q = torch.softmax(torch.randn(6), 0)
+    exact = (p * (p / q).log()).sum().item()
+    answers = torch.multinomial(p, 4000 * 5, replacement=True).view(4000, 5)
+    k3 = [k3_kl(p.log()[a].tolist(), q.log()[a].tolist()) for a in answers]
+    k1 = [(p.log()[a] - q.log()[a]).sum().item() for a in answers]
+    assert min(k3) >= 0.0 and sum(value < 0 for value in k1) > 100
+    spread = torch.tensor(k3).std().item() / len(k3) ** 0.5
+    assert abs(sum(k3) / len(k3) - 5 * exact) < 4 * spread
+    assert k3_kl([-1.0, -2.0], [-1.0, -2.0]) == 0.0
+    with pytest.raises(ValueError, match="one log-probability per answer token"):
+        k3_kl([-1.0], [-1.0, -2.0])

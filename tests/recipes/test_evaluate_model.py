@@ -135,3 +135,31 @@ def test_reference_logprobs_are_each_answers_log_likelihood_and_none_where_too_l
     too_long = [i for i, t in enumerate(tokenized) if len(t["input_ids"]) > 160]
     assert scored and too_long and sorted(set(range(len(tokenized))) - set(scored)) == too_long
     assert [recorded[i] for i in scored] == pytest.approx([recomputed[i] for i in scored], rel=1e-3)
+
+
+def test_judge_model_scores_every_models_answers_and_its_held_out_accuracy(tmp_path, tiny_llama_dir,
+                                                                           tiny_reward_model):
+    """`--judge_model PATH`: a second reward model scores each model's answers (judge_scores, the race's judge) and
+    its accuracy is measured on the held-out rows of its own preference data; recomputed here from the model."""
+    from transformers import AutoModelForSequenceClassification
+
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps(PREFERENCES))
+    results = run(tmp_path, models=[f"a={tiny_llama_dir}", f"b={tiny_llama_dir}"], judge_model=tiny_reward_model,
+                  judge_preference_dataset=str(data), judge_preference_eval_split_size=6, num_prompts=4,
+                  kl_reference="a")
+    tokenizer = load_tokenizer(tiny_reward_model)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
+    _, held_out = split_train_eval(PREFERENCES, 6, 42)
+    margins = [independent_score(model, tokenizer, r["prompt"], r["chosen"])
+               - independent_score(model, tokenizer, r["prompt"], r["rejected"]) for r in held_out]
+    assert results["judge_accuracy"]["pairs"] == 6
+    assert results["judge_accuracy"]["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 6)
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    for name in ("a", "b"):
+        expected = [independent_score(model, tokenizer, row["prompt"], row[name]) - 0.25 for row in samples]  # offset
+        assert results["judge_scores"][name] == pytest.approx(expected, abs=1e-4)
+    assert results["judge_win_rates"]["b vs a"]["n"] == 4 and results["judge_model"] == tiny_reward_model
+    assert "reward_scores" not in results  # no reward model given: the judge alone
+    # the same weights sampled with another seed: the per-token k3 KL of identical distributions is exactly 0
+    assert results["models"]["b"]["kl_to_reference"] == 0.0

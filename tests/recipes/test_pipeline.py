@@ -148,26 +148,62 @@ def test_the_race_refuses_unequal_budgets_and_quick_applies_its_options(tmp_path
 
     from chatgpt_recipes.runtime.errors import ConfigError
 
-    stages = ["sft", "reward_model", "ppo", "grpo", "evaluate"]
+    stages = ["sft", "reward_model", "judge", "ppo", "grpo", "evaluate"]
+    race = dict(output_dir=str(tmp_path / "run"), race=True, missing_eos_penalty=1.0,
+                reward_model={"dataset_name": "pairs.jsonl"})  # not the judge's data/dpo_en_demo.json
     with pytest.raises(ConfigError, match="set evaluate.kl_reference to base"):
-        main(PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages[1:], race=True))
-    unequal = PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages, race=True,
-                             ppo={"total_episodes": 8, "response_length": 6},
+        main(PipelineConfig(stages=stages[1:], **race))
+    unequal = PipelineConfig(stages=stages, **race, ppo={"total_episodes": 8, "response_length": 6},
                              grpo={"max_steps": 2, "per_device_train_batch_size": 4, "max_completion_length": 8})
     with pytest.raises(ConfigError, match=r"same number of answers.*'ppo': \(8, 6\), 'grpo': \(8, 8\)"):
         main(unequal)
-    with pytest.raises(ConfigError, match=r"grpo must set \['max_completion_length'\]"):
-        main(PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages, race=True,
-                            ppo={"total_episodes": 8, "response_length": 6},
-                            grpo={"max_steps": 2, "per_device_train_batch_size": 4}))
-    quick = PipelineConfig(output_dir=str(tmp_path / "run"), stages=stages, race=True, quick=True,
-                           ppo={"total_episodes": 8, "response_length": 6},
+    # equal on one process; on two (accelerate_configs/cpu.yaml) GRPO's processes each sample their own batch, while
+    # PPO's total_episodes is global
+    equal = dict(ppo={"total_episodes": 8, "response_length": 6, "per_device_train_batch_size": 4},
+                 grpo={"max_steps": 2, "per_device_train_batch_size": 4, "max_completion_length": 6})
+    with pytest.raises(ConfigError, match=r"'ppo': \(8, 6\), 'grpo': \(16, 6\)"):
+        main(PipelineConfig(stages=stages, **race, **equal,
+                            accelerate_config=str(REPO / "accelerate_configs" / "cpu.yaml")))
+    quick = PipelineConfig(stages=stages, **race, quick=True, ppo={"total_episodes": 8, "response_length": 6},
                            grpo={"max_steps": 2, "per_device_train_batch_size": 4, "max_completion_length": 8},
                            quick_options={"grpo": {"max_completion_length": 6}, "ppo": {"total_episodes": 4}})
     with pytest.raises(ConfigError, match=r"'ppo': \(4, 6\), 'grpo': \(8, 6\)"):  # the quick options were applied
         main(quick)
     assert quick.output_dir == str(tmp_path / "run") + "-quick"
     assert not (tmp_path / "run").exists() and not (tmp_path / "run-quick").exists()  # refused before any stage
+
+
+def test_the_race_refuses_unequal_rewards_and_a_judge_trained_towards(tmp_path):
+    """One treatment of an answer that does not end, set once for the pipeline (PPO's recipe YAML sets
+    missing_eos_penalty 1.0, RLOO's and GRPO's none, so the race must set it); a judge whose data a stage trains on
+    is refused, and so is a race without a judge."""
+    from pipeline import PipelineConfig, derived_defaults, main
+
+    from chatgpt_recipes.runtime.errors import ConfigError
+
+    stages = ["sft", "reward_model", "judge", "ppo", "rloo", "evaluate"]
+    budgets = dict(ppo={"total_episodes": 8, "response_length": 6, "per_device_train_batch_size": 4},
+                   rloo={"max_steps": 2, "per_device_train_batch_size": 4, "max_completion_length": 6})
+    race = dict(output_dir=str(tmp_path / "run"), race=True, stages=stages, **budgets,
+                reward_model={"dataset_name": "pairs.jsonl"})
+    with pytest.raises(ConfigError, match="set missing_eos_penalty"):
+        main(PipelineConfig(**race))
+    with pytest.raises(ConfigError, match=r"one reward.*'rloo': \{'missing_eos_penalty': 1.0, 'mask_truncated_completions': True\}"):
+        main(PipelineConfig(**{**race, "rloo": {**budgets["rloo"], "mask_truncated_completions": True}},
+                            missing_eos_penalty=1.0))
+    with pytest.raises(ConfigError, match=r"one reward.*'ppo': \{'missing_eos_penalty': 0.5, "
+                                          r"'mask_truncated_completions': False\}"):
+        main(PipelineConfig(**{**race, "ppo": {**budgets["ppo"], "missing_eos_penalty": 0.5}},
+                            missing_eos_penalty=1.0))
+    same = PipelineConfig(**race, missing_eos_penalty=0.0)
+    assert derived_defaults(same, "rloo")["missing_eos_penalty"] == derived_defaults(same, "ppo")[
+        "missing_eos_penalty"] == 0.0
+    # the reward model's recipe YAML trains on data/dpo_en_demo.json when no comparisons stage replaces it
+    with pytest.raises(ConfigError, match=r"judge's data data/dpo_en_demo.json is trained on by \['reward_model'\]"):
+        main(PipelineConfig(**{**race, "reward_model": {}}, missing_eos_penalty=0.0))
+    with pytest.raises(ConfigError, match="add the judge stage"):
+        main(PipelineConfig(**{**race, "stages": [s for s in stages if s != "judge"]}, missing_eos_penalty=1.0))
+    assert not (tmp_path / "run").exists()  # refused before any stage
 
 
 def test_a_check_on_a_stage_its_time_budget_stopped_is_not_reached_rather_than_failed(tmp_path):
