@@ -11,7 +11,7 @@ A model is `name=path` (a hub id, a directory, a LoRA adapter directory, a `.ggu
   - perplexity on the responses of the held-out instructions: the rows SFT held out (its sft_split.json) and the
     same masked tokens as SFT (chatgpt_recipes.data.sft.tokenize_example), and optionally on plain
     held-out text (`text_dataset`, blocks cut as pretraining cuts them); per answered prompt, the log-likelihood
-    of its reference answer (eval_results.json `reference_logprobs`, the race's second judge);
+    of its reference answer (eval_results.json `reference_logprobs`, the race's reference-likelihood column);
   - answers sampled for the first `num_prompts` held-out prompts: distinct-1/2, mean length, the mean per-token
     entropy of the distributions the tokens were drawn from (whether RLHF lowered the diversity of the answers),
     and with `kl_reference` (e.g. sft) the KL to that model on the model's own answers;
@@ -136,7 +136,7 @@ def evaluate_policy(name: str, path: str, index: int, config, eval_examples, pro
                token_entropy=sampled["token_entropy"],
                answer_words=sum(len(a.split()) for a in sampled["answers"]) / len(sampled["answers"]),
                answer_tokens=sum(len(a) for a in sampled["answer_ids"]) / len(sampled["answer_ids"]))
-    # log p(reference answer | prompt) of each answered prompt, for the race's second judge (None: too long)
+    # log p(reference answer | prompt) of each answered prompt, for the race's reference likelihood (None: too long)
     sampled["reference_logprobs"] = [-reference_losses[i] if i in reference_losses else None
                                      for i in range(min(config.num_prompts, len(eval_examples)))]
     sampled["token_logprobs"] = answer_token_logprobs(model, sampled["prompt_ids"], sampled["answer_ids"],

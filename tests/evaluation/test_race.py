@@ -31,7 +31,8 @@ def written_evaluation(tmp_path, scores: dict, judge: dict | None, likelihoods: 
               for i, name in enumerate(scores)}
     results = {"models": models, "reward_scores": scores, "reference_logprobs": likelihoods,
                "reward_model_accuracy": accuracy(rm_accuracy),
-               "win_rates": {f"{name} vs sft": win_rate(scores[name], scores["sft"]) for name in scores if name != "sft"}}
+               "win_rates": {f"{name} vs sft": win_rate(scores[name], scores["sft"])
+                             for name in scores if name != "sft"}}
     if judge is not None:
         results.update(judge_scores=judge, judge_model="outputs/judge", judge_accuracy=accuracy(judge_accuracy, 50))
     (tmp_path / "evaluate").mkdir()
@@ -56,7 +57,8 @@ def test_each_row_is_its_own_methods_and_the_flags_follow_the_scores(tmp_path):
     assert len(ppo["reward_hacking_flags"]) == 2  # longer than 1.5x, and better by the reward model only
     assert dpo["verdicts"] == {"reward_model": "better", "judge": "better", "reference_likelihood": "better"}
     assert dpo["prompts_rm_and_judge_disagree"] == 0.0
-    assert dpo["reward_hacking_flags"] == [] and dpo["win_rates_vs_start"]["reference_likelihood"]["wins"] == PROMPTS - 1
+    assert dpo["reward_hacking_flags"] == []
+    assert dpo["win_rates_vs_start"]["reference_likelihood"]["wins"] == PROMPTS - 1
     assert (ppo["run"], ppo["stage_fingerprint"], ppo["wall_minutes"]) == (str(tmp_path / "ppo"), "f-ppo", 2.0)
     assert dpo["distinct_2"] == 0.7 and dpo["kl_to_start"] == 0.2  # the third model's entries, not the first's
     assert summary["methods"]["ppo"]["reward_hacking_suspected"] and not summary["methods"]["dpo"][

@@ -188,7 +188,8 @@ def test_the_race_refuses_unequal_rewards_and_a_judge_trained_towards(tmp_path):
                 reward_model={"dataset_name": "pairs.jsonl"})
     with pytest.raises(ConfigError, match="set missing_eos_penalty"):
         main(PipelineConfig(**race))
-    with pytest.raises(ConfigError, match=r"one reward.*'rloo': \{'missing_eos_penalty': 1.0, 'mask_truncated_completions': True\}"):
+    with pytest.raises(ConfigError, match=r"one reward.*'rloo': \{'missing_eos_penalty': 1.0, "
+                                          r"'mask_truncated_completions': True\}"):
         main(PipelineConfig(**{**race, "rloo": {**budgets["rloo"], "mask_truncated_completions": True}},
                             missing_eos_penalty=1.0))
     with pytest.raises(ConfigError, match=r"one reward.*'ppo': \{'missing_eos_penalty': 0.5, "

@@ -197,7 +197,8 @@ def race_markdown(rows: dict, start: str, results: dict, budget: dict, machine: 
     for method, row in rows.items():
         budget_cell = (f"{row['generation_budget']['answers']} / {row['generation_budget']['prompts']}"
                        if row["generation_budget"]["answers"] else "0 (comparison pairs)")
-        differ = "–" if row["prompts_rm_and_judge_disagree"] is None else f"{row['prompts_rm_and_judge_disagree']:.0%}"
+        disagree = row["prompts_rm_and_judge_disagree"]
+        differ = "–" if disagree is None else f"{disagree:.0%}"
         lines.append(
             f"| {method} | {budget_cell} | {cell(row, 'reward_model')} | {cell(row, 'judge')} | "
             f"{cell(row, 'reference_likelihood')} | {differ} | {number(row['rm_score_mean'], '+.3f')} | "
@@ -213,10 +214,10 @@ def plot_race(rows: dict, start: str, path: str) -> None:
 
     methods = list(rows)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.9 + 0.6 * len(methods) + 2))
-    judges = [(key, label) for key, label in [("reward_model", "reward model (optimised by the online methods)"),
-                                              ("judge", "judge (human preferences, optimised by none)"),
-                                              ("reference_likelihood", "reference likelihood (DPO, RM trained towards)")]
-              if key in rows[methods[0]]["win_rates_vs_start"]]
+    labels = {"reward_model": "reward model (optimised by the online methods)",
+              "judge": "judge (optimised by no method)",
+              "reference_likelihood": "reference likelihood (DPO, RM trained towards)"}
+    judges = [(key, label) for key, label in labels.items() if key in rows[methods[0]]["win_rates_vs_start"]]
     height = 0.8 / len(judges)
     for offset, (key, label) in enumerate(judges):
         wins = [rows[m]["win_rates_vs_start"][key] for m in methods]
