@@ -14,11 +14,13 @@ recipe YAML) plus the paths that chain the stages, which the pipeline sets: ever
 `<output_dir>/<stage>/`, SFT starts from `base_model` (or the pretrain output), the comparison data samples the
 SFT output, the reward model starts from the SFT output (and trains on the comparison data when that stage runs),
 PPO/PPO-ptx/RLOO/GRPO start from the SFT output with that reward model, DPO from the SFT output (on the comparison
-data when that stage runs), and the evaluation compares base, SFT and each RL policy, judged by the reward model.
-With `race: true` (recipes/configs/pipeline/compare_rl.yaml) the policies are then raced against SFT by two judges
-(chatgpt_recipes/evaluation/race.py: race.md, race.json, race.png, and the reward-hacking flags in summary.json).
-The comparison data, the RL stages and the evaluation hold out the rows SFT held out, so the evaluation's prompts
-were trained on by no stage and never seen by the judge.
+data when that stage runs), the judge (a second reward model) from `base_model` on its own preference data, and
+the evaluation compares base, SFT and each RL policy, judged by the reward model (and by the judge, or `judge_model`).
+With `race: true` (recipes/configs/pipeline/compare_rl.yaml) the policies are then raced against SFT, with one reward
+(`missing_eos_penalty` for every online stage) and one generation budget, by the reward model they optimised, the
+judge none of them optimised, and the reference likelihood (chatgpt_recipes/evaluation/race.py: race.md, race.json,
+race.png, and the reward-hacking flags in summary.json). The comparison data, the RL stages and the evaluation hold
+out the rows SFT held out, so the evaluation's prompts were trained on by no stage and never seen by a reward model.
 At the end, summary.json holds the demonstration's checks (see `pipeline_summary`).
 
 Resuming: a stage that exits cleanly gets a completion marker (STAGE_DONE.json: its command, a fingerprint of its
@@ -94,16 +96,17 @@ class PipelineConfig:
                         "trains on (its recipe YAML's data/dpo_en_demo.json unless set); never the comparison data."})
     evaluate: dict = field(default_factory=dict, metadata={"help": "Options of recipes/evaluate_model.py."})
     judge_model: str | None = field(default=None, metadata={"help": "A reward model (directory or hub id) that "
-                                    "judges every model's answers in the evaluation instead of the judge stage's, "
-                                    "e.g. a public reward model on a GPU machine."})
+                                    "judges every model's answers in the evaluation instead of a judge stage's "
+                                    "(leave judge out of stages), e.g. a public reward model on a GPU machine."})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the reward of an "
                                               "answer that does not end within its length cap, in every online RL "
                                               "stage alike (PPO's own option; RLOO and GRPO apply it in their reward "
                                               "function); 0: no penalty; null: each stage's own. The race needs it."})
     use_cpu: bool = field(default=False, metadata={"help": "Run every stage on the CPU."})
     race: bool = field(default=False, metadata={"help": "After the evaluation, race the policy stages (ppo, "
-                       "ppo_ptx, rloo, grpo, dpo) against SFT with two judges: race.md/.json/.png "
-                       "(chatgpt_recipes.evaluation.race); their generation budgets must be set and equal."})
+                       "ppo_ptx, rloo, grpo, dpo) against SFT by the reward model, the judge and the reference likelihood: "
+                       "race.md/.json/.png (chatgpt_recipes.evaluation.race); their rewards and generation budgets "
+                       "must be equal."})
     quick: bool = field(default=False, metadata={"help": "Apply `quick_options` over the stages' options and write "
                         "to <output_dir>-quick: the YAML's shorter variant."})
     quick_options: dict = field(default_factory=dict, metadata={"help": "Per stage, the options --quick changes "
@@ -332,6 +335,8 @@ def check_race(config: PipelineConfig) -> dict:
     if "judge" not in config.stages and not config.judge_model:
         raise ConfigError("race: add the judge stage (a reward model on human preferences no stage trains on) to "
                           "stages, or name a reward model with judge_model")
+    if "judge" in config.stages and config.judge_model:
+        raise ConfigError(f"race: judge_model ({config.judge_model}) replaces the judge stage: remove judge from stages")
     if "judge" in config.stages:
         judge_data = stage_settings(config, "judge").get("dataset_name")
         trained_on = [stage for stage, data in training_data(config).items() if data == judge_data]
