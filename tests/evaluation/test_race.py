@@ -68,7 +68,7 @@ def test_each_row_is_its_own_methods_and_the_flags_follow_the_scores(tmp_path):
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == ["ppo", "dpo"]
     assert "| ppo | 48 / 48 |" in table and "| dpo | 0 (comparison pairs) |" in table
     assert "reference likelihood (DPO and the reward model are trained towards references)" in table
-    assert "Judge: `outputs/judge`" in table and "70.0% on 50 held-out pairs" in table
+    assert "Judge: `outputs/judge`, which no method optimised" in table and "70.0% on 50 held-out pairs" in table
     assert "inconclusive" not in table and (tmp_path / "race.png").stat().st_size > 10_000
 
 

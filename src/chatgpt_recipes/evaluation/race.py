@@ -164,11 +164,10 @@ def race_header(results: dict, start: str, budget: dict, machine: str) -> list[s
                      f"{MIN_JUDGE_ACCURACY:.0%}): it calls no method better or worse.")
         return line
 
-    lines = [judge_line("Reward model", results.get("reward_model_accuracy"),
-                        "trained on the comparison pairs (reference answers chosen); the online methods optimise it")]
+    lines = [judge_line("Reward model", results.get("reward_model_accuracy"), "optimised by the online methods")]
     if "judge_scores" in results:
         lines.append(judge_line("Judge", results.get("judge_accuracy"),
-                                f"`{results.get('judge_model')}`, no stage of the race trained on its data"))
+                                f"`{results.get('judge_model')}`, which no method optimised"))
     else:
         lines.append("Judge: none (set judge_model or run the judge stage).")
     lines.append(f"Budget: every online method samples {budget['answers']} answers of at most "
