@@ -46,7 +46,7 @@ STEPS=(
 --rounds 1 --tokens 32768 --no_base_eval --json $OUT/sft_throughput_135m.json"
   # the race at GPU size (recipes/configs/pipeline/compare_rl_gpu.yaml), its quick variant on the random-weight
   # 1.7B model: checks that every stage and the race table run on a GPU, not what the race finds
-  "race_gpu_quick|420|python3 recipes/pipeline.py --config recipes/configs/pipeline/compare_rl_gpu.yaml --quick true \
+  "race_gpu_quick|300|python3 recipes/pipeline.py --config recipes/configs/pipeline/compare_rl_gpu.yaml --quick true \
 --base_model $M17 --output_dir $OUT/race-gpu"
 )
 
