@@ -242,6 +242,37 @@ def test_the_race_on_tiny_models_passes_one_penalty_and_judges_with_a_judge_trai
     assert f"Judge: `{out / 'judge'}`" in table and "| grpo | 8 / 2 |" in table
 
 
+def test_the_kl_bound_is_checked_only_where_it_holds(tmp_path):
+    """KL <= reward gain / kl_coef follows for PPO and RLOO on raw rewards; GRPO (rewards divided by the group's
+    spread, KL in the loss) and PPO-ptx (a language-model loss) get no such check, and summary.json says why."""
+    from pipeline import PipelineConfig, pipeline_summary
+
+    from chatgpt_recipes.evaluation.metrics import win_rate
+
+    methods = ["ppo", "ppo_ptx", "rloo", "grpo"]
+    config = PipelineConfig(output_dir=str(tmp_path), stages=["sft", "reward_model", *methods, "evaluate"])
+    sft_scores, policy_scores = [0.0] * 8, [0.1] * 8  # every policy gains 0.1: bound 0.1 / 0.05 = 2 nats
+    results = {"kl_reference": "sft",
+               "win_rates": {f"{m} vs sft": win_rate(policy_scores, sft_scores) for m in methods},
+               "models": {"sft": {"rm_score_mean": 0.0, "answer_tokens": 10.0},
+                          **{m: {"rm_score_mean": 0.1, "answer_tokens": 10.0, "kl_to_reference": 3.0}
+                             for m in methods}}}
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "eval_results.json").write_text(json.dumps(results))
+    for method, results_file in [("ppo", "ppo_results.json"), ("ppo_ptx", "ppo_results.json"),
+                                 ("rloo", "rloo_results.json"), ("grpo", "grpo_results.json")]:
+        (tmp_path / method).mkdir()
+        (tmp_path / method / results_file).write_text(json.dumps({"kl_coef": 0.05}))
+    summary = pipeline_summary(config)
+    checks = {check["name"]: check for check in summary["checks"]}
+    for method in ("ppo", "rloo"):  # 3 nats over a bound of 2: the penalty did not hold them
+        assert summary[f"{method}_kl_bound"] == pytest.approx(2.0) and checks[f"{method}_kl_to_sft"]["passed"] is False
+    for method in ("ppo_ptx", "grpo"):
+        assert f"{method}_kl_to_sft" not in checks and f"{method}_kl_bound" not in summary
+    assert "group's spread" in summary["grpo_kl_bound_not_applied"]
+    assert "language-model loss" in summary["ppo_ptx_kl_bound_not_applied"]
+
+
 def test_a_check_on_a_stage_its_time_budget_stopped_is_not_reached_rather_than_failed(tmp_path):
     """The reward model stopped by max_train_minutes (the record recipes leave): its accuracy check and the
     policy's checks that stand on it are marked not reached, with the stop; counts are still judged. A stage
