@@ -1,10 +1,14 @@
 """What every benchmark prints the same way: the machine, the library versions, and a mean with its range."""
 
 import importlib.util
+import json
 import os
 import platform
 import sys
 from pathlib import Path
+
+import chatgpt_recipes.runtime.output  # noqa: F401  before any library: quiets log lines that do not apply
+from chatgpt_recipes.runtime.errors import EXIT_ERROR, DataError, ModelLoadError, RecipeError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -16,6 +20,57 @@ def recipe_module(name: str):
         sys.modules[name] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def parse_checked(parser, positive: tuple[str, ...] = (), args: list[str] | None = None):
+    """A benchmark's options as the recipes take theirs: a flag is never abbreviated (`--token 5` is an error, not
+    --tokens), and each option of `positive` is > 0; argparse prints its `error:` line and exits 2."""
+    parser.allow_abbrev = False
+    parsed = parser.parse_args(args)
+    for name in positive:
+        value = getattr(parsed, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name} must be positive, got {value}")
+    return parsed
+
+
+def run_benchmark(main) -> None:
+    """A benchmark's entry point: an input error (a missing file, a wrong shape, sizes beyond the data, a model that
+    is not there) ends on one `error:` line with exit status 2, as a recipe's does."""
+    try:
+        main()
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_ERROR)
+
+
+def check_model(value: str, option: str = "--model") -> None:
+    """A local model directory must hold a whole model; a path that does not exist is refused here rather than in a
+    worker process. Hub ids and the offline names (smollm2-135m-instruct) pass."""
+    path = Path(value).expanduser()
+    if path.exists():
+        from chatgpt_recipes.cli import check_model_option
+
+        check_model_option(value, option, False, False)
+    elif value.startswith(("/", "./", "../", "~")) or value.endswith("/") or value.count("/") > 1:
+        raise ModelLoadError(f"{option} {value}: not found (a model directory, a hub id or an offline model name)")
+
+
+def read_saved_run(path: str, keys: tuple[str, ...], what: str) -> dict:
+    """A benchmark's saved JSON (--summarise): a missing file, text that is not JSON and JSON of another shape are
+    errors that name the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: not found" if not file.exists() else f"{path} is a directory, not a saved run")
+    try:
+        saved = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    missing = [key for key in keys if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise DataError(f"{path} is not a saved run of {what}: no {missing} (found "
+                        f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__})")
+    return saved
 
 
 def versions() -> dict:

@@ -83,7 +83,9 @@ def main():
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "data_prep.json"))
     parser.add_argument("--child")
-    args = parser.parse_args()
+    from bench_utils import parse_checked
+
+    args = parse_checked(parser, positive=("num_proc", "max_length"))
     if args.child:
         print(json.dumps(prepare_once(args.child, args.num_proc, args.max_length)))
         return

@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-from bench_utils import GpuBusy, machine, recipe_module, spread, versions  # noqa: E402
+from chatgpt_recipes.runtime.errors import DataError  # noqa: E402
+from bench_utils import (GpuBusy, check_model, machine, parse_checked, recipe_module, run_benchmark,  # noqa: E402
+                         spread, versions)
 
 VARIANTS = {"trl_example": "TRL PPO example settings (fp32: bf16 ignored)",
             "trl_best": "TRL PPO example + --use_peft, no gradient checkpointing",
@@ -70,8 +72,10 @@ def run_variant(args) -> dict:
     tokenizer = load_tokenizer(path)
     tokenizer.padding_side = "left"
     episodes = args.batch * args.updates
-    prompts = prompt_dataset(str(REPO / "data" / "alpaca_en_demo.json"), tokenizer, "alpaca", 96,
-                             episodes + args.batch)
+    prompts = prompt_dataset(str(PROMPTS), tokenizer, "alpaca", 96, episodes + args.batch)
+    if len(prompts) < episodes + args.batch:  # rows the prompt checks skip (over 96 tokens) count against the rows
+        raise DataError(f"{PROMPTS}: {len(prompts)} usable prompts, fewer than the {episodes + args.batch} that "
+                        f"--batch {args.batch} x --updates {args.updates} (+ one held-out batch) need")
     train, held_out = prompts.select(range(episodes)), prompts.select(range(episodes, len(prompts)))
     reward_path = scalar_head_checkpoint(path, tokenizer, tempfile.mkdtemp())
     shared = dict(per_device_train_batch_size=args.batch, local_rollout_forward_batch_size=args.batch,
@@ -143,6 +147,20 @@ def run_variant(args) -> dict:
             **({"gpu_busy_share": busy.share} if busy.share is not None else {})}
 
 
+PROMPTS = REPO / "data" / "alpaca_en_demo.json"
+
+
+def check_prompt_count(args) -> None:
+    """batch x updates training prompts and one batch held out, from the bundled Alpaca prompts: more than it holds
+    is an error before any variant starts (each would fail alike)."""
+    from chatgpt_recipes.data.rows import read_rows
+
+    needed, rows = args.batch * args.updates + args.batch, len(read_rows(str(PROMPTS)))
+    if needed > rows:
+        raise DataError(f"--batch {args.batch} x --updates {args.updates} needs {needed} prompts (one more batch held "
+                        f"out), but {PROMPTS.relative_to(REPO)} has {rows} rows: lower --batch or --updates")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -154,11 +172,13 @@ def main():
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--json", help="also write every run's numbers here")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_checked(parser, positive=("batch", "updates", "response_length", "ppo_epochs", "rounds"))
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
 
+    check_model(args.model)
+    check_prompt_count(args)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {machine()} | {versions()}\ncommand: python "
           + " ".join(sys.argv), flush=True)
     forwarded = ["--model", args.model, "--batch", str(args.batch), "--updates", str(args.updates),
@@ -210,4 +230,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_utils import recipe_module
+from bench_utils import check_model, parse_checked, recipe_module, run_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,10 +97,11 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_checked(parser, positive=("steps",))
     if args.worker:
         Path(args.result).write_text(json.dumps(worker(args.worker, args.model, args.steps)))
         return
+    check_model(args.model)
 
     import peft
     import torch
@@ -134,4 +135,4 @@ def main():
               f"training {by_name['qlora']['peak_rss_training_gb'] / by_name[base]['peak_rss_training_gb']:.2f}x")
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -45,7 +45,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-from bench_utils import GpuBusy, machine, recipe_module, spread, versions  # noqa: E402
+from bench_utils import (GpuBusy, check_model, machine, parse_checked, read_saved_run, recipe_module,  # noqa: E402
+                         run_benchmark, spread, versions)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -518,7 +519,7 @@ def main():
     parser.add_argument("--summarise", metavar="JSON", help="print the table of a saved (or interrupted) run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_checked(parser, positive=("tokens", "rounds", "rows", "batch"))
 
     if args.batch is None:
         args.batch = 16 if cuda() else 4
@@ -532,10 +533,12 @@ def main():
         return
 
     if args.summarise:
-        saved = json.loads(Path(args.summarise).read_text())
+        saved = read_saved_run(args.summarise, ("date", "machine", "versions", "command", "runs", "matmul_peaks",
+                                                "base"), "benchmarks/sft_throughput.py")
         print(f"{saved['date']} | {saved['machine']} | {saved['versions']}\ncommand: python {' '.join(saved['command'])}")
         print(summarise(saved["runs"], saved["matmul_peaks"], saved["base"]))
         return
+    check_model(args.model)
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} | {machine()} | {versions()}")
     print("command: python " + " ".join(sys.argv), flush=True)
     results, peaks, base = [], [], None
@@ -564,4 +567,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

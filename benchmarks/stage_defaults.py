@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-from bench_utils import machine, versions  # noqa: E402
+from bench_utils import machine, parse_checked, versions  # noqa: E402
 
 STAGES = ["sft_lora", "reward_model", "ppo", "rloo", "dpo", "pretrain"]
 BUDGET_S, BUDGET_GB = 600, 8.0
@@ -58,7 +58,7 @@ def main():
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES)
     parser.add_argument("--json", default="benchmarks/stage_defaults.json", help="where the results go")
     parser.add_argument("--keep", help="keep the stage outputs in this directory (default: a temporary one)")
-    args = parser.parse_args()
+    args = parse_checked(parser)
     if any(stage in ("ppo", "rloo") for stage in args.stages) and "reward_model" not in args.stages:
         args.stages.insert(0, "reward_model")
     args.stages = sorted(args.stages, key=STAGES.index)

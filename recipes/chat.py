@@ -13,6 +13,8 @@ tokenizers without).
 In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from chatgpt_recipes.cli import run
 from chatgpt_recipes.data.templates import PROMPT_FORMATS, check_format, read_stage_info, render_conversation
 from chatgpt_recipes.modeling.generation import generate
 from chatgpt_recipes.modeling.loading import load_adapter, load_for_inference
+from chatgpt_recipes.runtime.errors import ModelLoadError
 from chatgpt_recipes.runtime.precision import inference_device, inference_dtype
 
 
@@ -52,7 +55,16 @@ def saved_prompt_format(*model_paths: str | None) -> str:
     return "chat"
 
 
+def check_trained(path: str, option: str, default: str) -> None:
+    """The default model is recipes/sft_lora.py's output: before that recipe has run, say so and how to run it."""
+    if path == default and not Path(path).exists():
+        raise ModelLoadError(f"--{option} {path} (the default) has not been trained yet: train it with "
+                             "`accelerate launch recipes/sft_lora.py`, or name another model with "
+                             f"--{option}")
+
+
 def main(args: ChatArguments):
+    check_trained(args.model_name_or_path, "model_name_or_path", ChatArguments.model_name_or_path)
     if args.prompt_format != "auto":
         check_format(args.prompt_format)
     tokenizer, model = load_for_inference(args.model_name_or_path, args.trust_remote_code, inference_dtype(args.dtype))

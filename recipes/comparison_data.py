@@ -22,6 +22,8 @@ comparisons_info.json does not count: the rerun removes them and samples that ba
 so no pair is written twice.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -152,5 +154,8 @@ def main(config: ComparisonDataConfig):
         f"{first['chosen'][:300]}\nrejected (policy): {first['rejected'][:300]}", flush=True)
 
 
+# its options and default YAML (the pipeline checks a stage's options with them before any stage runs)
+OPTIONS, DEFAULT_CONFIG = (ComparisonDataConfig,), "comparison_data/smollm2_alpaca.yaml"
+
 if __name__ == "__main__":
-    run(main, (ComparisonDataConfig,), "comparison_data/smollm2_alpaca.yaml")
+    run(main, OPTIONS, DEFAULT_CONFIG)

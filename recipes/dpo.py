@@ -12,6 +12,8 @@ disabled. Output: the policy merged into one model, tokenizer, eval_results.json
 implicit reward prefers the chosen answer on held-out pairs). Rerunning the same command resumes.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
@@ -101,5 +103,8 @@ def main(config: DPORecipeConfig, model_args: ModelArguments):
             f"Saved to {config.output_dir}", flush=True)
 
 
+# its options and default YAML (the pipeline checks a stage's options with them before any stage runs)
+OPTIONS, DEFAULT_CONFIG = (DPORecipeConfig, ModelArguments), "dpo/smollm2_dpo_demo_lora.yaml"
+
 if __name__ == "__main__":
-    run(main, (DPORecipeConfig, ModelArguments), "dpo/smollm2_dpo_demo_lora.yaml")
+    run(main, OPTIONS, DEFAULT_CONFIG)

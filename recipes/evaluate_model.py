@@ -27,6 +27,8 @@ Writes eval_results.json (evaluate.save), samples.md/.jsonl (prompt and every mo
 report.md and PNGs to output_dir.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 import gc
 import json
 import os
@@ -42,7 +44,7 @@ from chatgpt_recipes.data.preferences import encode_response, read_rankings, tok
 from chatgpt_recipes.data.rows import read_rows, split_train_eval
 from chatgpt_recipes.data.sft import tokenize_example
 from chatgpt_recipes.data.sft_split import sft_held_out_rows, split_examples
-from chatgpt_recipes.data.templates import example_prompt, example_prompt_ids, read_stage_info
+from chatgpt_recipes.data.templates import check_system_prompt, example_prompt, example_prompt_ids, read_stage_info
 from chatgpt_recipes.data.text import load_documents, token_blocks
 from chatgpt_recipes.evaluation.metrics import (answer_token_logprobs, dataset_perplexity, distinct_n, k3_kl,
                                                 pairwise_accuracy, reward_scores, sample_answers, win_rate)
@@ -85,6 +87,9 @@ class EvaluationConfig:
     preference_eval_split_size: float = field(default=40, metadata={"help": "Held-out rankings; the RM's value."})
     prompt_format: str = field(default="alpaca", metadata={"help": "How the RM renders preference prompts, "
                                                            "unless its stage_info.json says: alpaca, chat or plain."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "prompt_format chat: the system turn of prompts that have none, as the reward model was trained with "
+                "(its stage_info.json; a different one is refused). Unset: the chat template's own default."})
     num_prompts: int = field(default=24, metadata={"help": "Held-out prompts answered by every model."})
     kl_reference: str | None = field(default=None, metadata={
         "help": "Name of the model (e.g. sft) that every other model's KL is measured to, on its own answers "
@@ -183,9 +188,11 @@ def local_reward_model(name: str) -> str:
 
 
 def score_answers(config, reward_model_name: str, preference_dataset: str | None, eval_split_size: float,
-                  prompt_examples: list[dict], answers: dict[str, list[str]], device) -> tuple[dict | None, dict]:
+                  prompt_examples: list[dict], answers: dict[str, list[str]], device,
+                  system_prompt: str | None = None) -> tuple[dict | None, dict]:
     """A reward model's pairwise accuracy on the held-out rows of `preference_dataset` (None without one) and its
-    score of every model's answer to each prompt, the prompt rendered for its tokenizer and in its prompt format."""
+    score of every model's answer to each prompt, the prompt rendered for its tokenizer, in its prompt format and
+    with `system_prompt` (the reward model's: checked against its stage_info.json before any model loads)."""
     path = local_reward_model(reward_model_name)
     tokenizer = load_tokenizer(path)
     reward_model = load_reward_model(path, inference_dtype(config.dtype, config.use_cpu)).to(device)  # centred
@@ -195,7 +202,7 @@ def score_answers(config, reward_model_name: str, preference_dataset: str | None
         rankings = read_rankings(read_rows(preference_dataset), preference_dataset)
         _, held_out = split_train_eval(rankings, eval_split_size, config.seed)
         pairs, _ = tokenize_rankings(held_out, tokenizer, prompt_format, None,  # no length cut: any pair
-                                     preference_dataset + " (held-out)")
+                                     preference_dataset + " (held-out)", system_prompt=system_prompt)
         chosen = reward_scores(reward_model, [p["chosen_ids"] for p in pairs], tokenizer.pad_token_id,
                                config.batch_size)
         rejected = reward_scores(reward_model, [p["rejected_ids"] for p in pairs], tokenizer.pad_token_id,
@@ -203,7 +210,8 @@ def score_answers(config, reward_model_name: str, preference_dataset: str | None
         accuracy = pairwise_accuracy(chosen, rejected)
     scores = {}
     for name, model_answers in answers.items():
-        sequences = [example_prompt_ids(example, tokenizer) + encode_response(answer, tokenizer, prompt_format)
+        sequences = [example_prompt_ids(example, tokenizer, system_prompt) + encode_response(answer, tokenizer,
+                                                                                            prompt_format)
                      for example, answer in zip(prompt_examples, model_answers)]
         scores[name] = reward_scores(reward_model, sequences, tokenizer.pad_token_id, config.batch_size)
     del reward_model
@@ -215,6 +223,8 @@ def main(config: EvaluationConfig):
     models = parse_models(config.models)
     if config.kl_reference is not None and config.kl_reference not in models:  # before any model is evaluated
         raise ConfigError(f"kl_reference: '{config.kl_reference}' is not one of the models {list(models)}")
+    if config.reward_model:  # it scores prompts rendered as it was trained on them, or not at all
+        check_system_prompt(config.reward_model, config.system_prompt, "the reward model")
     device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
 
     # Held-out instructions: the rows SFT held out, as the models' sft_split.json records them
@@ -229,7 +239,7 @@ def main(config: EvaluationConfig):
     answered = [e["completion"] if "completion" in e else e["messages"][-1]["content"] for e in prompt_examples]
 
     def prompts_of(tokenizer):
-        return [example_prompt(e, tokenizer) for e in prompt_examples]
+        return [example_prompt(e, tokenizer, config.system_prompt) for e in prompt_examples]
 
     # Each model: perplexity, samples, diversity (one model in memory at a time)
     results, samples = {"models": {}, "win_rates": {}}, {}
@@ -246,7 +256,8 @@ def main(config: EvaluationConfig):
     # Reward model, then the judge: accuracy on held-out preferences, scores of every model's answers, win-rates
     if config.reward_model:
         accuracy, scores = score_answers(config, config.reward_model, config.preference_dataset,
-                                         config.preference_eval_split_size, prompt_examples, answers, device)
+                                         config.preference_eval_split_size, prompt_examples, answers, device,
+                                         config.system_prompt)
         if accuracy:
             results["reward_model_accuracy"] = accuracy
             print(f"[reward model] held-out accuracy {accuracy['accuracy']:.1%}", flush=True)
@@ -306,5 +317,8 @@ def write_samples_markdown(path, models, answers, prompt_examples, answered):
         f.write("\n".join(lines))
 
 
+# its options and default YAML (the pipeline checks a stage's options with them before any stage runs)
+OPTIONS, DEFAULT_CONFIG = (EvaluationConfig,), "evaluate/smollm2_base.yaml"
+
 if __name__ == "__main__":
-    run(main, (EvaluationConfig,), "evaluate/smollm2_base.yaml")
+    run(main, OPTIONS, DEFAULT_CONFIG)

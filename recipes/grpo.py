@@ -13,6 +13,8 @@ reward model's, weighted by `reward_weights`.
 With LoRA the KL reference is the policy with its adapter disabled. Rerunning the same command resumes.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
@@ -96,5 +98,8 @@ def main(config: GRPORecipeConfig, model_args: ModelArguments):
                               config.output_dir), flush=True)
 
 
+# its options and default YAML (the pipeline checks a stage's options with them before any stage runs)
+OPTIONS, DEFAULT_CONFIG = (GRPORecipeConfig, ModelArguments), "grpo/smollm2_alpaca_lora.yaml"
+
 if __name__ == "__main__":
-    run(main, (GRPORecipeConfig, ModelArguments), "grpo/smollm2_alpaca_lora.yaml")
+    run(main, OPTIONS, DEFAULT_CONFIG)

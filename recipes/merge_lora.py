@@ -9,6 +9,8 @@ The base named in the adapter's adapter_config.json is loaded at 16/32-bit, neve
 merging into quantized weights would round the merged weights to 4 bits and change the model's outputs.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,10 @@ class MergeArguments:
 
 
 def main(args: MergeArguments) -> str:
+    if args.adapter_path == MergeArguments.adapter_path and not Path(args.adapter_path).exists():
+        raise ModelLoadError(f"--adapter_path {args.adapter_path} (the default) has not been trained yet: train it "
+                             "with `accelerate launch recipes/sft_lora.py`, or name another adapter with "
+                             "--adapter_path")
     if not Path(args.adapter_path).is_dir() or adapter_base(args.adapter_path) is None:
         raise ModelLoadError(f"{args.adapter_path} is not a LoRA adapter directory (no adapter_config.json)")
     output_dir = Path(args.output_dir or args.adapter_path.rstrip("/") + "-merged")

@@ -30,7 +30,11 @@ from an empty directory, and so is everything after it. Output: report.md and pl
 stage in output_dir/logs.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
+import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -43,12 +47,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from chatgpt_recipes.cli import run
+from chatgpt_recipes.cli import exit_on_interrupt, parse_config, run
 from chatgpt_recipes.evaluation.race import (ONLINE, RACE_METHODS, check_equal_budgets, check_same_reward,
                                              generation_budget, write_race)
 from chatgpt_recipes.evaluation.reporting import evaluation_markdown, plot_model_comparison, plot_win_rates
 from chatgpt_recipes.runtime.config import RECIPES_DIR
-from chatgpt_recipes.runtime.errors import ConfigError
+from chatgpt_recipes.runtime.errors import ConfigError, RecipeError
 from chatgpt_recipes.training.time_budget import budget_stop
 
 DONE, STARTED, SUMMARY = "STAGE_DONE.json", "STAGE_STARTED.json", "summary.json"
@@ -163,6 +167,9 @@ def derived_defaults(config: PipelineConfig, stage: str) -> dict:
         derived = {}
     if stage in ONLINE and config.missing_eos_penalty is not None:
         derived["missing_eos_penalty"] = config.missing_eos_penalty
+    if stage in (*RL_STAGES, "evaluate") and "reward_model" in config.stages and rm.get("system_prompt") is not None:
+        # prompts rendered as the reward model learnt them: its system prompt, in the chat format that has one
+        derived.update(system_prompt=rm["system_prompt"], prompt_format=rm.get("prompt_format", "chat"))
     return {key: value for key, value in derived.items() if value is not None}
 
 
@@ -263,6 +270,7 @@ def main(config: PipelineConfig):
                           "remove them from `stages`")
     wiring = stage_paths(config)
     budget = check_race(config) if config.race else None
+    check_stage_options(config, wiring)
     os.makedirs(os.path.join(config.output_dir, "logs"), exist_ok=True)
 
     fingerprint, upstream_changed, summary = "", False, []
@@ -295,6 +303,8 @@ def main(config: PipelineConfig):
         started = time.time()
         try:
             peak_rss_mb = run_stage(stage, command, Path(config.output_dir) / "logs" / f"{stage}.log")
+        except KeyboardInterrupt:  # the stage saves its checkpoints in its own folder: name the one to resume from
+            exit_on_interrupt(str(stage_dir))
         except SystemExit:
             write_pipeline_report(config, summary + [{"stage": stage, "status": "failed, see logs/",
                                                       "seconds": time.time() - started}])
@@ -319,6 +329,49 @@ def main(config: PipelineConfig):
     print(f"\n[pipeline] all {len(config.stages)} stages finished; report: {path}", flush=True)
     if checks:
         print(f"[pipeline] {Path(config.output_dir) / SUMMARY}:\n" + checks_markdown(checks), flush=True)
+
+
+def pipeline_yaml() -> str:
+    """The pipeline YAML this run reads (--config, else the default), to name it in errors."""
+    args = sys.argv[1:]
+    if "--config" in args and args.index("--config") + 1 < len(args):
+        return args[args.index("--config") + 1]
+    return str(RECIPES_DIR / "configs" / "pipeline" / "smollm2_demo.yaml")
+
+
+def check_stage_options(config: PipelineConfig, wiring: dict[str, dict]) -> None:
+    """Before the first stage runs, every stage's options as its recipe will read them, parsed and checked by the
+    recipe's own parser and checks (chatgpt_recipes.cli): an unknown or misspelt key (never taken as an abbreviation
+    of an option), a bad value, a library's refusal. The error names the pipeline YAML and the stage's key. The
+    paths earlier stages will write are left out of the check: they do not exist yet, or hold an unfinished run."""
+    source, rendering = pipeline_yaml(), {}
+    for stage in config.stages:
+        script = SCRIPTS[stage]
+        recipe = importlib.import_module(script.removesuffix(".py"))
+        names = {item.name for options in recipe.OPTIONS for item in dataclasses.fields(options)} | {"config"}
+        for key, options in ((stage, getattr(config, stage)), (f"quick_options.{stage}",
+                                                               config.quick_options.get(stage) or {})):
+            unknown = sorted(set(options) - names)
+            if unknown:
+                raise ConfigError(f"{source}: {key}: {unknown} not option(s) of recipes/{script} (options are never "
+                                  f"abbreviated; `python recipes/{script} --help` lists them)")
+        outputs = [os.path.join(config.output_dir, other) for other in config.stages if other != stage]
+        options = {**derived_defaults(config, stage), **getattr(config, stage), **wiring[stage]}
+        args = command_line({key: value for key, value in options.items()
+                             if key == "output_dir" or not any(str(value).startswith(out) for out in outputs)})
+        try:
+            parsed = parse_config(recipe.OPTIONS, recipe.DEFAULT_CONFIG, args, flags_from=f"{source}: {stage}",
+                                  quiet=True)
+        except RecipeError as error:
+            message = str(error)
+            raise ConfigError(message if source in message else f"{source}: {stage}: {message}") from None
+        rendering[stage] = getattr(parsed[0], "system_prompt", None)
+    # the RL stages and the evaluation score prompts with the reward model: rendered as it was trained on them
+    for stage in [s for s in config.stages if s in (*RL_STAGES, "evaluate") and "reward_model" in rendering]:
+        if rendering[stage] != rendering["reward_model"]:
+            raise ConfigError(f"{source}: {stage}.system_prompt is {rendering[stage]!r} but reward_model.system_prompt "
+                              f"is {rendering['reward_model']!r}: the reward model scores prompts rendered as it was "
+                              "trained on them (leave it unset in the stage: it follows reward_model's)")
 
 
 def check_race(config: PipelineConfig) -> dict:

@@ -21,6 +21,8 @@ replays: prompts come in a seeded order per epoch (chatgpt_recipes.rl.ppo_traine
 updates see the prompts, and end with the weights, of an uninterrupted run.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -124,5 +126,8 @@ def main(config: PPORecipeConfig, model_args: ModelArguments):
                               config.output_dir), flush=True)
 
 
+# its options and default YAML (the pipeline checks a stage's options with them before any stage runs)
+OPTIONS, DEFAULT_CONFIG = (PPORecipeConfig, ModelArguments), "ppo/smollm2_alpaca_lora.yaml"
+
 if __name__ == "__main__":
-    run(main, (PPORecipeConfig, ModelArguments), "ppo/smollm2_alpaca_lora.yaml")
+    run(main, OPTIONS, DEFAULT_CONFIG)

@@ -17,6 +17,8 @@ eval_documents documents are held out; eval perplexity is logged during training
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 import math
 import os
 from dataclasses import dataclass, field
@@ -225,5 +227,8 @@ def main(config: PretrainConfig, model_args: ModelArguments):
             f"Saved to {config.output_dir}", flush=True)
 
 
+# its options and default YAML (the pipeline checks a stage's options with them before any stage runs)
+OPTIONS, DEFAULT_CONFIG = (PretrainConfig, ModelArguments), "pretrain/tiny_gpt_wiki.yaml"
+
 if __name__ == "__main__":
-    run(main, (PretrainConfig, ModelArguments), "pretrain/tiny_gpt_wiki.yaml")
+    run(main, OPTIONS, DEFAULT_CONFIG)

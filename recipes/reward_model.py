@@ -18,6 +18,8 @@ merged) with tokenizer, eval_results.json (pairwise accuracy, mean margin) and s
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 import random
 from dataclasses import dataclass, field
 
@@ -78,7 +80,7 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
         f"{len(eval_dataset) if eval_dataset is not None else 0} eval pairs"
         f"{f' (from {separate[0]}, split {separate[1]})' if separate else ''}; cut from the left to max_length="
         f"{config.max_length}: {truncation['train']['truncated']} training and {truncation['eval']['truncated']} "
-        "eval prompts", flush=True)
+        f"eval prompts ({cut_breakdown(truncation)})", flush=True)
     if PartialState().is_main_process:
         skips.write(config.output_dir)
 
@@ -136,5 +138,17 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
             f"Saved to {config.output_dir}", flush=True)
 
 
+def cut_breakdown(truncation: dict) -> str:
+    """How the cut rankings of both splits were cut, as the README's table quotes it."""
+    total = {key: truncation["train"][key] + truncation["eval"][key] for key in ("turns_dropped", "prompt_cut",
+                                                                                "answer_cut")}
+    return (f"{total['turns_dropped']} lost their oldest turns, {total['prompt_cut']} the start of their last prompt, "
+            f"{total['answer_cut']} the end of an answer")
+
+
+# its options and default YAML (the pipeline checks a stage's options with them before any stage runs)
+OPTIONS, DEFAULT_CONFIG = (RewardRecipeConfig, ModelArguments), "reward/smollm2_dpo_demo_lora.yaml"
+
+
 if __name__ == "__main__":
-    run(main, (RewardRecipeConfig, ModelArguments), "reward/smollm2_dpo_demo_lora.yaml")
+    run(main, OPTIONS, DEFAULT_CONFIG)

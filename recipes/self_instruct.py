@@ -19,6 +19,8 @@ generation_report.md next to the output, counts the rejects by reason and plots 
 leading verbs. An API key, where the server wants one, comes from $OPENAI_API_KEY.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 import os
 import random
 import time
@@ -205,5 +207,8 @@ def main(config: SelfInstructConfig):
     print(f"\nReport: {Path(config.output_dir) / 'generation_report.md'}", flush=True)
 
 
+# its options and default YAML (the pipeline checks a stage's options with them before any stage runs)
+OPTIONS, DEFAULT_CONFIG = (SelfInstructConfig,), "self_instruct/smollm2_alpaca_seeds.yaml"
+
 if __name__ == "__main__":
-    run(main, (SelfInstructConfig,), "self_instruct/smollm2_alpaca_seeds.yaml")
+    run(main, OPTIONS, DEFAULT_CONFIG)

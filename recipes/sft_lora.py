@@ -16,6 +16,8 @@ cannot be. The format is printed at start and recorded in stage_info.json, which
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
 
+import chatgpt_recipes.runtime.output  # noqa: F401  first: quiets library log lines that do not apply (bitsandbytes')
+
 import os
 from dataclasses import dataclass, field
 
@@ -63,8 +65,9 @@ class SFTRecipeConfig(DataArguments, TimeBudgetArguments, SFTConfig):
     overlong: str = field(default="drop", metadata={"help": "Examples over max_length: drop or truncate."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the before/after demo answers."})
     gpu_tokens_per_step: int = field(default=8192, metadata={
-        "help": "On a CUDA GPU, raise per_device_train_batch_size to this many tokens per step (max_length each); "
-                "0 keeps per_device_train_batch_size. No effect on a CPU."})
+        "help": "On a CUDA GPU, up to this many tokens per device step (max_length each): per_device_train_batch_size "
+                "raised, in place of gradient_accumulation_steps first, then with max_steps (and the step counts) "
+                "shortened to the same examples seen; printed. 0 keeps the YAML's batch. No effect on a CPU."})
 
 
 def main(config: SFTRecipeConfig, model_args: ModelArguments):
@@ -163,5 +166,8 @@ def streamed_data(config: SFTRecipeConfig, tokenizer, skips: SkipLog):
     return train_dataset, eval_dataset, data_format, tokenizer.decode(first["input_ids"][:answer_start])
 
 
+# its options and default YAML (the pipeline checks a stage's options with them before any stage runs)
+OPTIONS, DEFAULT_CONFIG = (SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml"
+
 if __name__ == "__main__":
-    run(main, (SFTRecipeConfig, ModelArguments), "sft/smollm2_alpaca_lora.yaml")
+    run(main, OPTIONS, DEFAULT_CONFIG)

@@ -115,7 +115,8 @@ def test_quoted_commands_answer_help_with_their_options():
         script = SCRIPT.search(line).group(1)
         if script in helps:
             options = set(re.findall(r"--[\w-]+", helps[script]["help"]))
-            if re.search(r'run\(main, .*\.yaml"\)', (REPO / script).read_text()):
+            if re.search(r'run\(main, .*\.yaml"\)|^OPTIONS, DEFAULT_CONFIG = .*\.yaml"$', (REPO / script).read_text(),
+                         flags=re.M):
                 options.add("--config")  # read by chatgpt_recipes.cli.parse_config before argparse, so not in --help
             passed = re.findall(r"(?<![\w-])--\w+", line.split(script, 1)[1])
             unknown += [f"{where}: {option} in `{line}`" for option in passed if option not in options]

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import sys
+import tempfile
 import types
 import typing
 import warnings
@@ -20,7 +21,7 @@ from pathlib import Path
 from transformers import set_seed
 from trl import TrlParser
 
-from chatgpt_recipes.data.rows import directory_is_no_dataset
+from chatgpt_recipes.data.rows import LOCAL_FORMATS, directory_is_no_dataset
 from chatgpt_recipes.data.templates import PROMPT_FORMATS
 from chatgpt_recipes.modeling.loading import check_model_directory
 from chatgpt_recipes.rl.inputs import check_policy_path, check_reward_model_path
@@ -73,19 +74,68 @@ def exit_on_interrupt(output_dir: str | None) -> None:
 
 def parse_flags(dataclass_types, args: list[str] | None = None):
     """Instances of `dataclass_types` from command-line flags alone (the scripts without a YAML recipe: chat,
-    merge_lora), checked like a recipe's options."""
+    merge_lora), checked like a recipe's options: an unknown, abbreviated or misspelt flag and a word that belongs
+    to no flag are errors."""
     from transformers import HfArgumentParser
 
     args = list(sys.argv[1:] if args is None else args)
-    parsed = HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args)
+    parser = HfArgumentParser(dataclass_types)
+    parser.allow_abbrev = False  # `--max_new_token 5` is an unknown flag, not --max_new_tokens
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
+    except SystemExit as error:  # argparse already printed which flag is bad, or the --help asked for
+        if error.code == 0:
+            raise
+        raise ConfigError("the command line: an option value of the wrong type (the line above names the "
+                          "option)") from error
+    except ValueError as error:
+        raise _library_refusal(error, "the command line") from None
+    check_leftovers(remaining, "the command line")
     command_line = {item[2:].split("=", 1)[0] for item in args if item.startswith("--")}
     for instance in parsed:
         check_values(instance, None, command_line)
     return parsed
 
-def parse_config(dataclass_types, default_config: str, args: list[str] | None = None):
+
+def check_leftovers(remaining: list[str], origin: str) -> None:
+    """What the parser did not take: unknown flags (with the words after them) and words that follow no flag (an
+    unquoted value with spaces: `--prompt Name three colors.`)."""
+    unknown, stray, after_unknown = [], [], False
+    for item in remaining:
+        if item.startswith("--"):
+            unknown.append(item[2:].split("=", 1)[0])
+            after_unknown = "=" not in item
+        elif not after_unknown:
+            stray.append(item)
+    if unknown:
+        raise ConfigError(f"{origin} sets unknown option(s) {unknown} (options are never abbreviated); run with "
+                          "--help for the options")
+    if stray:
+        raise ConfigError(f"{origin} has word(s) {stray} that belong to no option: quote a value that holds "
+                          "spaces, e.g. --prompt \"Name three colors.\"")
+
+
+def _library_refusal(error: ValueError, origin: str) -> RecipeError:
+    """A library config's own check (TRL's or transformers' __post_init__) as one error line naming the options."""
+    if isinstance(error, RecipeError):
+        return error
+    message = " ".join(str(error).split())
+    hint = ""
+    if "at least 2 generations per prompt" in message:  # TRL's message does not name the option
+        message = f"num_generations must be 2 or more: {message}"
+    if "num_generations" in message and "divisible" in message:
+        hint = (" (the generation batch is per_device_train_batch_size x gradient_accumulation_steps x processes, "
+                "unless generation_batch_size or steps_per_generation is set: make it a multiple of "
+                "num_generations)")
+    return ConfigError(f"{origin}: {message}{hint}")
+
+
+def parse_config(dataclass_types, default_config: str, args: list[str] | None = None, flags_from: str | None = None,
+                 quiet: bool = False):
     """Instances of `dataclass_types` from `--config FILE` (default: `default_config`, relative to recipes/configs)
-    and command-line overrides. Unknown YAML keys and flags are errors, never silently ignored."""
+    and command-line overrides. Unknown YAML keys and flags are errors, never silently ignored, and so is an
+    abbreviated flag. `flags_from` names where the flags came from when not the command line (the pipeline: its
+    YAML and stage), for the messages; `quiet` skips the precision line (the pipeline checks every stage first)."""
     args = list(sys.argv[1:] if args is None else args)
     if "--config" not in args:
         if not RECIPES_DIR.is_dir():
@@ -99,10 +149,12 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
     config_path = args[args.index("--config") + 1]
     check_yaml(config_path)
     command_line = {item[2:].split("=", 1)[0] for item in args if item.startswith("--")} - {"config", "use_cpu"}
+    origin = f"{config_path} or {flags_from or 'the command line'}"
     precision = None
     if any("bf16" in dataclass.__dataclass_fields__ for dataclass in dataclass_types):
-        precision, args = resolve_precision_flags(args, config_path)
+        precision, args = resolve_precision_flags(args, config_path, quiet=quiet)
     parser = TrlParser(dataclass_types)
+    parser.allow_abbrev = False  # `--max_step 1` is an unknown flag, not --max_steps
     try:
         with warnings.catch_warnings():
             # TRL 1.12's configs default `gradient_checkpointing` (trl/trainer/base_config.py), so transformers
@@ -110,18 +162,21 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
             # (it mirrors `activation_checkpointing`)
             warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
-            *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
+            *parsed, config_unknown, remaining = parser.parse_args_and_config(
+                args, return_remaining_strings=True, separate_remaining_strings=True)
     except SystemExit as error:  # argparse already printed which flag is bad, or the --help asked for
         if error.code == 0:
             raise
-        raise ConfigError(f"{config_path} or the command line: an option value of the wrong type (the line "
-                          "above names the option)") from error
-    unknown = [item[2:] for item in remaining if item.startswith("--")]
-    if unknown:
-        raise ConfigError(f"{config_path} or the command line sets unknown option(s) {unknown}; "
-                          f"run with --help for the options")
+        raise ConfigError(f"{origin}: an option value of the wrong type (the line above names the "
+                          "option)") from error
+    except ValueError as error:  # TRL's and transformers' own checks of the options (their __post_init__)
+        raise _library_refusal(error, origin) from None
+    yaml_unknown = [item[2:] for item in config_unknown if item.startswith("--")]
+    if yaml_unknown:
+        raise ConfigError(f"{config_path} sets unknown option(s) {yaml_unknown}; run with --help for the options")
+    check_leftovers(remaining, flags_from or "the command line")
     for instance in parsed:
-        check_values(instance, config_path, command_line)
+        check_values(instance, config_path, command_line, flags_from)
     if precision is not None:
         resolve_weights_dtype(parsed, precision)
     seed = next((instance.seed for instance in parsed if hasattr(instance, "seed")), None)
@@ -131,13 +186,14 @@ def parse_config(dataclass_types, default_config: str, args: list[str] | None = 
         set_seed(seed)
     return parsed
 
-def check_values(config, config_path: str | None, command_line: set[str] = frozenset()) -> None:
+def check_values(config, config_path: str | None, command_line: set[str] = frozenset(),
+                 flags_from: str | None = None) -> None:
     """Catch values the libraries would accept silently or fail on deep inside (chatgpt_recipes.cli,
     the one place where option values are checked). The error names where the value came from: the command line
-    or the YAML."""
+    (or `flags_from`, e.g. the pipeline's YAML and stage) or the YAML."""
     def where(name: str) -> str:
         if name in command_line or config_path is None:
-            return f"command-line option --{name}"
+            return f"{flags_from}.{name}" if flags_from else f"command-line option --{name}"
         return f"{config_path}: {name}"
 
     check_options(config, where)
@@ -169,6 +225,20 @@ CHOICES = {
     "prompt_format": PROMPT_FORMATS,
 }
 CHOICES_OF = {("ChatArguments", "prompt_format"): ("auto", *PROMPT_FORMATS)}  # auto: read stage_info.json
+# Enumerated options that TRL 1.12 checks late (at the first training step or in the trainer, after the models
+# loaded), by the TRL config class that has them: the values its trainers implement (trl/trainer/grpo_trainer.py
+# _compute_loss, dpo_trainer.py, sft_trainer.py, experimental/ppo/ppo_trainer.py)
+LATE_CHOICES = {
+    "GRPOConfig": {"loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+                   "importance_sampling_level": ("token", "sequence"),
+                   "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+                   "scale_rewards": ("group", "batch", "none")},
+    "DPOConfig": {"loss_type": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                                "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"),
+                  "f_divergence_type": ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")},
+    "SFTConfig": {"loss_type": ("nll", "dft", "chunked_nll")},
+    "PPOConfig": {"kl_estimator": ("k1", "k3")},
+}
 # the dtype of a model the recipe loads; merge_lora saves float32 or bfloat16 (its --dtype help), never float16
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_CHOICES = {"MergeArguments": ("auto", "float32", "bfloat16")}
@@ -183,6 +253,8 @@ DATA_OPTIONS = ("dataset_name", "eval_dataset_name", "ptx_dataset_name", "prefer
 def check_options(config, where) -> None:
     """Refuse `config`'s invalid values. `where(name)` says where option `name` was set, for the message."""
     hints = _type_hints(type(config))
+    late_choices = {name: values for klass in type(config).__mro__ for name, values in
+                    LATE_CHOICES.get(klass.__name__, {}).items()}
     for field in dataclasses.fields(config):
         name, value = field.name, getattr(config, field.name, None)
         if value is None:
@@ -193,8 +265,12 @@ def check_options(config, where) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
                 name.startswith("lora_") and getattr(config, "use_peft", True) is False):  # unused without LoRA
             _check_number(name, value, where)
-        choices = CHOICES_OF.get((type(config).__name__, name), CHOICES.get(name))
-        if choices and value not in choices:
+        choices = CHOICES_OF.get((type(config).__name__, name), CHOICES.get(name)) or late_choices.get(name)
+        if choices and isinstance(value, list):
+            wrong = [item for item in value if item not in choices]
+            if wrong:
+                raise ConfigError(f"{where(name)} must hold only values of {list(choices)}, got {wrong}")
+        elif choices and value not in choices:
             raise ConfigError(f"{where(name)} must be one of {list(choices)}, got {value!r}")
         if name == "dtype" and isinstance(value, str):
             allowed = DTYPE_CHOICES.get(type(config).__name__, DTYPES)
@@ -209,7 +285,60 @@ def check_options(config, where) -> None:
                 and not Path(value).expanduser().is_dir():
             raise ConfigError(f"{where(name)} is {value}, an existing file, not a directory: choose another "
                               "output_dir")
+        if name == "output_dir" and isinstance(value, str):
+            check_writable(value, where(name))
+    _check_reward_weights(config, where)
+    _check_dpo_losses(config, where)
     _check_training_length(config, where)
+    if getattr(config, "system_prompt", None) is not None and getattr(config, "prompt_format", "chat") != "chat":
+        raise ConfigError(f"{where('system_prompt')} is set, but {where('prompt_format')} is "
+                          f"'{config.prompt_format}': only the chat format has a system turn (unset system_prompt, or "
+                          "use prompt_format: chat)")
+
+
+def check_writable(output_dir: str, where: str) -> None:
+    """The output directory (or, while it does not exist, the nearest folder above it, where it will be made)
+    takes a new file: found now, not when the first file is written after the data is prepared. Tried with a file
+    rather than os.access, which says yes to root even on a read-only file system."""
+    folder = Path(output_dir).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{where} is {output_dir}, which cannot be written ({folder}: "
+                          f"{error.strerror or error}): choose a writable output_dir") from None
+
+
+# the DPO losses that take a non-default f_divergence_type (trl/trainer/dpo_trainer.py, DPOTrainer.__init__)
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def _check_dpo_losses(config, where) -> None:
+    """DPOTrainer's own checks of the loss options, made when it is built (after the models loaded)."""
+    if "DPOConfig" not in {klass.__name__ for klass in type(config).__mro__}:
+        return
+    losses = list(config.loss_type)
+    if config.f_divergence_type != "reverse_kl" and not set(losses) <= set(F_DIVERGENCE_LOSSES):
+        raise ConfigError(f"{where('f_divergence_type')} {config.f_divergence_type!r} works only with the loss types "
+                          f"{list(F_DIVERGENCE_LOSSES)}; {where('loss_type')} is {losses}")
+    if "exo_pair" in losses and config.label_smoothing == 0:
+        raise ConfigError(f"{where('loss_type')} exo_pair needs {where('label_smoothing')} > 0 (the EXO paper "
+                          "recommends 1e-3)")
+
+
+def _check_reward_weights(config, where) -> None:
+    """TRL checks reward_weights against its reward functions only when the trainer is built, after the models
+    loaded: one weight for the reward model and one per rule reward (grpo.py's rule_rewards)."""
+    weights = getattr(config, "reward_weights", None)
+    if weights is None:
+        return
+    rule_rewards = list(getattr(config, "rule_rewards", None) or [])
+    if len(weights) != 1 + len(rule_rewards):
+        raise ConfigError(f"{where('reward_weights')} has {len(weights)} weight(s), {weights}; it needs "
+                          f"{1 + len(rule_rewards)}: one for the reward model"
+                          + (f" and one per rule reward {rule_rewards}" if rule_rewards else " (no rule_rewards set)"))
 
 
 def _check_number(name: str, value, where) -> None:
@@ -239,11 +368,17 @@ def _check_training_length(config, where) -> None:
 
 
 def check_data_path(value: str, where: str, corpus: bool = False) -> None:
-    """A local directory is not a dataset: the loaders read one file (a pretraining corpus: a glob) or a hub id."""
+    """A local directory is not a dataset: the loaders read one file (a pretraining corpus: a glob) or a hub id. A
+    data file that is not there is found now, as the loaders would find it (a data file's suffix, or a path that
+    starts with . / ~), not after the stages before it have run (the pipeline)."""
     problem = directory_is_no_dataset(value)
     if problem:
         glob_hint = f"; for a corpus of many files give a glob, e.g. '{value.rstrip('/')}/*.txt'" if corpus else ""
         raise ConfigError(f"{where}: {problem}{glob_hint}")
+    path = Path(value).expanduser()
+    suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    if not corpus and not path.exists() and (suffix in LOCAL_FORMATS or value.startswith((".", "/", "~"))):
+        raise ConfigError(f"{where}: data file not found: {value}")
 
 
 def check_model_option(value: str, where: str, reward_model: bool, allow_pickle_weights: bool) -> None:

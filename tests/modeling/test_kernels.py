@@ -245,14 +245,81 @@ def test_varlen_attention_falls_back_to_per_example_sdpa_off_cuda():
     torch.testing.assert_close(got, expected)
 
 
-def test_gpu_training_defaults_change_nothing_off_cuda():
+def test_gpu_training_defaults_change_nothing_off_cuda_and_keep_the_examples_seen_on_cuda(capsys):
     from types import SimpleNamespace
 
-    config = SimpleNamespace(use_liger_kernel=False, loss_type="chunked_nll", gpu_tokens_per_step=8192,
-                             max_length=512, per_device_train_batch_size=4)
+    yaml = dict(use_liger_kernel=False, loss_type="chunked_nll", gpu_tokens_per_step=8192, max_length=512,
+                per_device_train_batch_size=4, gradient_accumulation_steps=8, max_steps=100, num_train_epochs=3.0,
+                warmup_steps=10, eval_steps=20, save_steps=0.5, logging_steps=1)
+    config = SimpleNamespace(**yaml)
     kernels.gpu_training_defaults(config, "cpu")
-    assert config == SimpleNamespace(use_liger_kernel=False, loss_type="chunked_nll", gpu_tokens_per_step=8192,
-                                     max_length=512, per_device_train_batch_size=4)
-    kernels.gpu_training_defaults(config, "cuda")
-    assert config.per_device_train_batch_size == 16  # 8192 tokens per step at max_length 512
+    assert config == SimpleNamespace(**yaml) and capsys.readouterr().out == ""
+    kernels.gpu_training_defaults(config, "cuda")  # the CUDA-only arithmetic, run on a CPU
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (16, 2)  # 8192 / 512 tokens
+    assert config.max_steps == 100  # 16 x 2 = 4 x 8 sequences per optimizer step: the same examples seen
     assert config.use_liger_kernel == kernels.liger_available()
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith("[batch] cuda: per_device_train_batch_size 4 -> 16, gradient_accumulation_steps 8 -> 2")
+    assert "32 sequences per optimizer step per process (the YAML's 32), max_steps 100: the same examples" in printed
+
+    # the SFT default: 4 sequences, no accumulation to trade: a 16-sequence step, a quarter of the steps
+    config = SimpleNamespace(**{**yaml, "gradient_accumulation_steps": 1})
+    kernels.gpu_training_defaults(config, "cuda")
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (16, 1)
+    assert (config.max_steps, config.warmup_steps, config.eval_steps, config.save_steps, config.logging_steps) == (
+        25, 3, 5, 0.5, 1)  # 25 x 16 = 100 x 4 sequences; a share (0.5) and 1 stay
+    assert config.max_steps * 16 == yaml["max_steps"] * yaml["per_device_train_batch_size"]
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "16 sequences per optimizer step per process (the YAML's 4), max_steps 100 -> 25, warmup_steps 10 -> 3, " \
+           "eval_steps 20 -> 5: the same examples seen" in printed
+
+
+@pytest.mark.parametrize("batch,accumulation,tokens,max_length,expected", [
+    (4, 8, 8192, 512, (16, 2)),
+    (4, 1, 8192, 512, (16, 1)),    # nothing to trade: the batch grows alone (the run is shortened to match)
+    (2, 6, 8192, 1024, (6, 2)),    # 8 would not divide the 12 sequences per step: the largest divisor under it
+    (8, 4, 2048, 512, (8, 4)),     # the YAML's batch already holds the tokens: unchanged, never lowered
+    (1, 7, 8192, 512, (16, 1)),
+])
+def test_the_gpu_batch_trades_accumulation_first(batch, accumulation, tokens, max_length, expected):
+    assert kernels.gpu_batch(batch, accumulation, tokens, max_length) == expected
+
+
+def test_the_varlen_call_fits_the_varlen_attn_of_torch_2_11_and_2_13():
+    """Our call binds to both signatures, read from the wheels' torch/nn/attention/varlen.py (2.13: the installed
+    one, inspected; 2.11: its signature as published, no enable_gqa); grouped key/value heads are repeated where
+    enable_gqa is missing. The kernel itself is CUDA-only (tests/test_gpu.py)."""
+    import inspect
+
+    calls = []
+
+    def torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1)):
+        calls.append(("2.11", key.shape, window_size))
+        return query
+
+    installed = _installed_varlen()
+
+    def torch_2_13(*args, **kwargs):
+        inspect.signature(installed).bind(*args, **kwargs)  # raises TypeError on an option it does not take
+        calls.append(("2.13", args[1].shape, kwargs["window_size"], kwargs.get("enable_gqa")))
+        return args[0]
+
+    torch_2_13.__signature__ = inspect.signature(installed)
+    q, k = torch.randn(10, 4, 8), torch.randn(10, 2, 8)  # 4 query heads, 2 key/value heads
+    bounds = torch.tensor([0, 6, 10], dtype=torch.int32)
+    for varlen in (torch_2_11, torch_2_13):
+        kernels.varlen_keywords.cache_clear()
+        kernels.varlen_call(varlen, q, k, k, bounds, 6, 0.35)
+    assert calls == [("2.11", (10, 4, 8), (-1, 0)), ("2.13", (10, 2, 8), (-1, 0), True)]
+
+    def without_window(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False):
+        return query
+
+    assert kernels.varlen_keywords(without_window) is None  # unknown signature: the SDPA path is taken
+
+
+def _installed_varlen():
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn

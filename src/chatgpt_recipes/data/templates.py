@@ -93,19 +93,24 @@ def encode_prompt(text: str, tokenizer, prompt_format: str) -> list[int]:
     return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
 
 
-def example_prompt(example: dict, tokenizer) -> str:
+def example_prompt(example: dict, tokenizer, system_prompt: str | None = None) -> str:
     """The prompt of an SFT example (chatgpt_recipes.data.sft.sft_rows: {prompt, completion} already rendered, or {messages}):
-    everything up to its last assistant answer."""
+    everything up to its last assistant answer; a chat one with `system_prompt` as its system turn when it has none
+    (None: the chat template's own default), as a stage with that system_prompt renders it."""
     if "prompt" in example:
         return example["prompt"]
     turns = example["messages"]
     last_answer = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-    return render_prompt(turns[:last_answer], tokenizer, "chat")
+    turns = turns[:last_answer]
+    if system_prompt is not None and turns[0]["role"] != "system":
+        turns = [{"role": "system", "content": system_prompt}] + turns
+    return render_prompt(turns, tokenizer, "chat")
 
 
-def example_prompt_ids(example: dict, tokenizer) -> list[int]:
+def example_prompt_ids(example: dict, tokenizer, system_prompt: str | None = None) -> list[int]:
     """Token ids of an SFT example's prompt, as tokenize_example starts the example."""
-    return encode_prompt(example_prompt(example, tokenizer), tokenizer, "chat" if "messages" in example else "plain")
+    return encode_prompt(example_prompt(example, tokenizer, system_prompt), tokenizer,
+                         "chat" if "messages" in example else "plain")
 
 
 def render_conversation(turns: list[dict], tokenizer, prompt_format: str) -> str:
@@ -204,3 +209,14 @@ def check_prompt_format(model_path: str, prompt_format: str, what: str) -> None:
     if recorded and recorded != prompt_format:
         raise ConfigError(f"{what} {model_path} was trained on prompts in the '{recorded}' format, but this run "
                           f"renders them as '{prompt_format}': set prompt_format: {recorded}")
+
+
+def check_system_prompt(model_path: str, system_prompt: str | None, what: str) -> None:
+    """Refuse to score prompts rendered with another system prompt than the model at `model_path` was trained on
+    (stage_info's system_prompt; none recorded: the chat template's own default, as this run's None)."""
+    recorded = read_stage_info(model_path).get("system_prompt")
+    if recorded != system_prompt:
+        def said(value):
+            return "the chat template's own system prompt (system_prompt unset)" if value is None else repr(value)
+        raise ConfigError(f"{what} {model_path} was trained on prompts rendered with {said(recorded)}, but this run "
+                          f"renders them with {said(system_prompt)} (stage_info.json in {model_path} records it)")

@@ -31,6 +31,8 @@ What these touch inside the libraries is in chatgpt_recipes/runtime/compat.py, c
 
 import functools
 import importlib.util
+import inspect
+import math
 import os
 from contextlib import ExitStack
 
@@ -100,6 +102,30 @@ def _torch_varlen_attention():
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=None)
+def varlen_keywords(varlen) -> frozenset[str] | None:
+    """The keyword options of this torch's `varlen_attn` that causal packed attention uses: `window_size` (causal as
+    (-1, 0)) in torch 2.11 and 2.13, `enable_gqa` (fewer key/value heads than query heads) from 2.13 on (torch
+    2.11's varlen_attn takes the same number of heads; read from both wheels' torch/nn/attention/varlen.py). None
+    when it has no window_size: a signature these recipes were not written for, so the SDPA path is used."""
+    parameters = inspect.signature(varlen).parameters
+    if "window_size" not in parameters:
+        return None
+    return frozenset(name for name in ("window_size", "enable_gqa") if name in parameters)
+
+
+def varlen_call(varlen, q, k, v, cu_seqlens, max_length, scale):
+    """Causal varlen attention of [tokens, heads, dim] q, k, v with the options this torch's varlen_attn takes;
+    without enable_gqa the key/value heads are repeated to the query heads (what enable_gqa does inside)."""
+    grouped = k.shape[1] != q.shape[1]
+    options = {"scale": scale, "window_size": (-1, 0)}
+    if grouped and "enable_gqa" in varlen_keywords(varlen):
+        options["enable_gqa"] = True
+    elif grouped:
+        k, v = (states.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for states in (k, v))
+    return varlen(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, **options)
+
+
 class _BatchBounds:
     """The cumulative example bounds (int32, on the device) and the longest example of the packed batch whose
     position_ids tensor is `position_ids`: computed at the first attention layer, reused by the others (and by a
@@ -129,7 +155,7 @@ def varlen_packed_attention(sdpa, module, query, key, value, attention_mask, dro
     cannot take (not one packed row, cached decoding, attention dropout, fp32) go to `packed_sdpa_attention`."""
     position_ids = kwargs.get("position_ids")
     varlen = _torch_varlen_attention()
-    if (varlen is None or position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1
+    if (varlen is None or varlen_keywords(varlen) is None or position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1
             or query.shape[0] != 1 or key.shape[2] != query.shape[2] or dropout > 0
             or query.dtype not in (torch.float16, torch.bfloat16) or query.device.type != "cuda"):
         return packed_sdpa_attention(sdpa, module, query, key, value, attention_mask, dropout=dropout,
@@ -137,8 +163,7 @@ def varlen_packed_attention(sdpa, module, query, key, value, attention_mask, dro
     cu_seqlens, max_length = packed_cu_seqlens(position_ids)
     # [1, heads, tokens, dim] -> [tokens, heads, dim]
     q, k, v = (states[0].transpose(0, 1) for states in (query, key, value))
-    output = varlen(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, scale=scaling,
-                    window_size=(-1, 0), enable_gqa=k.shape[1] != q.shape[1])
+    output = varlen_call(varlen, q, k, v, cu_seqlens, max_length, scaling)
     return output.unsqueeze(0), None  # [1, tokens, heads, dim], as transformers' attentions return
 
 
@@ -155,7 +180,8 @@ def packed_attention_choice(device_type: str, half_precision: bool) -> tuple[str
             return "flash_attention_3", "FlashAttention-3 is installed: transformers' flash_attention_3, padding-free"
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2", "FlashAttention-2 is installed: transformers' flash_attention_2, padding-free"
-        if _torch_varlen_attention() is not None:
+        varlen = _torch_varlen_attention()
+        if varlen is not None and varlen_keywords(varlen) is not None:
             return PACKED_VARLEN, ("PyTorch's varlen_attn (no flash-attn installed): one kernel per layer, example "
                                    "bounds computed once per batch")
     if device_type == "cuda":
@@ -177,7 +203,8 @@ def liger_available() -> bool:
 def gpu_training_defaults(config, device_type: str) -> None:
     """SFT settings for a CUDA GPU, set on `config` before the trainer is built and printed: Liger kernels (fused
     linear cross-entropy, RMSNorm, RoPE, SwiGLU through TRL/transformers' `use_liger_kernel`) when liger-kernel is
-    installed, and a batch of `gpu_tokens_per_step` tokens per device step. Nothing changes on other devices."""
+    installed, and up to `gpu_tokens_per_step` tokens per device step (`gpu_batch`), the YAML's meaning kept: the
+    same examples seen. Nothing changes on other devices."""
     if device_type != "cuda":
         return
     if liger_available() and not config.use_liger_kernel:
@@ -187,12 +214,41 @@ def gpu_training_defaults(config, device_type: str) -> None:
         say("[kernels] liger-kernel installed: Liger's fused linear cross-entropy, RMSNorm, RoPE and SwiGLU",
             flush=True)
     tokens = getattr(config, "gpu_tokens_per_step", 0)
-    if tokens and config.max_length:
-        batch = max(config.per_device_train_batch_size, tokens // config.max_length)
-        if batch != config.per_device_train_batch_size:
-            config.per_device_train_batch_size = batch
-        say(f"[batch] cuda: {batch} sequences x {config.max_length} tokens = {batch * config.max_length} tokens per "
-            f"device step (gpu_tokens_per_step={tokens}; 0 keeps per_device_train_batch_size)", flush=True)
+    if not (tokens and config.max_length):
+        return
+    before = (config.per_device_train_batch_size, config.gradient_accumulation_steps)
+    batch, accumulation = gpu_batch(*before, tokens, config.max_length)
+    if (batch, accumulation) == before:
+        return
+    config.per_device_train_batch_size, config.gradient_accumulation_steps = batch, accumulation
+    ratio = before[0] * before[1] / (batch * accumulation)  # optimizer steps per step of the YAML, <= 1
+    scaled = []
+    if config.max_steps > 0 and ratio != 1:
+        for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "logging_steps"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:  # steps (a float < 1: a share)
+                setattr(config, name, max(1, math.ceil(value * ratio)))
+                scaled.append(f"{name} {value} -> {getattr(config, name)}")
+    length = ", ".join(scaled) if scaled else (f"max_steps {config.max_steps}" if config.max_steps > 0 else
+                                                f"num_train_epochs {config.num_train_epochs}")
+    say(f"[batch] cuda: per_device_train_batch_size {before[0]} -> {batch}, gradient_accumulation_steps {before[1]} "
+        f"-> {accumulation} ({batch * config.max_length} tokens per device step, gpu_tokens_per_step={tokens}; 0 "
+        f"keeps the YAML's): {batch * accumulation} sequences per optimizer step per process (the YAML's "
+        f"{before[0] * before[1]}), {length}: the same examples seen", flush=True)
+
+
+def gpu_batch(batch: int, accumulation: int, tokens_per_step: int, max_length: int) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation steps) with about `tokens_per_step` tokens per device step. A larger
+    device batch first takes the place of accumulation (the sequences per optimizer step unchanged: it grows only to
+    a divisor of batch x accumulation); past that, it grows alone and gpu_training_defaults shortens the run to the
+    same examples seen. Never below the YAML's batch."""
+    per_optimizer_step = batch * accumulation
+    target = max(batch, tokens_per_step // max_length)
+    if target >= per_optimizer_step:
+        return target, 1
+    accumulation = next(steps for steps in range(1, per_optimizer_step + 1)
+                        if per_optimizer_step % steps == 0 and per_optimizer_step // steps <= target)
+    return per_optimizer_step // accumulation, accumulation
 
 
 class FastDropout(torch.nn.Dropout):

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 
 from chatgpt_recipes.data.options import DataArguments
-from chatgpt_recipes.data.preferences import prompt_of_row
+from chatgpt_recipes.data.preferences import prompt_of_row, with_system_prompt
 from chatgpt_recipes.data.rows import (DEFECT, UNUSABLE, SkipLog, cache_key, cached_dataset, column, eval_source,
                                        kept_indices, num_proc_for, raw_dataset, rows_of_batch, skips_of,
                                        source_fingerprint, tokenizer_fingerprint)
 from chatgpt_recipes.data.sft_split import sft_held_out_rows, split_examples
-from chatgpt_recipes.data.templates import (check_prompt_format, encode_prompt, example_prompt, read_stage_info,
-                                            render_prompt)
+from chatgpt_recipes.data.templates import (check_prompt_format, check_system_prompt, encode_prompt, example_prompt,
+                                            read_stage_info, render_prompt)
 from chatgpt_recipes.modeling.loading import adapter_base, check_model_directory, load_tokenizer, resolve_model_path
 from chatgpt_recipes.runtime.errors import ConfigError, DataError, ModelLoadError, PromptFormatError, RowError
 from chatgpt_recipes.runtime.output import say
@@ -30,6 +30,9 @@ class RLPromptArguments(DataArguments):
     dataset_name: str = field(default="data/alpaca_en_demo.json", metadata={"help": "Prompt rows (any shape)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     prompt_format: str = field(default="alpaca", metadata={"help": "alpaca, chat or plain: as SFT and the RM."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "prompt_format chat: the system turn of prompts that have none, as the reward model was trained with "
+                "(its stage_info.json; a different one is refused). Unset: the chat template's own default."})
     max_prompt_length: int = field(default=128, metadata={"help": "Longer prompts are skipped and counted."})
     max_train_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     eval_prompts: int = field(default=8, metadata={"help": "Held-out prompts for reward/KL before and after."})
@@ -41,13 +44,14 @@ class RLPromptArguments(DataArguments):
     on_weak_reward_model: str = field(default="error", metadata={"help": "error or warn on a weak reward model."})
 
 
-def _prompt_batch(batch, columns, source, tokenizer, prompt_format, max_prompt_length):
+def _prompt_batch(batch, columns, source, tokenizer, prompt_format, max_prompt_length, system_prompt=None):
     out = {"row": [], "input_ids": [], "prompt": [], "skip_field": [], "skip_reason": [], "skip_kind": []}
     for number, row in rows_of_batch(batch, columns, source):
         out["row"].append(number)
         ids, text, field, reason, kind = [], "", "", "", ""
         try:
-            text = render_prompt(prompt_of_row(row, f"row {number}"), tokenizer, prompt_format)
+            text = render_prompt(with_system_prompt(prompt_of_row(row, f"row {number}"), system_prompt), tokenizer,
+                                 prompt_format)
             ids = encode_prompt(text, tokenizer, prompt_format)
             if len(ids) > max_prompt_length:
                 reason, kind = f"prompt longer than max_prompt_length={max_prompt_length} tokens", UNUSABLE
@@ -64,21 +68,22 @@ def _prompt_batch(batch, columns, source, tokenizer, prompt_format, max_prompt_l
 def prompt_dataset(source: str, tokenizer, prompt_format: str, max_prompt_length: int, limit: int | None = None,
                    split: str = "train", tokenized: bool = True, columns: dict | None = None,
                    num_proc: int | None = None, max_skipped_fraction: float = 0.05,
-                   skips: SkipLog | None = None) -> Dataset:
+                   skips: SkipLog | None = None, system_prompt: str | None = None) -> Dataset:
     """PPO/RLOO prompts from any row shape chatgpt_recipes.data.preferences reads, rendered exactly as SFT renders them, prepared
     once and cached (chatgpt_recipes.data.rows.cached_dataset). tokenized: {"input_ids"} (PPO); False: {"prompt": text} (RLOO
     tokenises itself). Defective rows, prompts the format cannot render and prompts longer than max_prompt_length
     tokens are skipped and counted (into `skips` when given)."""
     columns = columns or {}
     key = cache_key("prompts", source_fingerprint(source, split), tokenizer_fingerprint(tokenizer), prompt_format,
-                    max_prompt_length, columns)
+                    max_prompt_length, columns, *([system_prompt] if system_prompt is not None else []))
 
     def build() -> Dataset:
         raw = raw_dataset(source, split)
         return raw.map(_prompt_batch, batched=True, batch_size=500, num_proc=num_proc_for(num_proc, len(raw)),
                        remove_columns=raw.column_names, new_fingerprint=key, desc="Rendering prompts",
                        fn_kwargs={"columns": columns, "source": source, "tokenizer": tokenizer,
-                                  "prompt_format": prompt_format, "max_prompt_length": max_prompt_length})
+                                  "prompt_format": prompt_format, "max_prompt_length": max_prompt_length,
+                                  "system_prompt": system_prompt})
 
     dataset = cached_dataset(key, build, source)
     found = skips_of(dataset, source)
@@ -102,7 +107,8 @@ def rl_prompts(config, tokenizer, tokenized: bool, policy_dir: str) -> tuple[Dat
     chatgpt_recipes.data.sft_split), never trained on; else (no SFT rows held out) the first eval_prompts prompts."""
     skips = SkipLog()
     options = dict(tokenized=tokenized, columns=config.columns, num_proc=config.dataset_num_proc,
-                   max_skipped_fraction=config.max_skipped_fraction, skips=skips)
+                   max_skipped_fraction=config.max_skipped_fraction, skips=skips,
+                   system_prompt=getattr(config, "system_prompt", None))
     args = (tokenizer, config.prompt_format, config.max_prompt_length)
     separate = eval_source(config)
     if separate:
@@ -150,7 +156,8 @@ def sft_held_out_prompts(config, tokenizer, policy_dir: str) -> set[str]:
     if not held_out:
         return set()
     _, examples = split_examples(config.dataset_name, config.dataset_split, held_out)
-    return {example_prompt(example, tokenizer) for _, example in examples}
+    # rendered as the RL prompts are, with the system turn of config.system_prompt
+    return {example_prompt(example, tokenizer, getattr(config, "system_prompt", None)) for _, example in examples}
 
 
 def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: str, reward_path: str,
@@ -250,6 +257,9 @@ def checked_rl_inputs(config, model_args, trust_remote_code: bool = False):
     check_prompt_format(policy_path, config.prompt_format, "the policy")
     check_reward_model_path(reward_path)
     check_prompt_format(reward_path, config.prompt_format, "the reward model")
+    # a reward model trained with another system prompt (reward_model.py's system_prompt) would score prompts unlike
+    # those it learnt on
+    check_system_prompt(reward_path, config.system_prompt, "the reward model")
     rm_info = check_reward_model_quality(reward_path, config.min_reward_model_accuracy, config.on_weak_reward_model)
     tokenizer = load_tokenizer(policy_path, trust_remote_code)
     check_same_tokenizer(tokenizer, load_tokenizer(reward_path), policy_path, reward_path, config.prompt_format)

@@ -90,9 +90,10 @@ def _without_option(args: list[str], name: str) -> list[str]:
     return kept
 
 
-def resolve_precision_flags(args: list[str], config_path: str):
+def resolve_precision_flags(args: list[str], config_path: str, quiet: bool = False):
     """Replace `bf16`/`fp16` set to auto (or unset) in the YAML or on the command line by the precision decision
-    for this hardware (chatgpt_recipes/runtime/precision.py); explicit true/false stay. Prints the choice once."""
+    for this hardware (chatgpt_recipes/runtime/precision.py); explicit true/false stay. Prints the choice once
+    (not when `quiet`)."""
     config = yaml.safe_load(Path(config_path).read_text()) or {}
     try:
         requested = {name: parse_flag(_last_setting(args, config, name)) for name in ("bf16", "fp16")}
@@ -102,7 +103,8 @@ def resolve_precision_flags(args: list[str], config_path: str):
     precision = choose_precision(detect_capability(bool(use_cpu)), **requested)
     for name in ("bf16", "fp16"):
         args = _without_option(args, name) + [f"--{name}", str(getattr(precision, name)).lower()]
-    announce(precision.reason)
+    if not quiet:
+        announce(precision.reason)
     return precision, args
 
 

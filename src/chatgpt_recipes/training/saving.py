@@ -71,7 +71,7 @@ def save_aligned_policy(trainer, policy, config, model_args: ModelArguments, tok
         return
     tokenizer.save_pretrained(config.output_dir)
     save_stage_info(config.output_dir, stage, config.prompt_format, reward_model=reward_path,
-                    policy=model_args.model_name_or_path)
+                    policy=model_args.model_name_or_path, system_prompt=getattr(config, "system_prompt", None))
     carry_sft_split(model_args.model_name_or_path, config.output_dir)
     save_json(os.path.join(config.output_dir, f"{stage}_results.json"), metrics)
     for name, content in (extra_files or {}).items():
