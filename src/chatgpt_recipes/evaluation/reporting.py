@@ -194,7 +194,8 @@ def evaluation_markdown(results: dict) -> str:
                   f"{interval}, margin {rm['margin_mean']:.3g} ± {rm['margin_std']:.3g}."]
     if results.get("kl_reference"):
         lines += ["", f"KL to reference: each model's mean KL to `{results['kl_reference']}` on its own sampled "
-                  "answers (sum over answer tokens of log p_model - log p_reference)."]
+                  "answers, per token Schulman's k3, (r - 1) - log r with r = p_reference / p_model, summed over the "
+                  "answer's tokens: never negative."]
     return "\n".join(lines)
 
 
