@@ -34,6 +34,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from itertools import combinations
+from pathlib import Path
 
 import evaluate
 import torch
@@ -47,12 +48,14 @@ from chatgpt_recipes.data.sft_split import sft_held_out_rows, split_examples
 from chatgpt_recipes.data.templates import check_system_prompt, example_prompt, example_prompt_ids, read_stage_info
 from chatgpt_recipes.data.text import load_documents, token_blocks
 from chatgpt_recipes.evaluation.metrics import (answer_token_logprobs, dataset_perplexity, distinct_n, k3_kl,
-                                                pairwise_accuracy, reward_scores, sample_answers, win_rate)
+                                                pairwise_accuracy, recorded_pairwise_accuracy, reward_scores,
+                                                sample_answers, win_rate)
 from chatgpt_recipes.evaluation.reporting import (evaluation_markdown, plot_model_comparison, plot_win_rates,
                                                   write_training_report)
 from chatgpt_recipes.modeling.generation import stop_token_ids
 from chatgpt_recipes.modeling.loading import load_for_inference, load_tokenizer, resolve_model_path
 from chatgpt_recipes.runtime.errors import ConfigError, ModelLoadError
+from chatgpt_recipes.runtime.output import say
 from chatgpt_recipes.runtime.precision import inference_dtype
 from chatgpt_recipes.training.reward import load_reward_model
 
@@ -71,7 +74,8 @@ class EvaluationConfig:
     judge_preference_dataset: str | None = field(default=None, metadata={
         "help": "Preference pairs the judge's accuracy is measured on: the rows its own training held out "
                 "(judge_preference_eval_split_size, seed)."})
-    judge_preference_eval_split_size: float = field(default=50, metadata={"help": "The judge's held-out rankings."})
+    judge_preference_eval_split_size: float = field(default=50, metadata={
+        "help": "The judge's held-out rankings, for a judge whose stage_info.json records no evaluation on them."})
     output_dir: str = field(default="outputs/eval-smollm2")
     dataset_name: str = field(default="data/alpaca_en_demo.json",
                               metadata={"help": "Instruction set: held-out responses (perplexity) and prompts."})
@@ -84,7 +88,9 @@ class EvaluationConfig:
     text_eval_documents: int = field(default=5, metadata={"help": "Its first N documents (pretraining's held-out)."})
     preference_dataset: str | None = field(default="data/dpo_en_demo.json",
                                            metadata={"help": "Preference pairs/rankings for RM accuracy."})
-    preference_eval_split_size: float = field(default=40, metadata={"help": "Held-out rankings; the RM's value."})
+    preference_eval_split_size: float = field(default=40, metadata={
+        "help": "Held-out rankings (the RM's value), for a reward model whose stage_info.json records no evaluation "
+                "on preference_dataset: recipes/reward_model.py records one, which is reported instead."})
     prompt_format: str = field(default="alpaca", metadata={"help": "How the RM renders preference prompts, "
                                                            "unless its stage_info.json says: alpaca, chat or plain."})
     system_prompt: str | None = field(default=None, metadata={
@@ -192,13 +198,19 @@ def score_answers(config, reward_model_name: str, preference_dataset: str | None
                   system_prompt: str | None = None) -> tuple[dict | None, dict]:
     """A reward model's pairwise accuracy on the held-out rows of `preference_dataset` (None without one) and its
     score of every model's answer to each prompt, the prompt rendered for its tokenizer, in its prompt format and
-    with `system_prompt` (the reward model's: checked against its stage_info.json before any model loads)."""
+    with `system_prompt` (the reward model's: checked against its stage_info.json before any model loads). A reward
+    model trained by recipes/reward_model.py recorded its final evaluation on the pairs its training held out of
+    `preference_dataset`: that record is reported, not measured again; other models and data are scored here."""
     path = local_reward_model(reward_model_name)
     tokenizer = load_tokenizer(path)
     reward_model = load_reward_model(path, inference_dtype(config.dtype, config.use_cpu)).to(device)  # centred
-    prompt_format = read_stage_info(path).get("prompt_format", config.prompt_format)
-    accuracy = None
-    if preference_dataset:
+    stage_info = read_stage_info(path)
+    prompt_format = stage_info.get("prompt_format", config.prompt_format)
+    accuracy = recorded_pairwise_accuracy(stage_info, preference_dataset)
+    if accuracy is not None:
+        say(f"[{Path(path).name}] accuracy on its {accuracy['pairs']} held-out pairs of {preference_dataset}: "
+            "read from its stage_info.json, as its training measured it")
+    elif preference_dataset:
         rankings = read_rankings(read_rows(preference_dataset), preference_dataset)
         _, held_out = split_train_eval(rankings, eval_split_size, config.seed)
         pairs, _ = tokenize_rankings(held_out, tokenizer, prompt_format, None,  # no length cut: any pair

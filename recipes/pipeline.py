@@ -144,7 +144,8 @@ def stage_paths(config: PipelineConfig) -> dict[str, dict]:
 def derived_defaults(config: PipelineConfig, stage: str) -> dict:
     """Options that follow SFT's and the reward model's unless the stage sets them: the comparison data, the RL
     stages and the evaluation read SFT's data file (the rows SFT held out they read from its sft_split.json, not from
-    options), and the evaluation scores the RM on the pairs it held out."""
+    options), and the evaluation reports the RM's accuracy on the pairs it held out as the RM's stage_info.json
+    recorded it (the split size is passed on for a reward model with no such record)."""
     sft, rm = config.sft, config.reward_model
     wiring = stage_paths(config)
     sft_data = wiring.get("sft", {}).get("dataset_name", sft.get("dataset_name"))

@@ -14,7 +14,8 @@ HH-RLHF transcripts) or K-wise rankings {prompt, responses: [best, ..., worst]} 
 Each ranking gives its C(K,2) pairs weighted 1/C(K,2), all in the same step. The score is read at the EOS that
 ends each answer. After training, the mean reward on training answers is stored as `reward_offset` in
 config.json, so the PPO/RLOO loaders see centred rewards. Output: a plain sequence-classification model (LoRA
-merged) with tokenizer, eval_results.json (pairwise accuracy, mean margin) and stage_info.json.
+merged) with tokenizer, eval_results.json (pairwise accuracy, mean margin) and stage_info.json, whose record of
+that evaluation the pipeline's evaluation reports rather than scoring the same pairs again.
 Rerunning the same command after an interruption resumes from the newest checkpoint in output_dir.
 """
 
@@ -100,7 +101,7 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
     metrics.update({f"{split}_{key}_rankings": count for split, counts in truncation.items()
                     for key, count in counts.items()})
     if eval_dataset is not None:
-        eval_metrics = final_evaluation(trainer)  # TRL's eval_accuracy, eval_margin (mean chosen - rejected score)
+        eval_metrics = final_evaluation(trainer)  # eval_accuracy, eval_margin (mean chosen - rejected), eval_pairs
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()
@@ -125,7 +126,9 @@ def main(config: RewardRecipeConfig, model_args: ModelArguments):
         tokenizer.save_pretrained(config.output_dir)
         save_stage_info(config.output_dir, "reward_model", config.prompt_format,
                         eval_accuracy=metrics.get("eval_accuracy"), eval_margin=metrics.get("eval_margin"),
+                        eval_margin_std=metrics.get("eval_margin_std"), eval_correct=metrics.get("eval_correct"),
                         eval_pairs=len(eval_dataset) if eval_dataset is not None else 0,
+                        eval_dataset=(separate[0] if separate else config.dataset_name) if eval_dataset else None,
                         max_length=config.max_length, system_prompt=config.system_prompt, truncation=truncation,
                         reward_offset=offset, base_model=model_args.model_name_or_path)
         write_training_report(config.output_dir, "Reward model", trainer.state.log_history, metrics,

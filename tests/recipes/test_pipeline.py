@@ -76,6 +76,10 @@ def test_pipeline_runs_every_stage_writes_the_report_and_resumes(tmp_path, tiny_
     # the reward model learnt the marker preference: its held-out accuracy is the known answer, 100%
     assert results["reward_model_accuracy"]["accuracy"] == pytest.approx(1.0)
     assert results["reward_model_accuracy"]["pairs"] == 8
+    # reported from the RM's own final evaluation (its stage_info.json), not from a second scoring of those pairs
+    recorded = json.loads((out / "reward_model" / "stage_info.json").read_text())
+    assert (recorded["eval_correct"], recorded["eval_pairs"]) == (results["reward_model_accuracy"]["correct"], 8)
+    assert "8 held-out pairs of" in first.stdout and "read from its stage_info.json" in first.stdout
     report = (out / "report.md").read_text()
     for picture in ("stage_comparison.png", "win_rates.png"):
         assert (out / picture).stat().st_size > 10_000 and f"({picture})" in report

@@ -51,7 +51,7 @@ def test_reward_model_trains_on_the_real_hh_sample(tmp_path, tiny_llama_dir, dat
     report = (out / "report.md").read_text()
     assert "## Skipped rows" in report and "field 'chosen' has an empty final Assistant turn | defect | 1" in report
     results = json.loads((out / "eval_results.json").read_text())
-    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert results["eval_pairs"] == 31 and results["eval_accuracy"] == results["eval_correct"] / 31  # each counted
 
 
 def test_dpo_trains_on_the_real_hh_sample(tmp_path, tiny_llama_dir, data_cache):

@@ -77,6 +77,24 @@ def test_the_final_weights_are_evaluated_once(trained_rm):
     assert results["eval_accuracy"] == final[0]["eval_accuracy"] and results["eval_margin"] == final[0]["eval_margin"]
 
 
+def test_the_recorded_evaluation_counts_every_held_out_pair(trained_rm):
+    """stage_info.json records the held-out pairs ranked right and their count, which later stages report instead
+    of scoring again: the saved model, scoring the same cut pairs one by one, ranks exactly as many right (TRL's
+    own eval_accuracy is a mean of per-batch means, off when the last batch is short)."""
+    info = json.loads(open(trained_rm["dir"] + "/stage_info.json").read())
+    tokenizer = load_tokenizer(trained_rm["dir"])
+    _, held_out = split_train_eval(read_rankings(read_rows(trained_rm["data"]), "marker"), 20, 42)
+    pairs, _ = tokenize_rankings(held_out, tokenizer, "alpaca", MAX_LENGTH, "marker", "truncate")
+    model = load_reward_model(trained_rm["dir"])
+    margins = torch.tensor([mean_reward(model, [p["chosen_ids"]], tokenizer.pad_token_id)
+                            - mean_reward(model, [p["rejected_ids"]], tokenizer.pad_token_id) for p in pairs])
+    assert info["eval_pairs"] == len(pairs) and info["eval_pairs"] % 8 != 0  # a short last batch of 8
+    assert info["eval_correct"] == (margins > 0).sum().item() + 0.5 * (margins == 0).sum().item()
+    assert info["eval_accuracy"] == info["eval_correct"] / info["eval_pairs"]
+    assert info["eval_margin"] == pytest.approx(margins.mean().item(), abs=1e-3)
+    assert info["eval_dataset"] == trained_rm["data"]
+
+
 def test_centred_rewards_have_mean_zero(trained_rm):
     tokenizer = load_tokenizer(trained_rm["dir"])
     rankings = read_rankings(read_rows(trained_rm["data"]), "marker")

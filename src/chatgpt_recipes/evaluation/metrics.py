@@ -47,7 +47,21 @@ def pairwise_accuracy(chosen_scores, rejected_scores) -> dict:
     correct = (margin > 0).double() + 0.5 * (margin == 0).double()
     low, high = wilson_interval(correct.sum().item(), chosen.numel())
     return {"accuracy": correct.mean().item(), "ci_low": low, "ci_high": high, "margin_mean": margin.mean().item(),
-            "margin_std": margin.std().item() if margin.numel() > 1 else 0.0, "pairs": chosen.numel()}
+            "margin_std": margin.std().item() if margin.numel() > 1 else 0.0, "pairs": chosen.numel(),
+            "correct": correct.sum().item()}
+
+
+def recorded_pairwise_accuracy(stage_info: dict, preference_dataset: str | None) -> dict | None:
+    """pairwise_accuracy's figures as a reward model's stage_info.json recorded its final evaluation, when that
+    evaluation was on the held-out pairs of `preference_dataset`; None when it was not (or the record predates
+    `eval_correct`), and the pairs must be scored."""
+    if (preference_dataset is None or stage_info.get("eval_dataset") != preference_dataset
+            or stage_info.get("eval_correct") is None or not stage_info.get("eval_pairs")):
+        return None
+    correct, pairs = stage_info["eval_correct"], stage_info["eval_pairs"]
+    low, high = wilson_interval(correct, pairs)
+    return {"accuracy": correct / pairs, "ci_low": low, "ci_high": high, "margin_mean": stage_info["eval_margin"],
+            "margin_std": stage_info.get("eval_margin_std", 0.0), "pairs": pairs, "correct": correct}
 
 
 def wilson_interval(successes: float, total: int, z: float = 1.959964) -> tuple[float, float]:

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from trl import RewardTrainer
 
 from chatgpt_recipes.data.templates import encode_prompt
-from chatgpt_recipes.evaluation.metrics import reward_scores
+from chatgpt_recipes.evaluation.metrics import pairwise_accuracy, reward_scores
 from chatgpt_recipes.modeling.loading import lora_config, torch_dtype
 from chatgpt_recipes.runtime import compat
 from chatgpt_recipes.runtime.errors import ConfigError, ModelLoadError
@@ -65,6 +65,7 @@ class KWiseRewardTrainer(RewardTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         compat.keep_dataset_columns(self, self.COLUMNS)  # for the eval dataloader, which transformers builds
+        self._eval_margins = []  # each held-out pair's score(chosen) - score(rejected), every rank's
 
     def get_train_dataloader(self):
         sampler = PromptGroupedBatchSampler(self.train_dataset["group"], self.args.per_device_train_batch_size,
@@ -80,10 +81,24 @@ class KWiseRewardTrainer(RewardTrainer):
         weight = inputs.pop("weight")
         _, outputs = super().compute_loss(model, inputs, return_outputs=True)  # TRL's metrics: accuracy, margin
         chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+        if not self.model.training:
+            self._eval_margins.append(self.accelerator.gather_for_metrics((chosen - rejected).detach().float()))
         loss = (weight * -torch.nn.functional.logsigmoid(chosen - rejected)).sum() / weight.sum()
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """An evaluation's accuracy and margin counted over its pairs, as the evaluation stage counts them (TRL
+        averages per-batch means, which weighs a short last batch like a full one), with the pair count and the
+        number ranked right (a tie counts half), so that later stages read this evaluation instead of redoing it."""
+        if not self.model.training and self._eval_margins:
+            margins, self._eval_margins = torch.cat(self._eval_margins).double().cpu(), []
+            exact = pairwise_accuracy(margins, torch.zeros_like(margins))
+            exact["margin"] = exact.pop("margin_mean")  # TRL's name: eval_margin
+            for key in ("accuracy", "correct", "pairs", "margin", "margin_std"):
+                self._metrics["eval"][key] = [exact[key]]
+        super().log(logs, start_time)
 
 
 def final_evaluation(trainer) -> dict:
