@@ -534,6 +534,12 @@ def cpu_words(cpu: dict) -> str:
     return f"{cpu['model']} ({'native' if cpu['native_bf16'] else 'no native'} bf16)"
 
 
+def in_repo(path) -> str:
+    """A path as the result files and the summary show it: from the repository root when it lies inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else path)
+
+
 def summary(results: Path) -> str:
     """The markdown tables (per seed; mean ± standard deviation over seeds; variants) from the result files."""
     records = read_results(results)
@@ -542,7 +548,7 @@ def summary(results: Path) -> str:
     stock = {r["seed"]: r for r in records if r["model"] == "stock"}
     main_rows = [r for r in records if r["variant"] is None]
     shas = {r["eval_pairs_sha"] for r in records}
-    lines = [f"Result files: {results} ({len(records)}); held-out pairs: "
+    lines = [f"Result files: {in_repo(results)} ({len(records)}); held-out pairs: "
              f"{', '.join(sorted({str(r['eval_pairs']) for r in records}))}, "
              f"{'the identical set in every file' if len(shas) == 1 else f'{len(shas)} DIFFERENT sets (see sha)'} "
              f"(eval_pairs_sha {', '.join(s[:12] for s in sorted(shas))}); CPU: "
@@ -710,8 +716,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(pairs)} pairs scored by both models (eval_pairs_sha {sha[:12]}), "
           f"{len({x['row'] for x in left_out})} left out for both: {left_out}; the recipe's rendering cuts "
           f"{eval_cuts['truncated']} of them from the left", flush=True)
-    context = {"data": str(args.data), "train_rows_sha": rows_sha(train_rows), "held_out_rows": len(held_out),
-               "recipe_args": args.recipe_args, "config": str(args.config), "eval_truncation_recipe": eval_cuts,
+    context = {"data": in_repo(args.data), "train_rows_sha": rows_sha(train_rows), "held_out_rows": len(held_out),
+               "recipe_args": args.recipe_args, "config": in_repo(args.config), "eval_truncation_recipe": eval_cuts,
                "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
                "versions": versions()}
     for seed in seeds:

@@ -79,13 +79,14 @@ def test_a_recipe_run_prints_none_of_the_lines_that_do_not_apply(tmp_path, tiny_
     rows = [{"prompt": f"Name colour {i}.", "chosen": "Blue, the sky.", "rejected": "No."} for i in range(24)]
     (tmp_path / "prefs.json").write_text(json.dumps(rows))
     result = run_recipe("reward_model.py", "--model_name_or_path", tiny_llama_dir, "--dataset_name",
-                        tmp_path / "prefs.json", "--use_peft", "false", "--max_steps", "1", "--eval_split_size", "4",
+                        tmp_path / "prefs.json", "--use_peft", "true", "--dtype", "float32",  # merged into a reload
+                        "--max_steps", "1", "--eval_split_size", "4",
                         "--per_device_train_batch_size", "4", "--max_length", "32", "--centering_samples", "8",
                         "--report_to", "none", "--save_strategy", "no", "--output_dir", tmp_path / "rm")
     output = result.stdout + result.stderr
     shown = [line for line in NOT_APPLYING if line in output]
     assert not shown, output[-4000:]
-    assert "new score head (score.weight)" in output
+    assert output.count("new score head (score.weight)") == 1, output[-4000:]  # not again for the merge's base
     # the line the README's bad-input table quotes for a pair longer than max_length is the line printed
     row = next(line for line in (REPO / "README.md").read_text().splitlines()
                if line.startswith("| pair longer than `max_length` |"))

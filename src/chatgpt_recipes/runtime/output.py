@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import warnings
+from contextlib import contextmanager
 
 DEBUG_RANKS_ENV = "RECIPES_DEBUG_RANKS"
 
@@ -61,6 +62,19 @@ def _deepspeed_in_use_or_other(record) -> bool:
 
 
 _NEW_HEAD_ROW = re.compile(r"^(\S+)\s*\|\s*MISSING\s*\|")
+_head_to_be_replaced = False  # set by head_replaced_on_load()
+
+
+@contextmanager
+def head_replaced_on_load():
+    """While a model is built whose new score head the trained one replaces at once (the base a LoRA adapter is
+    merged into at save): the load report's line would say the opposite of what happens, so it is not shown."""
+    global _head_to_be_replaced
+    _head_to_be_replaced = True
+    try:
+        yield
+    finally:
+        _head_to_be_replaced = False
 
 
 def _new_score_head_as_one_line(record) -> bool:
@@ -76,6 +90,8 @@ def _new_score_head_as_one_line(record) -> bool:
     keys = [match.group(1) for match in map(_NEW_HEAD_ROW.match, rows) if match]
     if not rows or len(keys) != len(rows) or not all(key.startswith("score.") for key in keys):
         return True
+    if _head_to_be_replaced:
+        return False
     source = message.split(" from: ", 1)[1].splitlines()[0] if " from: " in message else "the checkpoint"
     record.msg, record.args = f"{source}: new score head ({', '.join(keys)}), initialised for this recipe to train", ()
     return True

@@ -16,6 +16,7 @@ from chatgpt_recipes.evaluation.reporting import save_json, write_training_repor
 from chatgpt_recipes.modeling.generation import zero3_gathered
 from chatgpt_recipes.modeling.loading import ModelArguments, load_adapter, load_model, resolve_model_path
 from chatgpt_recipes.runtime.compat import models_built_whole
+from chatgpt_recipes.runtime.output import head_replaced_on_load
 
 
 @contextmanager
@@ -44,7 +45,8 @@ def merged_model(model, model_args: ModelArguments, tokenizer, num_labels: int |
         model.save_pretrained(tmp)
         full = replace(model_args, load_in_4bit=False, load_in_8bit=False, dtype=checkpoint_dtype(model_args))
         device = next(model.parameters()).device
-        base = load_model(full, tokenizer, num_labels=num_labels)  # on this process's GPU when there is one
+        with head_replaced_on_load():
+            base = load_model(full, tokenizer, num_labels=num_labels)  # on this process's GPU when there is one
         if base.device != device:
             base.to(device)
         return load_adapter(base, tmp).merge_and_unload()
