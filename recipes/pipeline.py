@@ -153,11 +153,12 @@ def derived_defaults(config: PipelineConfig, stage: str) -> dict:
                                                                                                         stage):
         derived = {"dataset_name": sft_data, "seed": sft.get("seed")}
     elif stage == "evaluate":
+        trained_rm = stage_settings(config, "reward_model") if "reward_model" in config.stages else rm
         derived = {"dataset_name": sft_data, "seed": sft.get("seed"), "max_length": sft.get("max_length"),
-                   "preference_dataset": rm.get("dataset_name"), "preference_eval_split_size": rm.get("eval_split_size"),
+                   "preference_dataset": wiring.get("reward_model", {}).get("dataset_name",
+                                                                            trained_rm.get("dataset_name")),
+                   "preference_eval_split_size": trained_rm.get("eval_split_size"),
                    "kl_reference": "sft" if "sft" in config.stages else None}
-        if "comparisons" in config.stages and "reward_model" in config.stages:
-            derived["preference_dataset"] = wiring["reward_model"]["dataset_name"]
         if "judge" in config.stages and not config.judge_model:  # the judge's accuracy on the rows it held out
             judge = stage_settings(config, "judge")
             derived.update(judge_preference_dataset=judge.get("dataset_name"),

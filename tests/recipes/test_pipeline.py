@@ -143,6 +143,12 @@ def test_comparison_data_feeds_the_reward_model_and_every_stage_follows_sfts_dat
     evaluation = derived_defaults(config, "evaluate")
     assert evaluation["preference_dataset"] == pairs and evaluation["preference_eval_split_size"] == 50
     assert "eval_split_size" not in evaluation and evaluation["seed"] == 7 and evaluation["kl_reference"] == "sft"
+    # without comparison data: the preference file the RM trains on, its recipe YAML's when the stage names none
+    yaml_data = PipelineConfig(output_dir="out", stages=["sft", "reward_model", "evaluate"])
+    assert derived_defaults(yaml_data, "evaluate")["preference_dataset"] == "data/dpo_en_demo.json"
+    own_data = PipelineConfig(output_dir="out", stages=["sft", "reward_model", "evaluate"],
+                              reward_model={"dataset_name": "prefs.jsonl"})
+    assert derived_defaults(own_data, "evaluate")["preference_dataset"] == "prefs.jsonl"
     own_prompts = PipelineConfig(output_dir="out", stages=["sft", "ppo"], ppo={"dataset_name": "hh.jsonl"})
     assert derived_defaults(own_prompts, "ppo") == {}  # another prompt set: nothing of SFT's to follow
 
