@@ -12,9 +12,9 @@ from chatgpt_recipes.data.preferences import prompt_of_row, with_system_prompt
 from chatgpt_recipes.data.rows import (DEFECT, UNUSABLE, SkipLog, cache_key, cached_dataset, column, eval_source,
                                        kept_indices, num_proc_for, raw_dataset, rows_of_batch, skips_of,
                                        source_fingerprint, tokenizer_fingerprint)
-from chatgpt_recipes.data.sft_split import sft_held_out_rows, split_examples
-from chatgpt_recipes.data.templates import (check_prompt_format, check_system_prompt, encode_prompt, example_prompt,
-                                            read_stage_info, render_prompt)
+from chatgpt_recipes.data.sft_split import sft_held_out_rows
+from chatgpt_recipes.data.templates import (check_prompt_format, check_system_prompt, encode_prompt, read_stage_info,
+                                            render_prompt)
 from chatgpt_recipes.modeling.loading import adapter_base, check_model_directory, load_tokenizer, resolve_model_path
 from chatgpt_recipes.runtime.errors import ConfigError, DataError, ModelLoadError, PromptFormatError, RowError
 from chatgpt_recipes.runtime.output import say
@@ -96,8 +96,8 @@ def prompt_dataset(source: str, tokenizer, prompt_format: str, max_prompt_length
         kept = kept[:limit]
     if not kept:
         raise DataError(f"{source}: no usable prompts (see the skip counts above)")
-    if tokenized is None:  # both, for the caller to select from
-        return dataset.select(kept).select_columns(["input_ids", "prompt"])
+    if tokenized is None:  # both, and each prompt's row number, for the caller to select from
+        return dataset.select(kept).select_columns(["input_ids", "prompt", "row"])
     return dataset.select(kept).select_columns(["input_ids"] if tokenized else ["prompt"])
 
 
@@ -115,16 +115,17 @@ def rl_prompts(config, tokenizer, tokenized: bool, policy_dir: str) -> tuple[Dat
         train = prompt_dataset(config.dataset_name, *args, config.max_train_prompts, config.dataset_split, **options)
         held_out = prompt_dataset(separate[0], *args, config.eval_prompts, separate[1], **options)
         return train, held_out, skips
-    held_out_texts = sft_held_out_prompts(config, tokenizer, policy_dir)
-    if held_out_texts:
+    sft_held_out = sft_held_out_rows([policy_dir], config.dataset_name, config.dataset_split, "sft_eval_split_size",
+                                     config.sft_eval_split_size, config.seed)
+    if sft_held_out:
         prompts = prompt_dataset(config.dataset_name, *args, None, config.dataset_split, **{**options,
                                                                                              "tokenized": None})
-        is_held_out = [text in held_out_texts for text in prompts["prompt"]]
+        is_held_out = [row in sft_held_out for row in prompts["row"]]
         train_rows = [i for i, held in enumerate(is_held_out) if not held][: config.max_train_prompts]
         held_out_rows = [i for i, held in enumerate(is_held_out) if held][: config.eval_prompts]
         if not held_out_rows:
-            raise DataError(f"{config.dataset_name}: none of the {len(held_out_texts)} prompts SFT held out is among "
-                            "its usable prompts; is it SFT's dataset?")
+            raise DataError(f"{config.dataset_name}: none of the {len(sft_held_out)} rows SFT held out of it gives a "
+                            "usable prompt (see the skip counts above)")
         columns = ["input_ids"] if tokenized else ["prompt"]
         return (prompts.select(train_rows).select_columns(columns),
                 prompts.select(held_out_rows).select_columns(columns), skips)
@@ -146,18 +147,6 @@ def ptx_training_rows(prepared, config, policy_dir: str) -> list[int]:
                                  config.sft_eval_split_size if same_file else 0, config.seed)  # size: no record
     row_numbers = column(prepared.dataset, "row")
     return [index for index in prepared.examples if row_numbers[index] not in held_out]
-
-
-def sft_held_out_prompts(config, tokenizer, policy_dir: str) -> set[str]:
-    """The prompts of the rows SFT held out of config.dataset_name (recorded in `policy_dir`, else recomputed from
-    sft_eval_split_size and seed), as SFT rendered them."""
-    held_out = sft_held_out_rows([policy_dir], config.dataset_name, config.dataset_split, "sft_eval_split_size",
-                                 config.sft_eval_split_size, config.seed)
-    if not held_out:
-        return set()
-    _, examples = split_examples(config.dataset_name, config.dataset_split, held_out)
-    # rendered as the RL prompts are, with the system turn of config.system_prompt
-    return {example_prompt(example, tokenizer, getattr(config, "system_prompt", None)) for _, example in examples}
 
 
 def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy_path: str, reward_path: str,
