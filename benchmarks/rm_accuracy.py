@@ -513,11 +513,12 @@ def mean_spread(values: list[float], scale: float = 100, form: str = ".1f") -> s
 
 
 def paired(recipe: dict, stock: dict) -> dict:
-    """recipe - stock on the identical pairs; DataError when they did not score the same pairs."""
+    """recipe - stock (or a variant - the recipe's default) on the identical pairs; DataError when they did not
+    score the same pairs."""
     if recipe["eval_pairs_sha"] != stock["eval_pairs_sha"]:
         raise DataError(f"seed {recipe['seed']}: {result_name('recipe', recipe['seed'], recipe['variant'])} and "
-                        "stock scored different held-out pairs (eval_pairs_sha); rerun both with the same data and "
-                        "--eval_rows")
+                        f"{result_name(stock['model'], stock['seed'], stock['variant'])} scored different held-out "
+                        "pairs (eval_pairs_sha); rerun both with the same data and --eval_rows")
     a = correct([s[1] for s in recipe["pair_scores"]], [s[2] for s in recipe["pair_scores"]])
     b = correct([s[1] for s in stock["pair_scores"]], [s[2] for s in stock["pair_scores"]])
     low, high = paired_bootstrap(a, b, seed=recipe["seed"])
@@ -588,10 +589,18 @@ def summary(results: Path) -> str:
             lines.append(f"| {name}{f' ({variant})' if variant else ''} | {mean_spread(values)} | {versus} |")
     variants = [r for r in records if r["variant"]]
     if variants:
-        lines += ["", "| variant | seed | its recipe_args | settings that differ from stock's |", "|---|---|---|---|"]
+        default = {r["seed"]: r for r in main_rows if r["model"] == "recipe"}
+        lines += ["", "| variant | seed | accuracy % | variant - the recipe's default, points [95% CI] | McNemar p | "
+                  "its recipe_args | settings that differ from stock's |", "|---|---|---|---|---|---|---|"]
         for record in sorted(variants, key=lambda r: (r["variant"], r["seed"])):
-            other = stock.get(record["seed"])
-            lines.append(f"| {record['variant']} | {record['seed']} | `{record.get('recipe_args', '')}` | "
+            other, versus, p = stock.get(record["seed"]), "(no default-recipe file)", ""
+            if record["seed"] in default:
+                comparison = paired(record, default[record["seed"]])
+                versus = (f"{comparison['difference'] * 100:+.1f} [{comparison['interval'][0] * 100:+.1f}, "
+                          f"{comparison['interval'][1] * 100:+.1f}]")
+                p = f"{comparison['mcnemar_p']:.3f}"
+            lines.append(f"| {record['variant']} | {record['seed']} | {record['accuracy'] * 100:.1f} | {versus} | {p} | "
+                         f"`{record.get('recipe_args', '')}` | "
                          f"{'; '.join(differing_settings(record, other)) if other else '(no stock file)'} |")
     if not main_rows:
         lines.append("\n(no stock or default-recipe files yet)")

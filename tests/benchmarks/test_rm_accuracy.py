@@ -219,6 +219,20 @@ def test_the_summary_refuses_files_that_scored_other_pairs_or_trained_otherwise(
         rm_accuracy.summary(tmp_path / "b")
 
 
+def test_a_variant_is_paired_with_the_recipes_default_on_the_same_seed(tmp_path):
+    write_result(tmp_path, "stock", 42, right=8)
+    write_result(tmp_path, "recipe", 42, right=12)
+    write_result(tmp_path, "recipe", 42, right=14, variant="lr2e-4", settings={**SETTINGS, "learning_rate": 2e-4})
+    table = rm_accuracy.summary(tmp_path)
+    # right on the first 14 against the default's first 12: +12.5 points, 2 discordant pairs, exact p = 2 * 1/4
+    row = next(line for line in table.splitlines() if line.startswith("| lr2e-4 | 42 |"))
+    assert "| 87.5 | +12.5 [" in row and "| 0.500 |" in row and "learning_rate 0.0002 (stock 0.0001)" in row
+    write_result(tmp_path, "recipe", 42, right=14, variant="lr2e-4", sha="other",
+                 settings={**SETTINGS, "learning_rate": 2e-4})
+    with pytest.raises(DataError, match="recipe-lr2e-4-seed42 and stock-seed42 scored different held-out pairs"):
+        rm_accuracy.summary(tmp_path)
+
+
 def test_only_the_full_size_benchmark_writes_into_the_committed_results(tmp_path):
     committed = str(rm_accuracy.DEFAULT_RESULTS)
     assert rm_accuracy.parse_args(["--seed", "42"]).results_dir == committed
