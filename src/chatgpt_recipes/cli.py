@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from transformers import set_seed
+from transformers.utils import logging as transformers_logging
 from trl import TrlParser
 
 from chatgpt_recipes.data.rows import LOCAL_FORMATS, directory_is_no_dataset
@@ -38,6 +39,7 @@ def run(main, dataclass_types, default_config: str | None = None) -> None:
     only), check them, call main, and end a RecipeError or a Ctrl-C on one clear line (exit statuses: README,
     "Errors and exit statuses")."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    transformers_logging.disable_propagation()  # with CI=true it also hands its lines to this root handler: twice
     quiet_warnings_that_do_not_apply()
     use_all_cores_under_accelerate()
     parsed = []
